@@ -1,0 +1,671 @@
+"""Admin command set (NVMe 1.3 §5): queues, Identify, features, log pages, asynchronous events,
+Abort and Doorbell Buffer Config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from vnvme.controller.errors import CommandFailed
+from vnvme.controller.nvm import IO_EFFECTS
+from vnvme.controller.queues import CompletionQueue, SubmissionQueue
+from vnvme.controller.transfer import CDW10, CDW11, CDW12, CDW13, CID, NSID, PRP1, PRP2, send_to_host
+from vnvme.memory import GuestMemoryError
+from vnvme.spec import features as feat
+from vnvme.spec.commands import (
+    CQE_SIZE,
+    CQE_SIZE_LOG2,
+    NSID_BROADCAST,
+    SQE_SIZE,
+    SQE_SIZE_LOG2,
+    AbortFields,
+    AdminOpcode,
+    AsyncEventType,
+    Cns,
+    CreateQueue,
+    DeleteQueue,
+    FeatureFields,
+    FeatureId,
+    FeatureSelect,
+    GetLogPage,
+    LogPageId,
+    async_event_dw0,
+)
+from vnvme.spec.dbbuf import cq_slot, sq_slot
+from vnvme.spec.identify import (
+    ACTIVE_NAMESPACE_LIST_ENTRIES,
+    DLFEAT_READ_ZEROES,
+    DLFEAT_WRITE_ZEROES_DEALLOCATE,
+    IDENTIFY_CONTROLLER,
+    IDENTIFY_NAMESPACE,
+    IDENTIFY_SIZE,
+    Lpa,
+    NamespaceIdType,
+    Oacs,
+    Oncs,
+    pack_namespace_id_descriptors,
+)
+from vnvme.spec.layout import ascii_field
+from vnvme.spec.log_pages import (
+    ADMIN_EFFECTS_OFFSET,
+    COMMANDS_SUPPORTED_AND_EFFECTS_SIZE,
+    ERROR_INFORMATION_ENTRY,
+    FIRMWARE_SLOT,
+    IO_EFFECTS_OFFSET,
+    SMART_HEALTH,
+    CommandEffects,
+)
+from vnvme.spec.registers import CC
+from vnvme.spec.status import DNR, Status
+
+if TYPE_CHECKING:
+    from vnvme.controller.controller import Controller
+
+Result = tuple[int, int] | None
+Handler = Callable[["Controller", SubmissionQueue, tuple[int, ...]], Result]
+
+_SUCCESS: Final = (0, 0)
+
+
+def _fail(status: int, reason: str) -> CommandFailed:
+    return CommandFailed(status | DNR, reason)
+
+
+# Section: state kept for admin commands
+
+
+class FeatureState:
+    """Current feature values (§5.21.1). Saving is not supported; reset restores defaults."""
+
+    def __init__(self, ctrl: Controller) -> None:
+        self._ctrl = ctrl
+        self.reset()
+
+    def reset(self) -> None:
+        max_queues = self._ctrl.config.max_io_queues
+        self.nsqa = max_queues - 1  # zero-based, as in the feature value
+        self.ncqa = max_queues - 1
+        self.queues_set = False
+        self.arbitration = 0
+        self.power_management = 0
+        self.over_temperature = feat.DEFAULT_OVER_TEMPERATURE_THRESHOLD
+        self.under_temperature = feat.DEFAULT_UNDER_TEMPERATURE_THRESHOLD
+        self.error_recovery = 0
+        self.volatile_write_cache = 1
+        self.interrupt_coalescing = 0
+        self.vector_coalescing_disabled: set[int] = set()
+        self.async_event_configuration = 0
+
+    @property
+    def write_cache_enabled(self) -> bool:
+        return bool(self.volatile_write_cache & 1)
+
+    def coalescing_disabled(self, vector: int) -> bool:
+        return vector in self.vector_coalescing_disabled
+
+
+class AsyncEvents:
+    """Outstanding Asynchronous Event Requests and events waiting for one (§5.2)."""
+
+    def __init__(self, ctrl: Controller) -> None:
+        self._ctrl = ctrl
+        self.outstanding: list[tuple[SubmissionQueue, int]] = []
+        self.queued: list[tuple[int, int, int]] = []
+        # §5.2: once an event type is reported it is masked until the host reads its log page.
+        self.masked: set[int] = set()
+
+    def reset(self) -> None:
+        self.outstanding.clear()
+        self.queued.clear()
+        self.masked.clear()
+
+    def request(self, sq: SubmissionQueue, cid: int) -> None:
+        if len(self.outstanding) >= self._ctrl.config.async_event_limit:
+            raise _fail(Status.ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED, "too many AERs outstanding")
+        self.outstanding.append((sq, cid))
+        self.dispatch()
+
+    def enqueue(self, event_type: int, info: int, log_page: int) -> None:
+        if event_type in self.masked or any(e[0] == event_type and e[1] == info for e in self.queued):
+            return
+        ctrl = self._ctrl
+        if ctrl._tracing:
+            ctrl._trace("pci_nvme_enqueue_event", event_type, info, log_page)
+        self.queued.append((event_type, info, log_page))
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        ctrl = self._ctrl
+        while self.outstanding and self.queued:
+            event_type, info, log_page = self.queued[0]
+            if event_type in self.masked:
+                self.queued.pop(0)
+                continue
+            sq, cid = self.outstanding.pop(0)
+            self.queued.pop(0)
+            self.masked.add(event_type)
+            if ctrl._tracing:
+                ctrl._trace("pci_nvme_aer_post_cqe", event_type, info, log_page)
+            ctrl.post_completion(sq, cid, 0, async_event_dw0(event_type, info, log_page))
+
+    def log_page_read(self, event_type: int) -> None:
+        self.masked.discard(event_type)
+        self.dispatch()
+
+    def abort(self, cid: int) -> bool:
+        for index, (sq, outstanding_cid) in enumerate(self.outstanding):
+            if outstanding_cid == cid:
+                del self.outstanding[index]
+                self._ctrl.post_completion(sq, cid, Status.ABORT_REQUESTED, 0)
+                return True
+        return False
+
+
+class ErrorLog:
+    """Error Information log entries, newest first (§5.14.1.1)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.error_count = 0
+        self.entries: list[bytes] = []
+
+    def record(self, sqid: int, cid: int, status: int, nsid: int) -> None:
+        self.error_count += 1
+        entry = ERROR_INFORMATION_ENTRY.pack(
+            {
+                "error_count": self.error_count,
+                "sqid": sqid,
+                "cid": cid,
+                "status_field": (status << 1) & 0xFFFF,
+                "parameter_error_location": 0xFFFF,  # not reported
+                "nsid": nsid,
+            }
+        )
+        self.entries.insert(0, bytes(entry))
+        del self.entries[self.capacity :]
+
+    def page(self) -> bytes:
+        size = self.capacity * ERROR_INFORMATION_ENTRY.size
+        data = b"".join(self.entries)
+        return data + bytes(size - len(data))
+
+
+@dataclass
+class SmartCounters:
+    data_read_bytes: int = 0
+    data_written_bytes: int = 0
+    host_read_commands: int = 0
+    host_write_commands: int = 0
+    media_errors: int = 0
+    power_cycles: int = 1
+
+
+# Section: queue management
+
+
+def create_io_cq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    cdw10, cdw11, prp1 = f[CDW10], f[CDW11], f[PRP1]
+    qid = CreateQueue.QID.get(cdw10)
+    size = CreateQueue.QSIZE.get(cdw10) + 1
+    ien = bool(CreateQueue.IEN.get(cdw11))
+    vector = CreateQueue.IV.get(cdw11)
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_create_cq", qid, vector, size, cdw11 & 0xFFFF, int(ien))
+    if qid == 0 or qid > ctrl.features.ncqa + 1 or ctrl.cqs[qid] is not None:
+        raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"invalid cqid {qid}")
+    if size < 2 or size > ctrl.config.max_queue_entries:
+        raise _fail(Status.INVALID_QUEUE_SIZE, f"CQ size {size}")
+    if not CreateQueue.PC.get(cdw11):
+        # CAP.CQR = 1: physically contiguous queues required.
+        raise _fail(Status.INVALID_FIELD, "PC = 0 but CAP.CQR is set")
+    if ien and vector >= ctrl.config.interrupt_vectors:
+        raise _fail(Status.INVALID_INTERRUPT_VECTOR, f"vector {vector}")
+    if CC.IOCQES.get(ctrl.cc) != CQE_SIZE_LOG2:
+        raise _fail(Status.INVALID_FIELD, f"CC.IOCQES is {CC.IOCQES.get(ctrl.cc)}, not 4")
+    if prp1 & (ctrl.page_size - 1):
+        raise _fail(Status.PRP_OFFSET_INVALID, f"CQ base {prp1:#x} not page aligned")
+    try:
+        view = ctrl.memory.view(prp1, size * CQE_SIZE, write=True)
+    except GuestMemoryError as exc:
+        raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
+    cq = CompletionQueue(qid, size, prp1, view, cq_slot(qid, ctrl.dstrd), ien=ien, vector=vector)
+    ctrl.cqs[qid] = cq
+    ctrl._attach_to_dbbuf(None, cq)
+    return _SUCCESS
+
+
+def create_io_sq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    cdw10, cdw11, prp1 = f[CDW10], f[CDW11], f[PRP1]
+    qid = CreateQueue.QID.get(cdw10)
+    size = CreateQueue.QSIZE.get(cdw10) + 1
+    cqid = CreateQueue.CQID.get(cdw11)
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_create_sq", qid, cqid, size, cdw11 & 0xFFFF)
+    if qid == 0 or qid > ctrl.features.nsqa + 1 or ctrl.sqs[qid] is not None:
+        raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"invalid sqid {qid}")
+    cq = ctrl.cqs[cqid] if 0 < cqid < len(ctrl.cqs) else None
+    if cq is None:
+        raise _fail(Status.COMPLETION_QUEUE_INVALID, f"cqid {cqid} does not exist")
+    if size < 2 or size > ctrl.config.max_queue_entries:
+        raise _fail(Status.INVALID_QUEUE_SIZE, f"SQ size {size}")
+    if not CreateQueue.PC.get(cdw11):
+        raise _fail(Status.INVALID_FIELD, "PC = 0 but CAP.CQR is set")
+    if CC.IOSQES.get(ctrl.cc) != SQE_SIZE_LOG2:
+        raise _fail(Status.INVALID_FIELD, f"CC.IOSQES is {CC.IOSQES.get(ctrl.cc)}, not 6")
+    if prp1 & (ctrl.page_size - 1):
+        raise _fail(Status.PRP_OFFSET_INVALID, f"SQ base {prp1:#x} not page aligned")
+    try:
+        view = ctrl.memory.view(prp1, size * SQE_SIZE)
+    except GuestMemoryError as exc:
+        raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
+    new_sq = SubmissionQueue(qid, cq, size, prp1, view, sq_slot(qid, ctrl.dstrd))
+    new_sq.priority = CreateQueue.QPRIO.get(cdw11)
+    cq.sqs[qid] = new_sq
+    ctrl.sqs[qid] = new_sq
+    ctrl._attach_to_dbbuf(new_sq, None)
+    return _SUCCESS
+
+
+def delete_io_sq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    qid = DeleteQueue.QID.get(f[CDW10])
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_del_sq", qid)
+    target = ctrl.sqs[qid] if 0 < qid < len(ctrl.sqs) else None
+    if target is None:
+        raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"sqid {qid} does not exist")
+    # Commands are executed as they are fetched, so none are left to abort with SQ Deletion.
+    del target.cq.sqs[qid]
+    ctrl.sqs[qid] = None
+    ctrl._pending.pop(qid, None)
+    return _SUCCESS
+
+
+def delete_io_cq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    qid = DeleteQueue.QID.get(f[CDW10])
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_del_cq", qid)
+    target = ctrl.cqs[qid] if 0 < qid < len(ctrl.cqs) else None
+    if target is None:
+        raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"cqid {qid} does not exist")
+    if target.sqs:
+        raise _fail(Status.INVALID_QUEUE_DELETION, f"cqid {qid} still has submission queues")
+    ctrl.cqs[qid] = None
+    ctrl._touched_cqs.pop(qid, None)
+    return _SUCCESS
+
+
+# Section: Identify
+
+
+def identify_controller_data(ctrl: Controller) -> bytes:
+    cfg = ctrl.config
+    oacs = Oacs.DOORBELL_BUFFER_CONFIG if cfg.shadow_doorbells else Oacs(0)
+    oncs = Oncs.COMPARE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.SAVE_SELECT
+    data = IDENTIFY_CONTROLLER.pack(
+        {
+            "vid": cfg.pci_vendor_id,
+            "ssvid": cfg.pci_subsystem_vendor_id,
+            "sn": ascii_field(cfg.serial, 20),
+            "mn": ascii_field(cfg.model, 40),
+            "fr": ascii_field(cfg.firmware, 8),
+            "rab": 6,
+            "mdts": cfg.mdts,
+            "cntlid": 0,
+            "ver": 0x00010300,
+            "oacs": int(oacs),
+            "acl": 3,
+            "aerl": cfg.async_event_limit - 1,
+            "frmw": 0x03,  # one firmware slot, slot 1 read-only
+            "lpa": int(Lpa.COMMANDS_EFFECTS),
+            "elpe": cfg.error_log_entries - 1,
+            "npss": 0,
+            "wctemp": feat.DEFAULT_OVER_TEMPERATURE_THRESHOLD,
+            "cctemp": 373,
+            "sqes": (SQE_SIZE_LOG2 << 4) | SQE_SIZE_LOG2,
+            "cqes": (CQE_SIZE_LOG2 << 4) | CQE_SIZE_LOG2,
+            "nn": ctrl.nn,
+            "oncs": int(oncs),
+            "vwc": 1,
+            # Bit 0: SGLs supported (no alignment requirement); bit 16: Bit Bucket descriptors.
+            "sgls": 0x00010001 if cfg.sgls else 0,
+            "subnqn": f"nqn.2026-11.io.vnvme:{cfg.serial}".encode(),
+            "psd0_mp": 2500,  # 25 W, in centiwatts
+        }
+    )
+    return bytes(data)
+
+
+def _identify_namespace_data(ctrl: Controller, nsid: int) -> bytes:
+    ns = ctrl.namespaces.get(nsid)
+    if ns is None:
+        return bytes(IDENTIFY_SIZE)  # an inactive NSID reads as zeroes
+    return bytes(
+        IDENTIFY_NAMESPACE.pack(
+            {
+                "nsze": ns.nlba,
+                "ncap": ns.nlba,
+                "nuse": ns.nlba,
+                "nlbaf": 0,
+                "flbas": 0,
+                "dlfeat": DLFEAT_READ_ZEROES | DLFEAT_WRITE_ZEROES_DEALLOCATE,
+                "nvmcap": ns.size_bytes,
+                "nguid": ns.nguid,
+                "eui64": ns.eui64,
+                "lbaf0_lbads": ns.lba_shift,
+            }
+        )
+    )
+
+
+def identify(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    cns = f[CDW10] & 0xFF
+    nsid = f[NSID]
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_identify", f[CID], cns, nsid)
+    if cns == Cns.CONTROLLER:
+        data = ctrl.identify_controller
+    elif cns == Cns.NAMESPACE:
+        if nsid == 0 or nsid > ctrl.nn:
+            raise _fail(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
+        data = _identify_namespace_data(ctrl, nsid)
+    elif cns == Cns.ACTIVE_NAMESPACE_LIST:
+        if nsid >= 0xFFFFFFFE:
+            raise _fail(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
+        active = sorted(n for n in ctrl.namespaces if n > nsid)[:ACTIVE_NAMESPACE_LIST_ENTRIES]
+        data = b"".join(n.to_bytes(4, "little") for n in active)
+    elif cns == Cns.NAMESPACE_ID_DESCRIPTORS:
+        ns = ctrl.namespaces.get(nsid)
+        if ns is None:
+            raise _fail(Status.INVALID_NAMESPACE, f"NSID {nsid:#x} is not active")
+        data = bytes(
+            pack_namespace_id_descriptors(
+                [
+                    (NamespaceIdType.EUI64, ns.eui64),
+                    (NamespaceIdType.NGUID, ns.nguid),
+                    (NamespaceIdType.UUID, ns.uuid),
+                ]
+            )
+        )
+    else:
+        raise _fail(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
+    send_to_host(ctrl, f, data, IDENTIFY_SIZE)
+    return _SUCCESS
+
+
+# Section: features
+
+
+_CHANGEABLE: Final = int(feat.FeatureCapabilities.CHANGEABLE)
+_FEATURE_CAPABILITIES: Final[dict[int, int]] = {
+    FeatureId.ARBITRATION: _CHANGEABLE,
+    FeatureId.POWER_MANAGEMENT: _CHANGEABLE,
+    FeatureId.TEMPERATURE_THRESHOLD: _CHANGEABLE,
+    FeatureId.ERROR_RECOVERY: _CHANGEABLE | int(feat.FeatureCapabilities.NAMESPACE_SPECIFIC),
+    FeatureId.VOLATILE_WRITE_CACHE: _CHANGEABLE,
+    FeatureId.NUMBER_OF_QUEUES: _CHANGEABLE,
+    FeatureId.INTERRUPT_COALESCING: _CHANGEABLE,
+    FeatureId.INTERRUPT_VECTOR_CONFIGURATION: _CHANGEABLE,
+    FeatureId.ASYNC_EVENT_CONFIGURATION: _CHANGEABLE,
+}
+
+
+def _temperature_selector(cdw11: int) -> int:
+    """0 = over threshold, 1 = under threshold, for the composite temperature only."""
+    tmpsel = feat.TemperatureThreshold.TMPSEL.get(cdw11)
+    thsel = feat.TemperatureThreshold.THSEL.get(cdw11)
+    if tmpsel not in (0, 0xF) or thsel > 1:
+        raise _fail(Status.INVALID_FIELD, f"TMPSEL {tmpsel} THSEL {thsel}")
+    return thsel
+
+
+def _check_vector(ctrl: Controller, cdw11: int) -> int:
+    vector = feat.InterruptVectorConfiguration.IV.get(cdw11)
+    if vector >= ctrl.config.interrupt_vectors:
+        raise _fail(Status.INVALID_FIELD, f"interrupt vector {vector}")
+    return vector
+
+
+def _feature_value(ctrl: Controller, fid: int, cdw11: int, *, default: bool) -> int:
+    state = ctrl.features
+    if default:
+        fresh = FeatureState(ctrl)
+        state = fresh
+    if fid == FeatureId.ARBITRATION:
+        return state.arbitration
+    if fid == FeatureId.POWER_MANAGEMENT:
+        return state.power_management
+    if fid == FeatureId.TEMPERATURE_THRESHOLD:
+        over = _temperature_selector(cdw11) == 0
+        return state.over_temperature if over else state.under_temperature
+    if fid == FeatureId.ERROR_RECOVERY:
+        return state.error_recovery
+    if fid == FeatureId.VOLATILE_WRITE_CACHE:
+        return state.volatile_write_cache
+    if fid == FeatureId.NUMBER_OF_QUEUES:
+        return (state.ncqa << 16) | state.nsqa
+    if fid == FeatureId.INTERRUPT_COALESCING:
+        return state.interrupt_coalescing
+    if fid == FeatureId.INTERRUPT_VECTOR_CONFIGURATION:
+        vector = _check_vector(ctrl, cdw11)
+        return vector | (int(vector in state.vector_coalescing_disabled) << 16)
+    if fid == FeatureId.ASYNC_EVENT_CONFIGURATION:
+        return state.async_event_configuration
+    raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
+
+
+def get_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    cdw10, cdw11 = f[CDW10], f[CDW11]
+    fid = FeatureFields.FID.get(cdw10)
+    sel = FeatureFields.SEL.get(cdw10)
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_getfeat", f[CID], f[NSID], fid, sel, cdw11)
+    if fid not in _FEATURE_CAPABILITIES:
+        raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
+    if sel == FeatureSelect.SUPPORTED_CAPABILITIES:
+        return 0, _FEATURE_CAPABILITIES[fid]
+    if sel > FeatureSelect.SUPPORTED_CAPABILITIES:
+        raise _fail(Status.INVALID_FIELD, f"SEL {sel}")
+    # Nothing is saveable, so the saved value is the default (§5.11, Select field).
+    default = sel in (FeatureSelect.DEFAULT, FeatureSelect.SAVED)
+    return 0, _feature_value(ctrl, fid, cdw11, default=default)
+
+
+def set_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    cdw10, cdw11 = f[CDW10], f[CDW11]
+    fid = FeatureFields.FID.get(cdw10)
+    save = FeatureFields.SV.get(cdw10)
+    state = ctrl.features
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_setfeat", f[CID], f[NSID], fid, save, cdw11)
+    if fid not in _FEATURE_CAPABILITIES:
+        raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
+    if save:
+        raise _fail(Status.FEATURE_NOT_SAVEABLE, f"feature {fid:#x} cannot be saved")
+    dw0 = 0
+    if fid == FeatureId.ARBITRATION:
+        state.arbitration = cdw11
+    elif fid == FeatureId.POWER_MANAGEMENT:
+        if feat.PowerManagement.PS.get(cdw11) > 0:  # NPSS = 0: only power state 0
+            raise _fail(Status.INVALID_FIELD, "power state beyond NPSS")
+        state.power_management = cdw11 & 0xFF
+    elif fid == FeatureId.TEMPERATURE_THRESHOLD:
+        threshold = feat.TemperatureThreshold.TMPTH.get(cdw11)
+        if _temperature_selector(cdw11) == 0:
+            state.over_temperature = threshold
+        else:
+            state.under_temperature = threshold
+        ctrl.check_temperature()
+    elif fid == FeatureId.ERROR_RECOVERY:
+        if feat.ErrorRecovery.DULBE.get(cdw11):
+            raise _fail(Status.INVALID_FIELD, "DULBE not supported (NSFEAT bit 2 is 0)")
+        state.error_recovery = cdw11 & 0xFFFF
+    elif fid == FeatureId.VOLATILE_WRITE_CACHE:
+        if state.write_cache_enabled and not cdw11 & 1:
+            # Turning the cache off makes what it held durable first.
+            for ns in ctrl.namespaces.values():
+                ns.backend.flush()
+        state.volatile_write_cache = cdw11 & 1
+    elif fid == FeatureId.NUMBER_OF_QUEUES:
+        nsq = feat.NumberOfQueues.NSQ.get(cdw11)
+        ncq = feat.NumberOfQueues.NCQ.get(cdw11)
+        if nsq == 0xFFFF or ncq == 0xFFFF:
+            raise _fail(Status.INVALID_FIELD, "65536 queues requested")
+        if any(q is not None for q in ctrl.sqs[1:]) or any(q is not None for q in ctrl.cqs[1:]):
+            raise _fail(Status.COMMAND_SEQUENCE_ERROR, "Number of Queues after I/O queue creation")
+        limit = ctrl.config.max_io_queues - 1
+        state.nsqa, state.ncqa = min(nsq, limit), min(ncq, limit)
+        state.queues_set = True
+        dw0 = (state.ncqa << 16) | state.nsqa
+    elif fid == FeatureId.INTERRUPT_COALESCING:
+        state.interrupt_coalescing = cdw11 & 0xFFFF
+    elif fid == FeatureId.INTERRUPT_VECTOR_CONFIGURATION:
+        vector = _check_vector(ctrl, cdw11)
+        if feat.InterruptVectorConfiguration.CD.get(cdw11):
+            state.vector_coalescing_disabled.add(vector)
+        else:
+            state.vector_coalescing_disabled.discard(vector)
+    elif fid == FeatureId.ASYNC_EVENT_CONFIGURATION:
+        state.async_event_configuration = cdw11 & 0x3FF
+        ctrl.check_temperature()
+    return 0, dw0
+
+
+# Section: log pages
+
+
+def _smart_page(ctrl: Controller) -> bytes:
+    smart = ctrl.smart
+    return bytes(
+        SMART_HEALTH.pack(
+            {
+                "critical_warning": ctrl.critical_warning(),
+                "composite_temperature": ctrl.config.temperature_kelvin,
+                "available_spare": 100,
+                "available_spare_threshold": 10,
+                "percentage_used": 0,
+                # Data units are thousands of 512-byte units, rounded up.
+                "data_units_read": -(-smart.data_read_bytes // 512_000),
+                "data_units_written": -(-smart.data_written_bytes // 512_000),
+                "host_read_commands": smart.host_read_commands,
+                "host_write_commands": smart.host_write_commands,
+                "power_cycles": smart.power_cycles,
+                "media_errors": smart.media_errors,
+                "error_log_entries": ctrl.error_log.error_count,
+            }
+        )
+    )
+
+
+def _firmware_slot_page(ctrl: Controller) -> bytes:
+    return bytes(FIRMWARE_SLOT.pack({"afi": 1, "frs1": ascii_field(ctrl.config.firmware, 8)}))
+
+
+def _effects_page(ctrl: Controller) -> bytes:
+    page = bytearray(COMMANDS_SUPPORTED_AND_EFFECTS_SIZE)
+    for opcode, effects in admin_effects(ctrl).items():
+        page[ADMIN_EFFECTS_OFFSET + 4 * opcode : ADMIN_EFFECTS_OFFSET + 4 * opcode + 4] = int(
+            effects
+        ).to_bytes(4, "little")
+    for opcode, effects in IO_EFFECTS.items():
+        page[IO_EFFECTS_OFFSET + 4 * opcode : IO_EFFECTS_OFFSET + 4 * opcode + 4] = int(effects).to_bytes(
+            4, "little"
+        )
+    return bytes(page)
+
+
+def get_log_page(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    cdw10, cdw11 = f[CDW10], f[CDW11]
+    lid = GetLogPage.LID.get(cdw10)
+    rae = GetLogPage.RAE.get(cdw10)
+    numd = (GetLogPage.NUMDU.get(cdw11) << 16 | GetLogPage.NUMDL.get(cdw10)) + 1
+    length = numd * 4
+    offset = f[CDW12] | (f[CDW13] << 32)
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_get_log", f[CID], lid, GetLogPage.LSP.get(cdw10), rae, length, offset)
+    event_type: int | None = None
+    if lid == LogPageId.ERROR_INFORMATION:
+        data = ctrl.error_log.page()
+        event_type = AsyncEventType.ERROR_STATUS
+    elif lid == LogPageId.SMART_HEALTH:
+        if f[NSID] not in (0, NSID_BROADCAST):
+            # LPA bit 0 is clear: SMART is only reported for the whole controller.
+            raise _fail(Status.INVALID_FIELD, "per-namespace SMART not supported")
+        data = _smart_page(ctrl)
+        event_type = AsyncEventType.SMART_HEALTH_STATUS
+    elif lid == LogPageId.FIRMWARE_SLOT:
+        data = _firmware_slot_page(ctrl)
+    elif lid == LogPageId.COMMANDS_SUPPORTED_AND_EFFECTS:
+        data = _effects_page(ctrl)
+    else:
+        raise _fail(Status.INVALID_LOG_PAGE, f"log page {lid:#x}")
+    if offset & 3 or offset >= len(data):
+        raise _fail(Status.INVALID_FIELD, f"log page offset {offset}")
+    if length > ctrl.max_transfer:
+        raise _fail(Status.INVALID_FIELD, f"log page transfer of {length} bytes exceeds MDTS")
+    send_to_host(ctrl, f, data[offset : offset + length], length)
+    if event_type is not None and not rae:
+        ctrl.async_events.log_page_read(event_type)
+    return _SUCCESS
+
+
+# Section: the rest
+
+
+def async_event_request(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_aer", f[CID])
+    ctrl.async_events.request(sq, f[CID])
+    return None
+
+
+def abort(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    target_sqid = AbortFields.SQID.get(f[CDW10])
+    target_cid = AbortFields.CID.get(f[CDW10])
+    if ctrl._tracing:
+        ctrl._trace("pci_nvme_abort", f[CID], target_sqid, target_cid)
+    # Every other command completes as it is fetched; only AERs wait, on the admin queue.
+    aborted = target_sqid == 0 and ctrl.async_events.abort(target_cid)
+    return 0, 0 if aborted else 1  # DW0 bit 0: 1 = command not aborted
+
+
+def doorbell_buffer_config(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    shadow_addr, eventidx_addr = f[PRP1], f[PRP2]
+    mask = ctrl.page_size - 1
+    # NVMe 1.3 Doorbell Buffer Config: both buffers are one memory page, page aligned.
+    if shadow_addr & mask or eventidx_addr & mask:
+        raise _fail(Status.INVALID_FIELD, f"buffers {shadow_addr:#x} / {eventidx_addr:#x} not page aligned")
+    if shadow_addr == eventidx_addr:
+        raise _fail(Status.INVALID_FIELD, "shadow doorbell and EventIdx buffers are the same page")
+    try:
+        ctrl.configure_dbbuf(shadow_addr, eventidx_addr)
+    except GuestMemoryError as exc:
+        raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
+    return _SUCCESS
+
+
+_ADMIN_TABLE: Final[dict[int, tuple[Handler, CommandEffects]]] = {
+    AdminOpcode.DELETE_IO_SQ: (delete_io_sq, CommandEffects.CSUPP),
+    AdminOpcode.CREATE_IO_SQ: (create_io_sq, CommandEffects.CSUPP),
+    AdminOpcode.GET_LOG_PAGE: (get_log_page, CommandEffects.CSUPP),
+    AdminOpcode.DELETE_IO_CQ: (delete_io_cq, CommandEffects.CSUPP),
+    AdminOpcode.CREATE_IO_CQ: (create_io_cq, CommandEffects.CSUPP),
+    AdminOpcode.IDENTIFY: (identify, CommandEffects.CSUPP),
+    AdminOpcode.ABORT: (abort, CommandEffects.CSUPP),
+    AdminOpcode.SET_FEATURES: (set_features, CommandEffects.CSUPP),
+    AdminOpcode.GET_FEATURES: (get_features, CommandEffects.CSUPP),
+    AdminOpcode.ASYNC_EVENT_REQUEST: (async_event_request, CommandEffects.CSUPP),
+    AdminOpcode.DOORBELL_BUFFER_CONFIG: (doorbell_buffer_config, CommandEffects.CSUPP),
+}
+
+
+def admin_handlers(ctrl: Controller) -> dict[int, Handler]:
+    """The admin opcode table of a controller (Doorbell Buffer Config only if advertised)."""
+    table = {opcode: handler for opcode, (handler, _effects) in _ADMIN_TABLE.items()}
+    if not ctrl.config.shadow_doorbells:
+        del table[AdminOpcode.DOORBELL_BUFFER_CONFIG]
+    return table
+
+
+def admin_effects(ctrl: Controller) -> dict[int, CommandEffects]:
+    return {opcode: _ADMIN_TABLE[opcode][1] for opcode in ctrl.admin_handlers}

@@ -1,0 +1,1008 @@
+"""The NVMe controller core: registers, queues, shadow doorbells, command dispatch.
+
+Sans-I/O (the h11 / aioquic shape): the caller feeds register accesses and owns the guest memory
+object; every public method returns the :mod:`effects <vnvme.effects>` it produced. No sockets,
+threads or clocks in here: time (``now``) and work budgets are arguments.
+
+Threading model: one controller is used from one thread at a time.
+
+Processing model. A BAR doorbell write marks its SQ pending; :meth:`Controller.process` runs
+pending SQs round robin, posts completions, then signals interrupts (one per CQ pass, after
+coalescing). With shadow doorbells an SQ's tail is read from the shadow page, and an idle SQ
+publishes EventIdx by the configured policy (see :class:`~vnvme.controller.config.SqEventIdxPolicy`).
+A polling edge calls :meth:`Controller.poll` instead of waiting for doorbells, and
+:meth:`Controller.rearm` before it stops polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from vnvme.controller import admin, nvm
+from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
+from vnvme.controller.doorbells import DoorbellBuffers
+from vnvme.controller.errors import CommandFailed
+from vnvme.controller.namespace import Namespace
+from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
+from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
+from vnvme.fence import full_fence
+from vnvme.memory import GuestMemory, GuestMemoryError
+from vnvme.spec import registers as regs
+from vnvme.spec.commands import (
+    CQE_SIZE,
+    FLAGS_FUSE,
+    SQE,
+    SQE_SIZE,
+    AsyncEventErrorInfo,
+    AsyncEventSmartInfo,
+    AsyncEventType,
+    LogPageId,
+    opcode_name,
+)
+from vnvme.spec.dbbuf import cq_slot, sq_slot
+from vnvme.spec.features import InterruptCoalescing
+from vnvme.spec.log_pages import CriticalWarning
+from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg, ShutdownStatus
+from vnvme.spec.status import DNR, Status
+from vnvme.trace import TRACE_EVENTS, matching_events
+
+log = logging.getLogger("vnvme.controller")
+
+_SQE_UNPACK: Final = SQE.unpack_from
+# A CQE is stored as dwords 0-2 first, then dword 3 (CID + status with the phase tag) in one
+# 32-bit store, so a host polling the phase tag never sees a half-written entry.
+_CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
+_CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
+_DEFAULT_BUDGET: Final = 4096
+
+
+@dataclass(frozen=True)
+class ControllerStatistics:
+    #: Register (non-doorbell) reads and writes through BAR0.
+    register_reads: int
+    register_writes: int
+    #: Trapped doorbell writes through BAR0, by kind.
+    doorbell_sq_admin: int
+    doorbell_sq_io: int
+    doorbell_cq_admin: int
+    doorbell_cq_io: int
+    invalid_doorbell_writes: int
+    #: Shadow doorbell page reads and EventIdx page writes.
+    shadow_reads: int
+    eventidx_writes: int
+    rearms_won: int
+    rearms_lost: int
+    interrupts_raised: int
+    completions_posted: int
+    error_completions: int
+    dbbuf_configs: int
+    admin_commands: dict[str, int] = field(default_factory=dict)
+    io_commands: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def doorbell_writes(self) -> int:
+        return self.doorbell_sq_admin + self.doorbell_sq_io + self.doorbell_cq_admin + self.doorbell_cq_io
+
+    @property
+    def io_doorbell_writes(self) -> int:
+        return self.doorbell_sq_io + self.doorbell_cq_io
+
+
+@dataclass
+class _Coalescing:
+    count: int = 0
+    since: float = 0.0
+
+
+class Controller:
+    """An NVMe 1.3 controller with Doorbell Buffer Config, over a :class:`GuestMemory`."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        namespaces: Sequence[Namespace] = (),
+        config: ControllerConfig | None = None,
+    ) -> None:
+        self.config = config or ControllerConfig()
+        self.memory = memory
+        self.namespaces: dict[int, Namespace] = {}
+        for ns in namespaces:
+            if ns.nsid in self.namespaces:
+                raise ValueError(f"duplicate NSID {ns.nsid}")
+            ns.assign_identifiers(self.config.serial)
+            self.namespaces[ns.nsid] = ns
+        # Identify NN: the largest NSID; the inactive ones in between read as zeroes.
+        self.nn = max(self.namespaces, default=0)
+        cfg = self.config
+        self.cap = regs.compose(
+            (CAP.MQES, cfg.max_queue_entries - 1),
+            (CAP.CQR, 1),
+            (CAP.TO, cfg.timeout_500ms),
+            (CAP.DSTRD, cfg.dstrd),
+            (CAP.NSSRS, int(cfg.nssr_supported)),
+            (CAP.CSS, 1),  # NVM command set
+            (CAP.MPSMIN, cfg.mps_min),
+            (CAP.MPSMAX, cfg.mps_max),
+        )
+        self.dstrd = cfg.dstrd
+        self.bar0_size = regs.bar0_size(cfg.max_io_queues + 1, cfg.dstrd)
+        self._doorbell_end = regs.DOORBELL_BASE + 2 * (cfg.max_io_queues + 1) * (4 << cfg.dstrd)
+        self.cc = 0
+        self.csts = 0
+        self.aqa = 0
+        self.asq = 0
+        self.acq = 0
+        self.intms = 0
+        self.page_size = 4096
+        self.sqs: list[SubmissionQueue | None] = [None] * (cfg.max_io_queues + 1)
+        self.cqs: list[CompletionQueue | None] = [None] * (cfg.max_io_queues + 1)
+        self.dbbuf = DoorbellBuffers()
+        self._pending: dict[int, SubmissionQueue] = {}
+        self._touched_cqs: dict[int, CompletionQueue] = {}
+        self._coalescing: dict[int, _Coalescing] = {}
+        self._masked_pending: set[int] = set()
+        self._effects: list[Effect] = []
+        self._tracing = False
+        self._trace_set: frozenset[str] = frozenset()
+        self._memory_generation = memory.generation
+        self._fatal = False
+        self._polling = cfg.sq_eventidx is SqEventIdxPolicy.POLL
+        self._now = 0.0
+        # Statistics counters.
+        self._register_reads = 0
+        self._register_writes = 0
+        self._db_sq_admin = 0
+        self._db_sq_io = 0
+        self._db_cq_admin = 0
+        self._db_cq_io = 0
+        self._invalid_doorbells = 0
+        self._shadow_reads = 0
+        self._eventidx_writes = 0
+        self._rearms_won = 0
+        self._rearms_lost = 0
+        self._interrupts = 0
+        self._completions = 0
+        self._error_completions = 0
+        self._dbbuf_configs = 0
+        self._admin_counts = [0] * 256
+        self._io_counts = [0] * 256
+        self.features = admin.FeatureState(self)
+        self.async_events = admin.AsyncEvents(self)
+        self.error_log = admin.ErrorLog(cfg.error_log_entries)
+        self.smart = admin.SmartCounters()
+        self.io_handlers = nvm.IO_HANDLERS
+        self.admin_handlers = admin.admin_handlers(self)
+        self.identify_controller = admin.identify_controller_data(self)
+        # MDTS is in units of CAP.MPSMIN pages.
+        self.max_transfer = (1 << cfg.mdts) * regs.page_size(cfg.mps_min) if cfg.mdts else 1 << 62
+
+    # Section: public interface
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        """Read ``size`` (1, 2, 4 or 8) bytes of BAR0 at ``offset``."""
+        if size not in (1, 2, 4, 8) or offset < 0 or offset % size:
+            self._trace_err_mmio(offset, size, 0, "unsupported read width or alignment")
+            return 0
+        self._register_reads += 1
+        if offset >= regs.REGISTER_FILE_SIZE:
+            # §3.1.10: doorbell registers are write-only; reads return zero.
+            return 0
+        value = 0
+        for byte in range(size):
+            pos = offset + byte
+            dword = self._read_dword(pos & ~3)
+            value |= ((dword >> (8 * (pos & 3))) & 0xFF) << (8 * byte)
+        if self._tracing:
+            self._trace("pci_nvme_mmio_read", offset, size, value)
+        return value
+
+    def mmio_write(self, offset: int, size: int, value: int) -> list[Effect]:
+        """Write ``size`` (4 or 8) bytes of BAR0 at ``offset``. Never raises for guest input."""
+        try:
+            self._mmio_write(offset, size, value)
+        except Exception as exc:  # an emulator bug must not take the process down
+            log.exception("mmio_write(%#x, %d, %#x) failed", offset, size, value)
+            self._set_fatal(f"internal error in register write: {exc!r}")
+        return self._take_effects()
+
+    def process(self, now: float | None = None, budget: int | None = None) -> list[Effect]:
+        """Run pending submission queues (up to ``budget`` commands) and deliver interrupts."""
+        if now is not None:
+            self._now = now
+        try:
+            self._run_pending(_DEFAULT_BUDGET if budget is None else budget)
+            self._deliver_interrupts()
+        except Exception as exc:
+            log.exception("process() failed")
+            self._set_fatal(f"internal error: {exc!r}")
+        return self._take_effects()
+
+    def poll(self, now: float | None = None, budget: int | None = None) -> list[Effect]:
+        """Polling mode: look at every shadow SQ tail, as if each had been rung, then process."""
+        if self.dbbuf.active and self._ready():
+            for sq in self.sqs:
+                if sq is not None and sq.shadow_mode and not sq.blocked:
+                    self._pending[sq.sqid] = sq
+        return self.process(now, budget)
+
+    def rearm(self) -> bool:
+        """Before a polling edge sleeps: publish EAGER EventIdx values and re-check every shadow
+        tail. True if nothing is pending (safe to sleep until a doorbell), False if work arrived."""
+        if not self.dbbuf.active or not self._ready():
+            return not self._pending
+        # From here on idle SQs publish EAGER values until the edge polls again.
+        self._polling = False
+        quiet = True
+        for sq in self.sqs:
+            if sq is None or not sq.shadow_mode:
+                continue
+            self._publish_sq_eventidx(sq, sq.head)
+            full_fence()  # store EventIdx -> load shadow tail
+            tail = self._read_sq_shadow(sq)
+            if tail is not None and tail != sq.head:
+                sq.rearms_lost += 1
+                self._rearms_lost += 1
+                self._pending[sq.sqid] = sq
+                quiet = False
+            else:
+                sq.rearms_won += 1
+                self._rearms_won += 1
+        return quiet and not self._pending
+
+    def start_polling(self) -> None:
+        """Switch idle SQs to POLL EventIdx values (the edge is about to poll)."""
+        self._polling = True
+
+    @property
+    def has_pending_work(self) -> bool:
+        return bool(self._pending) and not self._fatal
+
+    def next_deadline(self) -> float | None:
+        """When coalesced interrupts must be delivered at the latest (``now`` units), if any."""
+        time_units = InterruptCoalescing.TIME.get(self.features.interrupt_coalescing)
+        if not time_units:
+            return None
+        pending = [c.since for c in self._coalescing.values() if c.count]
+        return min(pending) + time_units * 100e-6 if pending else None
+
+    def take_effects(self) -> list[Effect]:
+        """Effects emitted outside the calls that return them (e.g. traces from reads)."""
+        return self._take_effects()
+
+    def reset(self) -> list[Effect]:
+        """A reset from outside (bus reset, vfio-user DEVICE_RESET): CC cleared, queues gone."""
+        self._controller_reset()
+        self.cc = 0
+        self.csts = 0
+        self.aqa = self.asq = self.acq = 0
+        return self._take_effects()
+
+    def close(self) -> None:
+        """Flush and close every backend."""
+        for ns in self.namespaces.values():
+            try:
+                ns.backend.flush()
+            finally:
+                ns.backend.close()
+
+    def enable_trace(self, patterns: Iterable[str]) -> frozenset[str]:
+        """Turn on the trace events matching ``patterns`` (globs); returns the selection."""
+        self._trace_set = matching_events(patterns)
+        self._tracing = bool(self._trace_set)
+        return self._trace_set
+
+    def disable_trace(self) -> None:
+        self._trace_set = frozenset()
+        self._tracing = False
+
+    def statistics(self) -> ControllerStatistics:
+        return ControllerStatistics(
+            register_reads=self._register_reads,
+            register_writes=self._register_writes,
+            doorbell_sq_admin=self._db_sq_admin,
+            doorbell_sq_io=self._db_sq_io,
+            doorbell_cq_admin=self._db_cq_admin,
+            doorbell_cq_io=self._db_cq_io,
+            invalid_doorbell_writes=self._invalid_doorbells,
+            shadow_reads=self._shadow_reads,
+            eventidx_writes=self._eventidx_writes,
+            rearms_won=self._rearms_won,
+            rearms_lost=self._rearms_lost,
+            interrupts_raised=self._interrupts,
+            completions_posted=self._completions,
+            error_completions=self._error_completions,
+            dbbuf_configs=self._dbbuf_configs,
+            admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
+            io_commands={opcode_name(op, False): n for op, n in enumerate(self._io_counts) if n},
+        )
+
+    def queue_statistics(self) -> list[QueueStatistics]:
+        sqs = [sq.statistics() for sq in self.sqs if sq is not None]
+        return sqs + [cq.statistics() for cq in self.cqs if cq is not None]
+
+    def critical_warning(self) -> int:
+        """SMART Critical Warning bits (temperature against the thresholds)."""
+        temperature = self.config.temperature_kelvin
+        features = self.features
+        too_hot = temperature >= features.over_temperature
+        too_cold = features.under_temperature and temperature <= features.under_temperature
+        return int(CriticalWarning.TEMPERATURE) if too_hot or too_cold else 0
+
+    def check_temperature(self) -> None:
+        """Report a temperature threshold crossing if Asynchronous Event Configuration asks."""
+        if (
+            self.critical_warning() & CriticalWarning.TEMPERATURE
+            and self.features.async_event_configuration & CriticalWarning.TEMPERATURE
+        ):
+            self.async_events.enqueue(
+                AsyncEventType.SMART_HEALTH_STATUS,
+                AsyncEventSmartInfo.TEMPERATURE_THRESHOLD,
+                LogPageId.SMART_HEALTH,
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(CC.EN.get(self.cc))
+
+    @property
+    def fatal(self) -> bool:
+        return self._fatal
+
+    # Section: registers
+
+    def _read_dword(self, offset: int) -> int:
+        if offset == Reg.CAP:
+            return self.cap & 0xFFFFFFFF
+        if offset == Reg.CAP + 4:
+            return self.cap >> 32
+        if offset == Reg.VS:
+            return regs.NVME_VERSION_1_3
+        if offset in (Reg.INTMS, Reg.INTMC):
+            return self.intms
+        if offset == Reg.CC:
+            return self.cc
+        if offset == Reg.CSTS:
+            return self.csts
+        if offset == Reg.AQA:
+            return self.aqa
+        if offset == Reg.ASQ:
+            return self.asq & 0xFFFFFFFF
+        if offset == Reg.ASQ + 4:
+            return self.asq >> 32
+        if offset == Reg.ACQ:
+            return self.acq & 0xFFFFFFFF
+        if offset == Reg.ACQ + 4:
+            return self.acq >> 32
+        return 0  # NSSR reads as 0; CMBLOC / CMBSZ: no controller memory buffer
+
+    def _mmio_write(self, offset: int, size: int, value: int) -> None:
+        if offset >= regs.DOORBELL_BASE:
+            if size != 4:
+                self._trace_err_mmio(offset, size, value, "doorbell writes are 32-bit")
+                return
+            self._doorbell_write(offset, value & 0xFFFFFFFF)
+            return
+        if size not in (4, 8) or offset % size or offset < 0:
+            self._trace_err_mmio(offset, size, value, "unsupported write width or alignment")
+            return
+        if size == 8:
+            if offset not in (Reg.ASQ, Reg.ACQ, Reg.CAP):
+                self._trace_err_mmio(offset, size, value, "64-bit write to a 32-bit register")
+                return
+            self._register_write(offset, value & 0xFFFFFFFF)
+            self._register_write(offset + 4, (value >> 32) & 0xFFFFFFFF)
+            return
+        self._register_write(offset, value & 0xFFFFFFFF)
+
+    def _register_write(self, offset: int, value: int) -> None:
+        self._register_writes += 1
+        if self._tracing:
+            self._trace("pci_nvme_mmio_write", offset, 4, value)
+        if offset == Reg.CC:
+            self._write_cc(value)
+        elif offset == Reg.INTMS:
+            self.intms |= value
+        elif offset == Reg.INTMC:
+            self.intms &= ~value
+            self._raise_unmasked()
+        elif offset == Reg.NSSR:
+            if value == regs.NSSR_MAGIC and self.config.nssr_supported:
+                self._subsystem_reset()
+        elif offset in (Reg.AQA, Reg.ASQ, Reg.ASQ + 4, Reg.ACQ, Reg.ACQ + 4):
+            if self.enabled:
+                # §3.1.8-3.1.10: admin queue attributes are only taken at CC.EN 0 -> 1.
+                self._trace_err_mmio(offset, 4, value, "admin queue register written while enabled")
+                return
+            if offset == Reg.AQA:
+                self.aqa = value & (AQA.ASQS.mask | AQA.ACQS.mask)
+            elif offset == Reg.ASQ:
+                self.asq = (self.asq & ~0xFFFFFFFF) | (value & ~0xFFF)
+            elif offset == Reg.ASQ + 4:
+                self.asq = (self.asq & 0xFFFFFFFF) | (value << 32)
+            elif offset == Reg.ACQ:
+                self.acq = (self.acq & ~0xFFFFFFFF) | (value & ~0xFFF)
+            else:
+                self.acq = (self.acq & 0xFFFFFFFF) | (value << 32)
+        else:
+            self._trace_err_mmio(offset, 4, value, "write to a read-only or reserved register")
+
+    def _write_cc(self, value: int) -> None:
+        old = self.cc
+        self.cc = value
+        was_enabled, enabled = CC.EN.get(old), CC.EN.get(value)
+        if enabled and not was_enabled:
+            self._start()
+        elif was_enabled and not enabled:
+            self._controller_reset()
+        old_shn, shn = CC.SHN.get(old), CC.SHN.get(value)
+        if shn and not old_shn:
+            self._shutdown(shn)
+        elif old_shn and not shn:
+            self.csts = CSTS.SHST.put(self.csts, ShutdownStatus.NORMAL)
+            if self._tracing:
+                self._trace("pci_nvme_mmio_shutdown_cleared")
+
+    def _start(self) -> None:
+        """CC.EN 0 -> 1 (§7.6.1): validate CC and the admin queue registers, create the admin queues."""
+        cc, cap = self.cc, self.cap
+        reason = None
+        mps = CC.MPS.get(cc)
+        asqs, acqs = AQA.ASQS.get(self.aqa) + 1, AQA.ACQS.get(self.aqa) + 1
+        if not CAP.MPSMIN.get(cap) <= mps <= CAP.MPSMAX.get(cap):
+            reason = f"CC.MPS {mps} outside CAP.MPSMIN..MPSMAX"
+        elif CC.CSS.get(cc) != 0:
+            reason = f"CC.CSS {CC.CSS.get(cc)} is not the NVM command set"
+        elif CC.AMS.get(cc) != 0:
+            reason = f"CC.AMS {CC.AMS.get(cc)}: only round robin arbitration is supported"
+        elif asqs < 2 or acqs < 2:
+            reason = "AQA: admin queues need at least 2 entries"
+        elif asqs > self.config.max_queue_entries or acqs > self.config.max_queue_entries:
+            reason = "AQA: admin queue larger than CAP.MQES + 1"
+        page = regs.page_size(mps)
+        if reason is None and (self.asq & (page - 1) or self.acq & (page - 1)):
+            reason = "ASQ / ACQ not aligned to the memory page size"
+        if reason is None:
+            try:
+                self._sync_memory()
+                cq_view = self.memory.view(self.acq, acqs * CQE_SIZE, write=True)
+                sq_view = self.memory.view(self.asq, asqs * SQE_SIZE)
+            except GuestMemoryError as exc:
+                reason = f"admin queue memory: {exc}"
+        if reason is not None:
+            # The controller cannot become ready; CFS tells the host at once instead of
+            # letting it wait CAP.TO for CSTS.RDY.
+            if self._tracing:
+                self._trace("pci_nvme_err_startfail", reason)
+            self._set_fatal(f"enable failed: {reason}")
+            return
+        self.page_size = page
+        cq = CompletionQueue(0, acqs, self.acq, cq_view, cq_slot(0, self.dstrd), ien=True, vector=0)
+        sq = SubmissionQueue(0, cq, asqs, self.asq, sq_view, sq_slot(0, self.dstrd))
+        cq.sqs[0] = sq
+        self.cqs[0], self.sqs[0] = cq, sq
+        self.csts = CSTS.RDY.put(self.csts, 1)
+        if self._tracing:
+            self._trace("pci_nvme_mmio_start_success")
+
+    def _controller_reset(self) -> None:
+        """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
+        for queues in (self.sqs, self.cqs):
+            for qid in range(len(queues)):
+                queues[qid] = None
+        self.dbbuf.forget()
+        self._pending.clear()
+        self._touched_cqs.clear()
+        self._coalescing.clear()
+        self._masked_pending.clear()
+        self.features.reset()
+        self.async_events.reset()
+        self._fatal = False
+        self._polling = self.config.sq_eventidx is SqEventIdxPolicy.POLL
+        self.csts = CSTS.RDY.put(CSTS.CFS.put(self.csts, 0), 0)
+        if self._tracing:
+            self._trace("pci_nvme_mmio_stopped")
+
+    def _subsystem_reset(self) -> None:
+        if self._tracing:
+            self._trace("pci_nvme_nssr")
+        self._controller_reset()
+        self.cc = 0
+        self.csts = CSTS.NSSRO.put(0, 1)
+
+    def _shutdown(self, shn: int) -> None:
+        """CC.SHN set: make all written data durable, then report shutdown complete."""
+        try:
+            for ns in self.namespaces.values():
+                ns.backend.flush()
+        except OSError as exc:
+            self._set_fatal(f"flush on shutdown failed: {exc}")
+            return
+        self.csts = CSTS.SHST.put(self.csts, ShutdownStatus.COMPLETE)
+        if self._tracing:
+            self._trace("pci_nvme_mmio_shutdown_set", shn)
+
+    def _ready(self) -> bool:
+        return bool(self.csts & 1) and not self._fatal
+
+    # Section: doorbells
+
+    def _doorbell_write(self, offset: int, value: int) -> None:
+        decoded = regs.decode_doorbell(offset, self.dstrd)
+        if decoded is None or offset >= self._doorbell_end:
+            self._trace_err_mmio(offset, 4, value, "not a doorbell register")
+            self._invalid_doorbell(-1, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
+            return
+        qid, is_cq = decoded
+        if not self._ready():
+            self._trace_err_mmio(offset, 4, value, "doorbell write while not ready")
+            return
+        if is_cq:
+            cq = self.cqs[qid]
+            if cq is None:
+                self._invalid_doorbell(qid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
+                return
+            if qid:
+                self._db_cq_io += 1
+            else:
+                self._db_cq_admin += 1
+            self._cq_doorbell(cq, value)
+        else:
+            sq = self.sqs[qid]
+            if sq is None:
+                self._invalid_doorbell(qid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
+                return
+            if qid:
+                self._db_sq_io += 1
+            else:
+                self._db_sq_admin += 1
+            self._sq_doorbell(sq, value)
+
+    def _invalid_doorbell(self, qid: int, is_cq: bool, value: int, info: AsyncEventErrorInfo) -> None:
+        self._invalid_doorbells += 1
+        if self._tracing:
+            name = (
+                "pci_nvme_err_db_invalid_queue"
+                if info is AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER
+                else "pci_nvme_err_db_invalid_value"
+            )
+            self._trace(name, qid, int(is_cq), value)
+        if self._ready():
+            self.async_events.enqueue(AsyncEventType.ERROR_STATUS, info, LogPageId.ERROR_INFORMATION)
+
+    def _sq_doorbell(self, sq: SubmissionQueue, value: int) -> None:
+        sq.mmio_writes += 1
+        if self._tracing:
+            self._trace("pci_nvme_mmio_doorbell_sq", sq.sqid, value)
+        n = sq.size
+        if value >= n:
+            self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
+            return
+        if sq.shadow_mode:
+            # The MMIO value is a hint while the host keeps the shadow slot at least as far on
+            # (Linux stores the shadow, then rings). A slot that lags the MMIO value is one the
+            # host does not maintain: from now on MMIO is authoritative for this queue.
+            shadow = self._load_shadow(sq.slot)
+            sq.shadow_reads += 1
+            if not (shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n):
+                self._leave_shadow_mode(sq.sqid, False)
+                sq.shadow_mode = False
+                sq.tail = value
+        else:
+            sq.tail = value
+        if not sq.blocked:
+            self._pending[sq.sqid] = sq
+
+    def _cq_doorbell(self, cq: CompletionQueue, value: int) -> None:
+        cq.mmio_writes += 1
+        if self._tracing:
+            self._trace("pci_nvme_mmio_doorbell_cq", cq.cqid, value)
+        n = cq.size
+        used = (cq.tail - cq.head) % n
+        # §4.1: the host may only consume posted entries: the new head lies in [head, tail].
+        if value >= n or (value - cq.head) % n > used:
+            self._invalid_doorbell(cq.cqid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
+            return
+        head = value
+        if cq.shadow_mode:
+            shadow = self._load_shadow(cq.slot)
+            cq.shadow_reads += 1
+            progress = (shadow - cq.head) % n
+            if shadow < n and (value - cq.head) % n <= progress <= used:
+                head = shadow
+            else:
+                self._leave_shadow_mode(cq.cqid, True)
+                cq.shadow_mode = False
+        self._set_cq_head(cq, head)
+
+    def _leave_shadow_mode(self, qid: int, is_cq: bool) -> None:
+        if self._tracing:
+            self._trace("pci_nvme_dbbuf_queue_mmio", qid, int(is_cq))
+
+    def _load_shadow(self, slot: int) -> int:
+        page = self.dbbuf.shadow
+        assert page is not None
+        self._shadow_reads += 1
+        return page.load(slot)
+
+    def _read_sq_shadow(self, sq: SubmissionQueue) -> int | None:
+        """The SQ tail from its shadow slot, or None if the value is not a valid tail."""
+        value = self._load_shadow(sq.slot)
+        sq.shadow_reads += 1
+        if value >= sq.size:
+            if self._tracing:
+                self._trace("pci_nvme_err_shadow_invalid_value", sq.sqid, 0, value)
+            self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
+            return None
+        if self._tracing:
+            self._trace("pci_nvme_update_sq_tail", sq.sqid, value)
+        return value
+
+    def _refresh_cq_head(self, cq: CompletionQueue) -> None:
+        """Learn how far the host has consumed, from the shadow slot."""
+        if not cq.shadow_mode:
+            return
+        value = self._load_shadow(cq.slot)
+        cq.shadow_reads += 1
+        n = cq.size
+        if value >= n or (value - cq.head) % n > (cq.tail - cq.head) % n:
+            if self._tracing:
+                self._trace("pci_nvme_err_shadow_invalid_value", cq.cqid, 1, value)
+            self._invalid_doorbell(cq.cqid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
+            return
+        if self._tracing:
+            self._trace("pci_nvme_update_cq_head", cq.cqid, value)
+        if value != cq.head:
+            self._set_cq_head(cq, value)
+
+    def _set_cq_head(self, cq: CompletionQueue, head: int) -> None:
+        cq.head = head
+        if cq.shadow_mode:
+            self._publish_cq_eventidx(cq)
+        if cq.waiting_for_room and not cq.is_full():
+            cq.waiting_for_room = False
+        if cq.backlog:
+            self._drain_backlog(cq)
+        for sq in cq.sqs.values():
+            if sq.blocked:
+                sq.blocked = False
+                self._pending[sq.sqid] = sq
+
+    def _publish_sq_eventidx(self, sq: SubmissionQueue, value: int) -> None:
+        page = self.dbbuf.eventidx
+        assert page is not None
+        page.store(sq.slot, value)
+        sq.eventidx_writes += 1
+        self._eventidx_writes += 1
+        if self._tracing:
+            self._trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
+
+    def _publish_cq_eventidx(self, cq: CompletionQueue) -> None:
+        if cq.waiting_for_room or self.config.cq_eventidx is CqEventIdxPolicy.EAGER:
+            # Ask for a doorbell on any progress: the host's next move starts at the head.
+            value = cq.head
+        else:
+            # NEVER: the host stops at our tail, which stays behind head - 1 until we learn a
+            # newer head, so EventIdx = head - 1 is never inside a crossed interval.
+            value = (cq.head - 1) % cq.size
+        page = self.dbbuf.eventidx
+        assert page is not None
+        page.store(cq.slot, value)
+        cq.eventidx_writes += 1
+        self._eventidx_writes += 1
+        if self._tracing:
+            self._trace("pci_nvme_update_cq_eventidx", cq.cqid, value)
+
+    def _make_room(self, cq: CompletionQueue) -> bool:
+        """The CQ looks full by the head we know. Refresh it; if still full, ask for a wake-up."""
+        self._refresh_cq_head(cq)
+        if not cq.is_full():
+            return True
+        if cq.shadow_mode and not cq.waiting_for_room:
+            cq.waiting_for_room = True
+            self._publish_cq_eventidx(cq)
+            full_fence()  # store EventIdx -> load shadow head
+            self._refresh_cq_head(cq)
+            if not cq.is_full():
+                cq.waiting_for_room = False
+                self._publish_cq_eventidx(cq)
+                return True
+        cq.waiting_for_room = True
+        if self._tracing:
+            self._trace("pci_nvme_err_cq_full", cq.cqid)
+        return False
+
+    # Section: shadow doorbell buffers
+
+    def configure_dbbuf(self, shadow_addr: int, eventidx_addr: int) -> None:
+        """Doorbell Buffer Config: take the pages and move every existing queue onto them.
+
+        Existing queues get their current tail / head written into their shadow slot (QEMU and
+        OpenVMM do the same), so the slot holds a valid value before the controller reads it.
+        """
+        self.dbbuf.configure(self.memory, shadow_addr, eventidx_addr, self.page_size)
+        self._dbbuf_configs += 1
+        shadow = self.dbbuf.shadow
+        assert shadow is not None
+        for sq in self.sqs:
+            if sq is None or (sq.sqid == 0 and not self.config.admin_queue_shadow):
+                continue
+            shadow.store(sq.slot, sq.tail)
+            sq.shadow_mode = True
+            self._publish_sq_eventidx(sq, sq.tail if not self._polling else (sq.head - 1) % sq.size)
+        for cq in self.cqs:
+            if cq is None or (cq.cqid == 0 and not self.config.admin_queue_shadow):
+                continue
+            shadow.store(cq.slot, cq.head)
+            cq.shadow_mode = True
+            self._publish_cq_eventidx(cq)
+        if self._tracing:
+            self._trace("pci_nvme_dbbuf_config", shadow_addr, eventidx_addr)
+
+    def _attach_to_dbbuf(self, sq: SubmissionQueue | None, cq: CompletionQueue | None) -> None:
+        """A queue created while shadow doorbells are on starts on its shadow slot."""
+        shadow = self.dbbuf.shadow
+        if shadow is None:
+            return
+        if sq is not None:
+            if self.config.zero_shadow_on_create:
+                shadow.store(sq.slot, 0)
+            sq.shadow_mode = True
+            self._publish_sq_eventidx(sq, (sq.size - 1) if self._polling else 0)
+        if cq is not None:
+            if self.config.zero_shadow_on_create:
+                shadow.store(cq.slot, 0)
+            cq.shadow_mode = True
+            self._publish_cq_eventidx(cq)
+
+    # Section: command processing
+
+    def _run_pending(self, budget: int) -> None:
+        if self._fatal or not self._ready():
+            self._pending.clear()
+            return
+        if self.memory.generation != self._memory_generation:
+            self._sync_memory()
+            if self._fatal:
+                return
+        pending = self._pending
+        burst = self.config.arbitration_burst
+        while pending and budget > 0 and not self._fatal:
+            sqid = next(iter(pending))
+            sq = pending.pop(sqid)
+            if self.sqs[sqid] is not sq or sq.blocked:
+                continue
+            budget -= self._run_sq(sq, min(burst, budget))
+
+    def _run_sq(self, sq: SubmissionQueue, budget: int) -> int:
+        """Fetch and execute commands of one SQ; returns how many were taken."""
+        cq = sq.cq
+        n = sq.size
+        view = sq.view
+        processed = 0
+        attempts = 0
+        while True:
+            if sq.shadow_mode:
+                tail = self._read_sq_shadow(sq)
+                if tail is None:
+                    return processed
+                sq.tail = tail
+            tail = sq.tail
+            head = sq.head
+            while head != tail:
+                if processed >= budget:
+                    self._pending[sq.sqid] = sq
+                    return processed
+                if cq.is_full() and not self._make_room(cq):
+                    sq.blocked = True
+                    return processed
+                fields = _SQE_UNPACK(view, head * SQE_SIZE)
+                head += 1
+                if head == n:
+                    head = 0
+                sq.head = head
+                processed += 1
+                self._execute(sq, fields)
+                if self._fatal or self.sqs[sq.sqid] is not sq:
+                    return processed
+                # A command may have switched this queue onto the shadow page (Doorbell
+                # Buffer Config) or changed the tail; re-evaluate from the top.
+                if sq.shadow_mode and tail != sq.tail:
+                    break
+            else:
+                if not sq.shadow_mode:
+                    return processed
+                # Idle: tell the host when to ring next.
+                if self._polling:
+                    self._publish_sq_eventidx(sq, (head - 1) % n)
+                    return processed
+                self._publish_sq_eventidx(sq, head)
+                full_fence()  # store EventIdx -> load shadow tail (pairs with the host's fence)
+                again = self._read_sq_shadow(sq)
+                if again is None or again == head:
+                    sq.rearms_won += 1
+                    self._rearms_won += 1
+                    if self._tracing:
+                        self._trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
+                    return processed
+                # The host moved the tail while we published: it may not ring. Keep going.
+                sq.rearms_lost += 1
+                self._rearms_lost += 1
+                attempts += 1
+                if attempts >= self.config.max_rearm_attempts:
+                    if self._tracing:
+                        self._trace("pci_nvme_err_rearm_exhausted", sq.sqid, attempts)
+                    self._pending[sq.sqid] = sq
+                    return processed
+
+    def _execute(self, sq: SubmissionQueue, fields: tuple[int, ...]) -> None:
+        opcode = fields[0]
+        cid = fields[2]
+        status: int = Status.SUCCESS
+        dw0 = 0
+        try:
+            if sq.sqid == 0:
+                self._admin_counts[opcode] += 1
+                if self._tracing:
+                    self._trace("pci_nvme_admin_cmd", cid, 0, opcode, opcode_name(opcode, True))
+                handler = self.admin_handlers.get(opcode)
+            else:
+                self._io_counts[opcode] += 1
+                if self._tracing:
+                    self._trace(
+                        "pci_nvme_io_cmd", cid, fields[3], sq.sqid, opcode, opcode_name(opcode, False)
+                    )
+                handler = self.io_handlers.get(opcode)
+            if handler is None:
+                raise CommandFailed(Status.INVALID_OPCODE | DNR, "invalid opcode")
+            if FLAGS_FUSE.get(fields[1]):
+                raise CommandFailed(Status.INVALID_FIELD | DNR, "fused operations are not supported")
+            result = handler(self, sq, fields)
+            if result is None:
+                return  # completed later (Asynchronous Event Request)
+            status, dw0 = result
+        except CommandFailed as failure:
+            status = failure.status
+            if self._tracing:
+                self._trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, failure.reason)
+        except GuestMemoryError as exc:
+            status = Status.DATA_TRANSFER_ERROR | DNR
+            if self._tracing:
+                self._trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, str(exc))
+        except Exception as exc:  # an emulator bug: fail the command, keep serving
+            log.exception("command opcode %#x on sqid %d failed", opcode, sq.sqid)
+            status = Status.INTERNAL_ERROR
+            if self._tracing:
+                self._trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, repr(exc))
+        if status:
+            self._error_completions += 1
+            self.error_log.record(sq.sqid, cid, status, fields[3])
+        self.post_completion(sq, cid, status, dw0)
+
+    def post_completion(self, sq: SubmissionQueue, cid: int, status: int, dw0: int) -> None:
+        """Post a CQE for a command of ``sq`` (the CQ has room: checked before fetching)."""
+        cq = sq.cq
+        if cq.is_full() or cq.backlog:
+            # Only completions made later (AER, Abort) can find the CQ full; keep them in order.
+            cq.backlog.append((sq, cid, status, dw0))
+            return
+        self._write_cqe(cq, sq, cid, status, dw0)
+
+    def _write_cqe(self, cq: CompletionQueue, sq: SubmissionQueue, cid: int, status: int, dw0: int) -> None:
+        tail = cq.tail
+        offset = tail * CQE_SIZE
+        view = cq.view
+        _CQE_HEAD_PACK(view, offset, dw0 & 0xFFFFFFFF, 0, sq.head, sq.sqid)
+        _CQE_TAIL_PACK(view, offset + 12, cid | (((status << 1) | cq.phase) << 16))
+        tail += 1
+        if tail == cq.size:
+            tail = 0
+            cq.phase ^= 1
+        cq.tail = tail
+        cq.entries += 1
+        self._completions += 1
+        self._touched_cqs[cq.cqid] = cq
+        if self._tracing:
+            self._trace("pci_nvme_enqueue_req_completion", cid, cq.cqid, dw0 & 0xFFFFFFFF, status)
+
+    def _drain_backlog(self, cq: CompletionQueue) -> None:
+        while cq.backlog and not cq.is_full():
+            sq, cid, status, dw0 = cq.backlog.pop(0)
+            self._write_cqe(cq, sq, cid, status, dw0)
+
+    # Section: interrupts
+
+    def _deliver_interrupts(self) -> None:
+        touched = self._touched_cqs
+        coalesce_value = self.features.interrupt_coalescing
+        threshold = InterruptCoalescing.THR.get(coalesce_value) + 1
+        time_units = InterruptCoalescing.TIME.get(coalesce_value)
+        # vector -> (entries posted, carries the admin CQ)
+        vectors: dict[int, tuple[int, bool]] = {}
+        if touched:
+            for cq in touched.values():
+                if cq.shadow_mode and self.config.cq_eventidx is CqEventIdxPolicy.EAGER:
+                    self._refresh_cq_head(cq)
+                    self._publish_cq_eventidx(cq)
+                if not cq.ien:
+                    continue
+                count, admin_cq = vectors.get(cq.vector, (0, False))
+                vectors[cq.vector] = (count + cq.entries - cq.irq_mark, admin_cq or cq.cqid == 0)
+                cq.irq_mark = cq.entries
+            touched.clear()
+        for vector, (count, admin_cq) in vectors.items():
+            # §5.21.1.8: coalescing never delays the admin CQ, nor a vector with CD set; an
+            # aggregation time of 0 means no delay.
+            if time_units == 0 or admin_cq or self.features.coalescing_disabled(vector):
+                self._raise(vector)
+                continue
+            state = self._coalescing.setdefault(vector, _Coalescing())
+            if state.count == 0:
+                state.since = self._now
+            state.count += count
+        if self._coalescing:
+            deadline = time_units * 100e-6
+            for vector, state in self._coalescing.items():
+                if state.count and (state.count >= threshold or self._now - state.since >= deadline):
+                    state.count = 0
+                    self._raise(vector)
+
+    def _raise(self, vector: int) -> None:
+        if vector < 32 and self.intms >> vector & 1:
+            self._masked_pending.add(vector)
+            if self._tracing:
+                self._trace("pci_nvme_irq_masked", vector)
+            return
+        self._interrupts += 1
+        self._effects.append(RaiseInterrupt(vector))
+        if self._tracing:
+            self._trace("pci_nvme_irq_msix", vector)
+
+    def _raise_unmasked(self) -> None:
+        for vector in sorted(self._masked_pending):
+            if not self.intms >> vector & 1:
+                self._masked_pending.discard(vector)
+                self._raise(vector)
+
+    # Section: helpers
+
+    def _sync_memory(self) -> None:
+        """The guest memory map changed: look every cached view up again."""
+        self._memory_generation = self.memory.generation
+        try:
+            for cq in self.cqs:
+                if cq is not None:
+                    cq.view = self.memory.view(cq.base, cq.size * CQE_SIZE, write=True)
+            for sq in self.sqs:
+                if sq is not None:
+                    sq.view = self.memory.view(sq.base, sq.size * SQE_SIZE)
+            self.dbbuf.remap(self.memory)
+        except GuestMemoryError as exc:
+            self._set_fatal(f"queue or doorbell memory unmapped: {exc}")
+
+    def _set_fatal(self, reason: str) -> None:
+        self._fatal = True
+        self._pending.clear()
+        self.csts = CSTS.CFS.put(self.csts, 1)
+        if self._tracing:
+            self._trace("pci_nvme_err_fatal", reason)
+        self._effects.append(ControllerFatal(reason))
+
+    def _trace(self, name: str, *args: int | str) -> None:
+        if name in self._trace_set:
+            self._effects.append(TraceEvent(name, args))
+
+    def _trace_err_mmio(self, offset: int, size: int, value: int, reason: str) -> None:
+        if self._tracing:
+            self._trace("pci_nvme_err_mmio", offset, size, value, reason)
+
+    def _take_effects(self) -> list[Effect]:
+        effects = self._effects
+        self._effects = []
+        return effects
+
+    def trace_event_known(self, name: str) -> bool:
+        return name in TRACE_EVENTS

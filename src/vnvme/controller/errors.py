@@ -1,0 +1,12 @@
+"""Errors raised inside the controller core and caught before they can leave it."""
+
+from __future__ import annotations
+
+
+class CommandFailed(Exception):
+    """A command ends with an NVMe status. ``reason`` goes to the trace, never to the guest."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason

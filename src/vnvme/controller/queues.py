@@ -1,0 +1,165 @@
+"""Submission and completion queues as the controller sees them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class QueueStatistics:
+    qid: int
+    is_cq: bool
+    size: int
+    #: Trapped (BAR) doorbell writes to this queue.
+    mmio_doorbell_writes: int
+    #: Reads of this queue's slot in the shadow doorbell page.
+    shadow_reads: int
+    #: Writes of this queue's slot in the EventIdx page.
+    eventidx_writes: int
+    #: SQ: commands fetched. CQ: completions posted.
+    entries: int
+    #: SQ only: EventIdx publications that found no new tail (won) / a new one (lost).
+    rearms_won: int = 0
+    rearms_lost: int = 0
+    #: Whether the queue currently reads its doorbell from the shadow page.
+    shadow_mode: bool = False
+
+
+class SubmissionQueue:
+    __slots__ = (
+        "sqid",
+        "cq",
+        "size",
+        "base",
+        "priority",
+        "head",
+        "tail",
+        "view",
+        "slot",
+        "shadow_mode",
+        "blocked",
+        "entries",
+        "mmio_writes",
+        "shadow_reads",
+        "eventidx_writes",
+        "rearms_won",
+        "rearms_lost",
+    )
+
+    def __init__(
+        self, sqid: int, cq: CompletionQueue, size: int, base: int, view: memoryview, slot: int
+    ) -> None:
+        self.sqid = sqid
+        self.cq = cq
+        self.size = size
+        self.base = base
+        self.priority = 0
+        self.head = 0
+        # The tail as last learnt (from a BAR doorbell write or the shadow slot).
+        self.tail = 0
+        self.view = view
+        self.slot = slot  # dword index in the shadow / EventIdx pages
+        self.shadow_mode = False
+        self.blocked = False  # waiting for room in its CQ
+        self.entries = 0
+        self.mmio_writes = 0
+        self.shadow_reads = 0
+        self.eventidx_writes = 0
+        self.rearms_won = 0
+        self.rearms_lost = 0
+
+    def statistics(self) -> QueueStatistics:
+        return QueueStatistics(
+            qid=self.sqid,
+            is_cq=False,
+            size=self.size,
+            mmio_doorbell_writes=self.mmio_writes,
+            shadow_reads=self.shadow_reads,
+            eventidx_writes=self.eventidx_writes,
+            entries=self.entries,
+            rearms_won=self.rearms_won,
+            rearms_lost=self.rearms_lost,
+            shadow_mode=self.shadow_mode,
+        )
+
+
+class CompletionQueue:
+    __slots__ = (
+        "cqid",
+        "size",
+        "base",
+        "head",
+        "tail",
+        "phase",
+        "ien",
+        "vector",
+        "view",
+        "slot",
+        "shadow_mode",
+        "sqs",
+        "entries",
+        "mmio_writes",
+        "shadow_reads",
+        "eventidx_writes",
+        "waiting_for_room",
+        "backlog",
+        "irq_mark",
+    )
+
+    def __init__(
+        self,
+        cqid: int,
+        size: int,
+        base: int,
+        view: memoryview,
+        slot: int,
+        *,
+        ien: bool,
+        vector: int,
+    ) -> None:
+        self.cqid = cqid
+        self.size = size
+        self.base = base
+        # The head as last learnt; the controller may know less than the host has consumed.
+        self.head = 0
+        self.tail = 0
+        self.phase = 1
+        self.ien = ien
+        self.vector = vector
+        self.view = view
+        self.slot = slot
+        self.shadow_mode = False
+        self.sqs: dict[int, SubmissionQueue] = {}
+        self.entries = 0
+        self.mmio_writes = 0
+        self.shadow_reads = 0
+        self.eventidx_writes = 0
+        # Set while the controller has asked for a head doorbell because the CQ was full.
+        self.waiting_for_room = False
+        # Completions made outside a fetch (AER, Abort) that found the CQ full, in order.
+        self.backlog: list[tuple[SubmissionQueue, int, int, int]] = []
+        # ``entries`` when interrupts were last accounted (interrupt coalescing threshold).
+        self.irq_mark = 0
+
+    def used(self) -> int:
+        """Entries posted and not known to be consumed."""
+        return (self.tail - self.head) % self.size
+
+    def is_full(self) -> bool:
+        # §4.1: a queue is full when the slot after the tail is the head (size - 1 entries).
+        nxt = self.tail + 1
+        if nxt == self.size:
+            nxt = 0
+        return nxt == self.head
+
+    def statistics(self) -> QueueStatistics:
+        return QueueStatistics(
+            qid=self.cqid,
+            is_cq=True,
+            size=self.size,
+            mmio_doorbell_writes=self.mmio_writes,
+            shadow_reads=self.shadow_reads,
+            eventidx_writes=self.eventidx_writes,
+            entries=self.entries,
+            shadow_mode=self.shadow_mode,
+        )

@@ -1,0 +1,83 @@
+"""Log pages (NVMe 1.3 §5.14.1): Error Information, SMART / Health, Firmware Slot, Commands
+Supported and Effects."""
+
+from __future__ import annotations
+
+from enum import IntFlag
+from typing import Final
+
+from vnvme.spec.layout import Layout
+
+ERROR_INFORMATION_ENTRY: Final = Layout(
+    "ErrorInformationEntry",
+    64,
+    [
+        ("error_count", 0, "Q"),
+        ("sqid", 8, "H"),
+        ("cid", 10, "H"),
+        ("status_field", 12, "H"),  # status << 1 | phase tag, as in the CQE
+        ("parameter_error_location", 14, "H"),
+        ("lba", 16, "Q"),
+        ("nsid", 24, "I"),
+        ("vendor_specific", 28, "B"),
+        ("trtype", 29, "B"),
+        ("command_specific", 32, "Q"),
+        ("trtype_specific", 40, "H"),
+    ],
+)
+
+SMART_HEALTH: Final = Layout(
+    "SmartHealthInformation",
+    512,
+    [
+        ("critical_warning", 0, "B"),
+        ("composite_temperature", 1, "H"),  # Kelvin
+        ("available_spare", 3, "B"),
+        ("available_spare_threshold", 4, "B"),
+        ("percentage_used", 5, "B"),
+        ("data_units_read", 32, "u128"),  # thousands of 512-byte units, rounded up
+        ("data_units_written", 48, "u128"),
+        ("host_read_commands", 64, "u128"),
+        ("host_write_commands", 80, "u128"),
+        ("controller_busy_time", 96, "u128"),
+        ("power_cycles", 112, "u128"),
+        ("power_on_hours", 128, "u128"),
+        ("unsafe_shutdowns", 144, "u128"),
+        ("media_errors", 160, "u128"),
+        ("error_log_entries", 176, "u128"),
+        ("warning_temperature_time", 192, "I"),
+        ("critical_temperature_time", 196, "I"),
+    ],
+)
+
+
+class CriticalWarning(IntFlag):
+    SPARE_BELOW_THRESHOLD = 1 << 0
+    TEMPERATURE = 1 << 1
+    RELIABILITY_DEGRADED = 1 << 2
+    READ_ONLY = 1 << 3
+    VOLATILE_BACKUP_FAILED = 1 << 4
+
+
+FIRMWARE_SLOT: Final = Layout(
+    "FirmwareSlotInformation",
+    512,
+    [("afi", 0, "B")] + [(f"frs{slot}", 8 * slot, "8s") for slot in range(1, 8)],
+)
+
+COMMANDS_SUPPORTED_AND_EFFECTS_SIZE: Final = 4096
+# ACS0..ACS255 (admin) at bytes 0..1023, IOCS0..IOCS255 at 1024..2047, one u32 per opcode.
+ADMIN_EFFECTS_OFFSET: Final = 0
+IO_EFFECTS_OFFSET: Final = 1024
+
+
+class CommandEffects(IntFlag):
+    """Commands Supported and Effects data structure bits (Figure 103)."""
+
+    CSUPP = 1 << 0  # Command Supported
+    LBCC = 1 << 1  # Logical Block Content Change
+    NCC = 1 << 2  # Namespace Capability Change
+    NIC = 1 << 3  # Namespace Inventory Change
+    CCC = 1 << 4  # Controller Capability Change
+    CSE_SINGLE_NAMESPACE = 1 << 16  # Command Submission and Execution, bits 18:16
+    CSE_ANY_NAMESPACE = 2 << 16
