@@ -277,6 +277,7 @@ def delete_io_sq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
     # Commands are executed as they are fetched, so none are left to abort with SQ Deletion.
     del target.cq.sqs[qid]
     ctrl.sqs[qid] = None
+    target.release()
     ctrl._pending.pop(qid, None)
     return _SUCCESS
 
@@ -292,6 +293,7 @@ def delete_io_cq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
         raise _fail(Status.INVALID_QUEUE_DELETION, f"cqid {qid} still has submission queues")
     ctrl.cqs[qid] = None
     ctrl._touched_cqs.pop(qid, None)
+    target.release()
     return _SUCCESS
 
 

@@ -491,8 +491,10 @@ class Controller:
     def _controller_reset(self) -> None:
         """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
         for queues in (self.sqs, self.cqs):
-            for qid in range(len(queues)):
-                queues[qid] = None
+            for qid, queue in enumerate(queues):
+                if queue is not None:
+                    queue.release()
+                    queues[qid] = None
         self.dbbuf.forget()
         self._pending.clear()
         self._touched_cqs.clear()
@@ -975,9 +977,11 @@ class Controller:
         try:
             for cq in self.cqs:
                 if cq is not None:
+                    cq.view.release()
                     cq.view = self.memory.view(cq.base, cq.size * CQE_SIZE, write=True)
             for sq in self.sqs:
                 if sq is not None:
+                    sq.view.release()
                     sq.view = self.memory.view(sq.base, sq.size * SQE_SIZE)
             self.dbbuf.remap(self.memory)
         except GuestMemoryError as exc:

@@ -68,6 +68,10 @@ class SubmissionQueue:
         self.rearms_won = 0
         self.rearms_lost = 0
 
+    def release(self) -> None:
+        """Drop the view of guest memory (queue deleted or controller reset)."""
+        self.view.release()
+
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(
             qid=self.sqid,
@@ -140,6 +144,11 @@ class CompletionQueue:
         self.backlog: list[tuple[SubmissionQueue, int, int, int]] = []
         # ``entries`` when interrupts were last accounted (interrupt coalescing threshold).
         self.irq_mark = 0
+
+    def release(self) -> None:
+        self.view.release()
+        self.sqs.clear()
+        self.backlog.clear()
 
     def used(self) -> int:
         """Entries posted and not known to be consumed."""
