@@ -44,10 +44,9 @@ TRACE_EVENTS: Final[dict[str, TraceEventSpec]] = _table(
     ("pci_nvme_nssr", "", "NVM subsystem reset"),
     ("pci_nvme_dbbuf_config", "dbs_addr eis_addr", "dbs_addr {dbs_addr:#x} eis_addr {eis_addr:#x}"),
     (
-        "pci_nvme_dbbuf_queue_mmio",
-        "qid is_cq",
-        "qid {qid} is_cq {is_cq}: host rings MMIO, "
-        "its shadow slot is not maintained; MMIO is authoritative for this queue",
+        "pci_nvme_dbbuf_shadow_catchup",
+        "qid is_cq shadow value",
+        "qid {qid} is_cq {is_cq}: MMIO value {value} ahead of shadow slot {shadow}; slot brought up",
     ),
     ("pci_nvme_update_sq_tail", "sqid tail", "sqid {sqid} shadow tail {tail}"),
     ("pci_nvme_update_sq_eventidx", "sqid eventidx", "sqid {sqid} eventidx {eventidx}"),

@@ -29,7 +29,7 @@ from vnvme.controller.errors import CommandFailed
 from vnvme.controller.namespace import Namespace
 from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
 from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
-from vnvme.fence import full_fence
+from vnvme.fence import full_fence as full_fence  # re-exported: tests slow the fence down
 from vnvme.memory import GuestMemory, GuestMemoryError
 from vnvme.spec import registers as regs
 from vnvme.spec.commands import (
@@ -80,6 +80,8 @@ class ControllerStatistics:
     completions_posted: int
     error_completions: int
     dbbuf_configs: int
+    #: MMIO doorbell values that were ahead of their shadow slot (a host not keeping the slot).
+    shadow_catchups: int
     admin_commands: dict[str, int] = field(default_factory=dict)
     io_commands: dict[str, int] = field(default_factory=dict)
 
@@ -168,6 +170,7 @@ class Controller:
         self._completions = 0
         self._error_completions = 0
         self._dbbuf_configs = 0
+        self._shadow_catchups = 0
         self._admin_counts = [0] * 256
         self._io_counts = [0] * 256
         self.features = admin.FeatureState(self)
@@ -316,6 +319,7 @@ class Controller:
             completions_posted=self._completions,
             error_completions=self._error_completions,
             dbbuf_configs=self._dbbuf_configs,
+            shadow_catchups=self._shadow_catchups,
             admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
             io_commands={opcode_name(op, False): n for op, n in enumerate(self._io_counts) if n},
         )
@@ -584,15 +588,10 @@ class Controller:
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return
         if sq.shadow_mode:
-            # The MMIO value is a hint while the host keeps the shadow slot at least as far on
-            # (Linux stores the shadow, then rings). A slot that lags the MMIO value is one the
-            # host does not maintain: from now on MMIO is authoritative for this queue.
             shadow = self._load_shadow(sq.slot)
             sq.shadow_reads += 1
             if not (shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n):
-                self._leave_shadow_mode(sq.sqid, False)
-                sq.shadow_mode = False
-                sq.tail = value
+                self._catch_up_shadow(sq.sqid, False, sq.slot, shadow, value)
         else:
             sq.tail = value
         if not sq.blocked:
@@ -612,17 +611,24 @@ class Controller:
         if cq.shadow_mode:
             shadow = self._load_shadow(cq.slot)
             cq.shadow_reads += 1
-            progress = (shadow - cq.head) % n
-            if shadow < n and (value - cq.head) % n <= progress <= used:
+            if shadow < n and (value - cq.head) % n <= (shadow - cq.head) % n <= used:
                 head = shadow
             else:
-                self._leave_shadow_mode(cq.cqid, True)
-                cq.shadow_mode = False
+                self._catch_up_shadow(cq.cqid, True, cq.slot, shadow, value)
         self._set_cq_head(cq, head)
 
-    def _leave_shadow_mode(self, qid: int, is_cq: bool) -> None:
+    def _catch_up_shadow(self, qid: int, is_cq: bool, slot: int, shadow: int, value: int) -> None:
+        """An MMIO doorbell value ahead of the queue's shadow slot: this host rings MMIO without
+        keeping the slot (Linux, for the admin queue). Bring the slot up to the MMIO value so the
+        shadow page stays authoritative and current. A host that keeps the slot stores it before
+        it rings, so its slot is never behind its own MMIO value: this never undoes its stores.
+        """
+        page = self.dbbuf.shadow
+        assert page is not None
+        page.store(slot, value)
+        self._shadow_catchups += 1
         if self._tracing:
-            self._trace("pci_nvme_dbbuf_queue_mmio", qid, int(is_cq))
+            self._trace("pci_nvme_dbbuf_shadow_catchup", qid, int(is_cq), shadow, value)
 
     def _load_shadow(self, slot: int) -> int:
         page = self.dbbuf.shadow

@@ -53,6 +53,7 @@ class HostMemory:
         # Free extents as (offset, length), sorted by offset.
         self._free: list[tuple[int, int]] = [(0, size)]
         self._allocated: dict[int, int] = {}
+        self._buffers: dict[int, DmaBuffer] = {}
 
     def alloc(self, size: int, *, zero: bool = True) -> DmaBuffer:
         """A page-aligned buffer of at least ``size`` bytes (first fit)."""
@@ -67,12 +68,16 @@ class HostMemory:
                 view = self.view[offset : offset + need]
                 if zero:
                     view[:] = bytes(need)
-                return DmaBuffer(self.base + offset, size, view[:size])
+                buf = DmaBuffer(self.base + offset, size, view[:size])
+                view.release()
+                self._buffers[offset] = buf
+                return buf
         raise MemoryError(f"host memory exhausted allocating {size} bytes")
 
     def free(self, buf: DmaBuffer) -> None:
         offset = buf.addr - self.base
         length = self._allocated.pop(offset)
+        self._buffers.pop(offset, None)
         buf.view.release()
         self._free.append((offset, length))
         self._free.sort()
@@ -89,8 +94,19 @@ class HostMemory:
         return sum(self._allocated.values())
 
     def close(self) -> None:
+        """Unmap the arena; buffers still allocated become unusable."""
+        for buf in self._buffers.values():
+            buf.view.release()
+        self._buffers.clear()
         self.view.release()
-        self.map.close()
+        try:
+            self.map.close()
+        except BufferError:
+            # Views caught in reference cycles are only freed by the collector.
+            import gc
+
+            gc.collect()
+            self.map.close()
         if self.fd >= 0:
             import os
 
