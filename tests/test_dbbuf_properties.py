@@ -119,7 +119,7 @@ class ShadowProtocol(RuleBasedStateMachine):
                 machine.race = 0
             machine.real_publish(ctrl, sq, value)
 
-        Controller._publish_sq_eventidx = racing_publish  # type: ignore[method-assign]
+        Controller._publish_sq_eventidx = racing_publish  # type: ignore[method-assign,assignment]
 
     def _store_one(self) -> None:
         qp = self.qp
