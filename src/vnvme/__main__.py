@@ -1,0 +1,3 @@
+from vnvme.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The ``vnvme`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from vnvme import __version__
+from vnvme.trace import TRACE_EVENTS
+
+
+def _depths(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of depths: {text!r}") from None
+    if not values or any(v < 1 or v > 1023 for v in values):
+        raise argparse.ArgumentTypeError("depths must be in 1..1023")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vnvme", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vnvme {__version__}")
+    commands = parser.add_subparsers(dest="command")
+    demo = commands.add_parser(
+        "demo",
+        help="bring a controller up through the driver, enable shadow doorbells, do I/O, count doorbells",
+    )
+    demo.add_argument("--iodepth", type=_depths, default=[1, 2, 4, 8], help="depths, e.g. 1,2,4,8")
+    demo.add_argument("--number-ios", type=int, default=20_000, help="I/Os per depth and variant")
+    demo.add_argument("--bs", type=int, default=4096, help="block size in bytes (multiple of 512)")
+    trace = commands.add_parser("trace-events", help="list the declared trace events")
+    trace.add_argument("pattern", nargs="?", default="*")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in (None, "demo"):
+        from vnvme.demo import run_demo
+
+        if args.command is None:
+            return run_demo(sys.stdout)
+        if args.bs < 512 or args.bs % 512:
+            raise SystemExit("--bs must be a multiple of 512")
+        return run_demo(sys.stdout, depths=args.iodepth, ios=args.number_ios, block_size=args.bs)
+    if args.command == "trace-events":
+        import fnmatch
+
+        for name, spec in TRACE_EVENTS.items():
+            if fnmatch.fnmatch(name, args.pattern):
+                print(f"{name}({', '.join(spec.args)})")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
