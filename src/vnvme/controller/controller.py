@@ -82,6 +82,8 @@ class ControllerStatistics:
     dbbuf_configs: int
     #: MMIO doorbell values that were ahead of their shadow slot (a host not keeping the slot).
     shadow_catchups: int
+    #: Exceptions caught inside the controller: emulator bugs, zero in a healthy run.
+    internal_errors: int
     admin_commands: dict[str, int] = field(default_factory=dict)
     io_commands: dict[str, int] = field(default_factory=dict)
 
@@ -171,6 +173,7 @@ class Controller:
         self._error_completions = 0
         self._dbbuf_configs = 0
         self._shadow_catchups = 0
+        self._internal_errors = 0
         self._admin_counts = [0] * 256
         self._io_counts = [0] * 256
         self.features = admin.FeatureState(self)
@@ -209,6 +212,7 @@ class Controller:
             self._mmio_write(offset, size, value)
         except Exception as exc:  # an emulator bug must not take the process down
             log.exception("mmio_write(%#x, %d, %#x) failed", offset, size, value)
+            self._internal_errors += 1
             self._set_fatal(f"internal error in register write: {exc!r}")
         return self._take_effects()
 
@@ -221,6 +225,7 @@ class Controller:
             self._deliver_interrupts()
         except Exception as exc:
             log.exception("process() failed")
+            self._internal_errors += 1
             self._set_fatal(f"internal error: {exc!r}")
         return self._take_effects()
 
@@ -320,6 +325,7 @@ class Controller:
             error_completions=self._error_completions,
             dbbuf_configs=self._dbbuf_configs,
             shadow_catchups=self._shadow_catchups,
+            internal_errors=self._internal_errors,
             admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
             io_commands={opcode_name(op, False): n for op, n in enumerate(self._io_counts) if n},
         )
@@ -882,6 +888,7 @@ class Controller:
                 self._trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, str(exc))
         except Exception as exc:  # an emulator bug: fail the command, keep serving
             log.exception("command opcode %#x on sqid %d failed", opcode, sq.sqid)
+            self._internal_errors += 1
             status = Status.INTERNAL_ERROR
             if self._tracing:
                 self._trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, repr(exc))
