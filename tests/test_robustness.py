@@ -24,7 +24,7 @@ _UNMAPPED = 0x7_0000_0000
 
 
 def _small_rig(**options: object) -> Rig:
-    return make_rig(host_memory_size=_HOST_MEMORY, io_queue_depth=16, trace=("pci_nvme_err_*",), **options)
+    return make_rig(host_memory_size=_HOST_MEMORY, io_queue_depth=16, trace=("pci_nvme_err_*",), **options)  # type: ignore[arg-type]
 
 
 def _no_internal_errors(r: Rig) -> None:
