@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iodepth", type=_depths, default=[1, 2, 4, 8], help="depths, e.g. 1,2,4,8")
     demo.add_argument("--number-ios", type=int, default=20_000, help="I/Os per depth and variant")
     demo.add_argument("--bs", type=int, default=4096, help="block size in bytes (multiple of 512)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve the controller over vfio-user on a UNIX socket (QEMU vfio-user-pci, vnvme's client)",
+        description="Serve an NVMe controller with shadow doorbells as a vfio-user PCI device.",
+    )
+    from vnvme.serve import add_arguments
+
+    add_arguments(serve)
     trace = commands.add_parser("trace-events", help="list the declared trace events")
     trace.add_argument("pattern", nargs="?", default="*")
     return parser
@@ -46,6 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.bs < 512 or args.bs % 512:
             raise SystemExit("--bs must be a multiple of 512")
         return run_demo(sys.stdout, depths=args.iodepth, ios=args.number_ios, block_size=args.bs)
+    if args.command == "serve":
+        import logging
+
+        from vnvme.serve import run
+
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        return run(args)
     if args.command == "trace-events":
         import fnmatch
 

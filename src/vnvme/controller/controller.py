@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -56,7 +57,10 @@ _SQE_UNPACK: Final = SQE.unpack_from
 # A CQE is stored as dwords 0-2 first, then dword 3 (CID + status with the phase tag) in one
 # 32-bit store, so a host polling the phase tag never sees a half-written entry.
 _CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
-_CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
+# CQE dword 3 (CID, status, phase tag) in one native 4-byte store on little-endian hosts ("<I"
+# packs byte by byte): a host polling the phase tag from another process never sees the new
+# phase with a half-written CID or status.
+_CQE_TAIL_PACK: Final = struct.Struct("@I" if sys.byteorder == "little" else "<I").pack_into
 _DEFAULT_BUDGET: Final = 4096
 
 
@@ -500,14 +504,7 @@ class Controller:
 
     def _controller_reset(self) -> None:
         """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
-        for queues in (self.sqs, self.cqs):
-            for qid, queue in enumerate(queues):
-                if queue is not None:
-                    queue.release()
-                    queues[qid] = None
-        self.dbbuf.forget()
-        self._pending.clear()
-        self._touched_cqs.clear()
+        self._drop_queues()
         self._coalescing.clear()
         self._masked_pending.clear()
         self.features.reset()
@@ -984,21 +981,49 @@ class Controller:
 
     # Section: helpers
 
+    def memory_changed(self) -> list[Effect]:
+        """The guest memory map changed (DMA map / unmap): drop every view into the old map now,
+        so the caller can unmap the memory behind it; a queue whose memory is gone is fatal."""
+        self._sync_memory()
+        return self._take_effects()
+
     def _sync_memory(self) -> None:
-        """The guest memory map changed: look every cached view up again."""
+        """Look every cached view up again; release them all first so none outlives its region."""
         self._memory_generation = self.memory.generation
+        queues = [q for q in (*self.cqs, *self.sqs) if q is not None]
+        for queue in queues:
+            queue.view.release()
+        shadow_addr, eventidx_addr, page_size = (
+            self.dbbuf.shadow_addr,
+            self.dbbuf.eventidx_addr,
+            self.dbbuf.page_size,
+        )
+        was_active = self.dbbuf.active
+        self.dbbuf.forget()
         try:
             for cq in self.cqs:
                 if cq is not None:
-                    cq.view.release()
                     cq.view = self.memory.view(cq.base, cq.size * CQE_SIZE, write=True)
             for sq in self.sqs:
                 if sq is not None:
-                    sq.view.release()
                     sq.view = self.memory.view(sq.base, sq.size * SQE_SIZE)
-            self.dbbuf.remap(self.memory)
+            if was_active:
+                self.dbbuf.configure(self.memory, shadow_addr, eventidx_addr, page_size)
         except GuestMemoryError as exc:
+            # The host took memory away from under a live queue: drop the queues (no view may
+            # survive the unmap) and report CFS; the host must reset the controller (§9.5).
+            self._drop_queues()
             self._set_fatal(f"queue or doorbell memory unmapped: {exc}")
+
+    def _drop_queues(self) -> None:
+        for queues in (self.sqs, self.cqs):
+            for qid, queue in enumerate(queues):
+                if queue is not None:
+                    queue.release()
+                    queues[qid] = None
+        self.dbbuf.forget()
+        self._pending.clear()
+        self._touched_cqs.clear()
 
     def _set_fatal(self, reason: str) -> None:
         self._fatal = True

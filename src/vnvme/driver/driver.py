@@ -12,6 +12,7 @@ It is also the test double for every controller test: tests drive the controller
 from __future__ import annotations
 
 import struct
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg
 from vnvme.spec.status import describe
 
 _CQE_UNPACK: Final = CQE.unpack_from
+# CQE dword 3 in one native 4-byte load on little-endian hosts (pairs with the controller's store).
+_DW3_UNPACK: Final = struct.Struct("@I" if sys.byteorder == "little" else "<I").unpack_from
 _SQE_PACK: Final = SQE.pack_into
 _FUA: Final = 1 << 30
 
@@ -188,9 +191,11 @@ class QueuePair:
         view = self.cq_mem.view
         head, phase = self.cq_head, self.cq_phase
         while True:
-            dw0, dw1, sqhd, sqid, cid, sf = _CQE_UNPACK(view, head * CQE_SIZE)
-            if sf & 1 != phase:
+            # The phase tag first, then the rest (Linux: READ_ONCE(status), dma_rmb()): the
+            # device may be writing this entry right now, and the phase bit is its last store.
+            if (_DW3_UNPACK(view, head * CQE_SIZE + 12)[0] >> 16) & 1 != phase:
                 break
+            dw0, dw1, sqhd, sqid, cid, sf = _CQE_UNPACK(view, head * CQE_SIZE)
             out.append(Cqe(dw0, dw1, sqhd, sqid, cid, sf >> 1, sf & 1))
             head += 1
             if head == self.depth:

@@ -1,0 +1,307 @@
+"""The NVMe controller as a PCI function behind a vfio-user server.
+
+Glue between the sans-I/O :class:`~vnvme.controller.controller.Controller` and
+:mod:`vnvme.vfio_user.server`: BAR0 accesses become register accesses, the core's interrupt
+effects become eventfd writes, trace effects go to a sink.
+
+Interrupt liveness follows what QEMU's ``vfio-user-pci`` does, not the MSI-X table: QEMU emulates
+the table on its own side and never sends SET_IRQS UNMASK, so a vector is live exactly while it
+has an eventfd. Our table (BAR4) is kept for clients that read it; masking is SET_IRQS MASK /
+UNMASK, and an interrupt raised while masked is delivered on unmask (its PBA bit meanwhile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from vnvme.controller.config import ControllerConfig
+from vnvme.controller.controller import Controller
+from vnvme.controller.namespace import Namespace
+from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
+from vnvme.memory import GuestMemory
+from vnvme.vfio_user import protocol as vu
+from vnvme.vfio_user.pci import Bar, MsixConfig, PciConfig
+from vnvme.vfio_user.server import DeviceError, IrqType, Region
+
+log = logging.getLogger("vnvme.function")
+
+NVME_CLASS_CODE = 0x010802  # mass storage, non-volatile memory, NVM Express
+DEFAULT_DEVICE_ID = 0x5D0B
+MSIX_BAR = 4
+MSIX_ENTRY = 16
+
+
+def _pow2_at_least(value: int, minimum: int) -> int:
+    size = minimum
+    while size < value:
+        size <<= 1
+    return size
+
+
+@dataclass
+class FunctionStatistics:
+    interrupts_signalled: int = 0
+    interrupts_deferred: int = 0  # masked, or no eventfd yet
+    interrupts_dropped: int = 0
+
+
+class NvmeFunction:
+    """A :class:`~vnvme.vfio_user.server.Device`: one NVMe controller as a PCI function."""
+
+    def __init__(
+        self,
+        namespaces: Sequence[Namespace],
+        config: ControllerConfig | None = None,
+        *,
+        controller_polls: bool = False,
+        trace: Sequence[str] = (),
+        trace_sink: Callable[[TraceEvent], None] | None = None,
+        device_id: int = DEFAULT_DEVICE_ID,
+    ) -> None:
+        self.memory = GuestMemory()
+        self.controller = Controller(self.memory, namespaces, config)
+        cfg = self.controller.config
+        if trace:
+            self.controller.enable_trace(trace)
+        self.trace_sink = trace_sink
+        self.controller_polls = controller_polls
+        self.vectors = cfg.interrupt_vectors
+        self.bar0_size = _pow2_at_least(self.controller.bar0_size, 0x4000)
+        table_bytes = self.vectors * MSIX_ENTRY
+        self.pba_offset = _pow2_at_least(table_bytes, 0x800)
+        pba_bytes = -(-self.vectors // 64) * 8
+        self.bar4_size = _pow2_at_least(self.pba_offset + pba_bytes, 0x1000)
+        self.pci = PciConfig(
+            vendor_id=cfg.pci_vendor_id,
+            device_id=device_id,
+            subsystem_vendor_id=cfg.pci_subsystem_vendor_id,
+            subsystem_id=device_id,
+            revision=1,
+            class_code=NVME_CLASS_CODE,
+            bars=[Bar(0, self.bar0_size, is_64bit=True), Bar(MSIX_BAR, self.bar4_size, is_64bit=False)],
+            msix=MsixConfig(self.vectors, MSIX_BAR, 0, MSIX_BAR, self.pba_offset),
+            interrupt_pin=1,
+        )
+        self.msix_table = bytearray(table_bytes)
+        self._reset_msix_table()
+        self.regions: dict[int, Region] = {
+            vu.PciRegion.BAR0: Region(vu.PciRegion.BAR0, self.bar0_size, self._bar0_read, self._bar0_write),
+            vu.PciRegion.BAR4: Region(vu.PciRegion.BAR4, self.bar4_size, self._bar4_read, self._bar4_write),
+            vu.PciRegion.CONFIG: Region(vu.PciRegion.CONFIG, 4096, self._config_read, self._config_write),
+        }
+        self.irqs: dict[int, IrqType] = {
+            vu.PciIrq.INTX: IrqType(vu.PciIrq.INTX, 1),
+            vu.PciIrq.MSIX: IrqType(vu.PciIrq.MSIX, self.vectors),
+        }
+        self.eventfds: dict[int, list[int]] = {index: [-1] * irq.count for index, irq in self.irqs.items()}
+        self.masked: dict[int, list[bool]] = {index: [False] * irq.count for index, irq in self.irqs.items()}
+        self.pending: dict[int, list[bool]] = {index: [False] * irq.count for index, irq in self.irqs.items()}
+        self.stats = FunctionStatistics()
+        self.fatal_reasons: list[str] = []
+        self._polling_now = False
+        self._msix_live = 0  # MSI-X vectors with an eventfd
+
+    # Section: Device interface
+
+    def attach(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        """Client gone: as a bus reset; eventfds closed, config space back to power-on."""
+        self._handle(self.controller.reset())
+        for index in self.eventfds:
+            self._set_eventfds(index, 0, [-1] * len(self.eventfds[index]))
+            self.masked[index] = [False] * len(self.masked[index])
+            self.pending[index] = [False] * len(self.pending[index])
+        self.pci.reset()
+        self._reset_msix_table()
+
+    def reset(self) -> None:
+        """DEVICE_RESET (function level): controller and config space; eventfds stay assigned."""
+        self._handle(self.controller.reset())
+        self.pci.reset()
+        self._reset_msix_table()
+
+    def memory_changed(self) -> None:
+        self._handle(self.controller.memory_changed())
+
+    def set_irqs(self, index: int, flags: vu.IrqSetFlags, start: int, count: int, data: list[int]) -> None:
+        action = flags & vu.IRQ_SET_ACTION_MASK
+        if flags & vu.IrqSetFlags.DATA_EVENTFD:
+            self._set_eventfds(index, start, data)
+            return
+        if action == vu.IrqSetFlags.ACTION_TRIGGER:
+            if count == 0 and flags & vu.IrqSetFlags.DATA_NONE:
+                # count 0 with DATA_NONE: disable every interrupt of the index.
+                self._set_eventfds(index, 0, [-1] * len(self.eventfds[index]))
+                return
+            for i, flag in enumerate(data):
+                if flag:
+                    self._signal(index, start + i)
+        elif action == vu.IrqSetFlags.ACTION_MASK:
+            for i, flag in enumerate(data):
+                if flag:
+                    self.masked[index][start + i] = True
+        else:
+            for i, flag in enumerate(data):
+                if flag:
+                    self.masked[index][start + i] = False
+                    if self.pending[index][start + i]:
+                        self.pending[index][start + i] = False
+                        self._signal(index, start + i)
+
+    def run(self, now: float) -> bool:
+        ctrl = self.controller
+        if self.controller_polls:
+            if not self._polling_now:
+                ctrl.start_polling()
+                self._polling_now = True
+            self._handle(ctrl.poll(now))
+        else:
+            self._handle(ctrl.process(now))
+        return ctrl.has_pending_work
+
+    def next_deadline(self) -> float | None:
+        return self.controller.next_deadline()
+
+    def idle(self) -> bool:
+        if not self.controller_polls:
+            return True
+        self._polling_now = False
+        return self.controller.rearm()
+
+    # Section: interrupts
+
+    def _set_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        current = self.eventfds[index]
+        for i, fd in enumerate(fds):
+            old = current[start + i]
+            if old >= 0 and old != fd:
+                with contextlib.suppress(OSError):
+                    os.close(old)
+            current[start + i] = fd
+            if index == vu.PciIrq.MSIX:
+                self._msix_live += (fd >= 0) - (old >= 0)
+            if fd >= 0 and self.pending[index][start + i] and not self.masked[index][start + i]:
+                self.pending[index][start + i] = False
+                self._signal(index, start + i)
+
+    def _signal(self, index: int, vector: int) -> None:
+        fd = self.eventfds[index][vector]
+        if fd < 0 or self.masked[index][vector]:
+            self.pending[index][vector] = True
+            self.stats.interrupts_deferred += 1
+            return
+        try:
+            os.eventfd_write(fd, 1)
+            self.stats.interrupts_signalled += 1
+        except OSError:
+            self.stats.interrupts_dropped += 1
+
+    def _raise(self, vector: int) -> None:
+        if self._msix_live:
+            if vector < self.vectors:
+                self._signal(vu.PciIrq.MSIX, vector)
+            else:
+                self.stats.interrupts_dropped += 1
+        elif self.eventfds[vu.PciIrq.INTX][0] >= 0 and not self.pci.intx_disabled:
+            self._signal(vu.PciIrq.INTX, 0)
+        elif vector < self.vectors:
+            # No vector configured yet: remember it, as a PBA bit would.
+            self.pending[vu.PciIrq.MSIX][vector] = True
+            self.stats.interrupts_deferred += 1
+
+    def _handle(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, RaiseInterrupt):
+                self._raise(effect.vector)
+            elif isinstance(effect, TraceEvent):
+                if self.trace_sink is not None:
+                    self.trace_sink(effect)
+            elif isinstance(effect, ControllerFatal):
+                log.warning("controller fatal status: %s", effect.reason)
+                self.fatal_reasons.append(effect.reason)
+
+    # Section: regions
+
+    def _bar0_read(self, offset: int, count: int) -> bytes:
+        if count not in (1, 2, 4, 8) or offset % count:
+            raise DeviceError(errno.EINVAL, f"BAR0 read of {count} bytes at {offset:#x}")
+        value = self.controller.mmio_read(offset, count)
+        self._handle(self.controller.take_effects())
+        return value.to_bytes(count, "little")
+
+    def _bar0_write(self, offset: int, data: bytes) -> None:
+        count = len(data)
+        if count not in (1, 2, 4, 8) or offset % count:
+            raise DeviceError(errno.EINVAL, f"BAR0 write of {count} bytes at {offset:#x}")
+        self._handle(self.controller.mmio_write(offset, count, int.from_bytes(data, "little")))
+
+    def _reset_msix_table(self) -> None:
+        for vector in range(self.vectors):
+            # Message address/data 0, Vector Control: masked at reset (PCI 3.0 §6.8.2.9).
+            struct.pack_into("<QII", self.msix_table, vector * MSIX_ENTRY, 0, 0, 1)
+
+    def _bar4_read(self, offset: int, count: int) -> bytes:
+        if count not in (4, 8) or offset % 4:
+            raise DeviceError(errno.EINVAL, f"MSI-X access of {count} bytes at {offset:#x}")
+        if offset + count <= len(self.msix_table):
+            return bytes(self.msix_table[offset : offset + count])
+        if offset >= self.pba_offset:
+            bits = 0
+            for vector, pending in enumerate(self.pending[vu.PciIrq.MSIX]):
+                if pending:
+                    bits |= 1 << vector
+            start = (offset - self.pba_offset) * 8
+            return ((bits >> start) & ((1 << (8 * count)) - 1)).to_bytes(count, "little")
+        return bytes(count)
+
+    def _bar4_write(self, offset: int, data: bytes) -> None:
+        count = len(data)
+        if count not in (4, 8) or offset % 4:
+            raise DeviceError(errno.EINVAL, f"MSI-X access of {count} bytes at {offset:#x}")
+        if offset + count > len(self.msix_table):
+            raise DeviceError(errno.EPERM, "the PBA is read-only")
+        self.msix_table[offset : offset + count] = data
+
+    def _config_read(self, offset: int, count: int) -> bytes:
+        if count not in (1, 2, 4):
+            # QEMU reads config space in 1, 2 and 4 byte pieces; anything longer byte by byte.
+            return b"".join(self._config_read(offset + i, 1) for i in range(count))
+        try:
+            return self.pci.read(offset, count).to_bytes(count, "little")
+        except ValueError as exc:
+            raise DeviceError(errno.EINVAL, str(exc)) from None
+
+    def _config_write(self, offset: int, data: bytes) -> None:
+        count = len(data)
+        try:
+            if count in (1, 2, 4):
+                self.pci.write(offset, count, int.from_bytes(data, "little"))
+            else:
+                for i, byte in enumerate(data):
+                    self.pci.write(offset + i, 1, byte)
+        except ValueError as exc:
+            raise DeviceError(errno.EINVAL, str(exc)) from None
+
+    # Section: reporting
+
+    def close(self) -> None:
+        self.detach()
+        self.controller.close()
+
+    def statistics(self) -> dict[str, object]:
+        stats = self.controller.statistics()
+        return {
+            "controller": stats,
+            "function": self.stats,
+            "fatal": list(self.fatal_reasons),
+            "time": time.time(),
+        }

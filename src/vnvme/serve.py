@@ -1,0 +1,247 @@
+"""``vnvme serve``: the controller as a vfio-user PCI device on a UNIX socket."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import select
+import shlex
+import signal
+import socket
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
+from vnvme.controller.namespace import Namespace, NullBackend, parse_namespace_spec
+from vnvme.effects import TraceEvent
+from vnvme.function import NvmeFunction
+from vnvme.trace import JsonLinesSink, format_event, matching_events
+from vnvme.vfio_user.server import ServerOptions, VfioUserServer
+
+log = logging.getLogger("vnvme.serve")
+
+DEFAULT_SOCKET = "/tmp/vnvme.sock"
+REFERENCE_NAMESPACE = "null,size=1G"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket", default=DEFAULT_SOCKET, help=f"UNIX socket to listen on ({DEFAULT_SOCKET})"
+    )
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a namespace, repeatable: 'null,size=16G', 'ram,size=1G,lba=4096', 'file=disk.img'. "
+        f"None given: the reference device, one '{REFERENCE_NAMESPACE}' namespace reading zeroes",
+    )
+    parser.add_argument("--config", metavar="TOML", help="namespaces and options from a TOML file")
+    parser.add_argument(
+        "--no-shadow-doorbells",
+        action="store_true",
+        help="do not advertise Doorbell Buffer Config (OACS bit 8): every doorbell is a trapped write",
+    )
+    parser.add_argument(
+        "--cq-eventidx",
+        choices=[p.value for p in CqEventIdxPolicy],
+        default=CqEventIdxPolicy.NEVER.value,
+        help="CQ EventIdx policy: 'never' (default) reads the shadow CQ head whenever the controller "
+        "needs room, so the host rings no CQ doorbell; 'eager' publishes EventIdx = head as QEMU "
+        "does (one CQ doorbell per completion batch)",
+    )
+    parser.add_argument(
+        "--poll",
+        action="store_true",
+        help="the controller polls the shadow SQ tails (SPDK-style) instead of waiting for doorbells; "
+        "the host then rings next to none; costs a CPU while busy",
+    )
+    parser.add_argument(
+        "--poll-passes",
+        type=int,
+        default=2000,
+        help="with --poll: idle passes before the controller rearms EventIdx and sleeps (2000)",
+    )
+    parser.add_argument("--max-io-queues", type=int, default=64, help="I/O queue pairs the controller offers")
+    parser.add_argument("--queue-entries", type=int, default=1024, help="CAP.MQES + 1 (1024)")
+    parser.add_argument(
+        "--trace", action="append", default=[], metavar="PATTERN", help="trace events matching PATTERN (glob)"
+    )
+    parser.add_argument(
+        "--trace-file",
+        metavar="F",
+        help="where trace events go (default stderr); a .jsonl name writes JSON lines",
+    )
+    parser.add_argument("--quiet", action="store_true", help="do not print the banner and statistics")
+
+
+def _load_config(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    known = {
+        "namespace",
+        "shadow_doorbells",
+        "cq_eventidx",
+        "poll",
+        "poll_passes",
+        "max_io_queues",
+        "queue_entries",
+    }
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    return data
+
+
+def build_namespaces(specs: Sequence[str]) -> list[Namespace]:
+    if not specs:
+        return [Namespace(1, NullBackend(1 << 30), 512)]
+    namespaces: list[Namespace] = []
+    try:
+        for nsid, spec in enumerate(specs, start=1):
+            namespaces.append(parse_namespace_spec(spec, nsid))
+    except BaseException:
+        for ns in namespaces:
+            ns.backend.close()
+        raise
+    return namespaces
+
+
+def qemu_command_line(socket_path: str) -> str:
+    device = json.dumps({"driver": "vfio-user-pci", "socket": {"type": "unix", "path": socket_path}})
+    return " ".join(
+        [
+            "qemu-system-x86_64 -accel tcg -m 2G",
+            "-object memory-backend-memfd,id=mem,size=2G,share=on -machine q35,memory-backend=mem",
+            f"-device {shlex.quote(device)}",
+            "-kernel vmlinuz -initrd initrd.img -append console=ttyS0 -nographic",
+        ]
+    )
+
+
+def format_statistics(server: VfioUserServer, function: NvmeFunction) -> str:
+    stats = dataclasses.asdict(function.controller.statistics())
+    out = {
+        "controller": stats,
+        "interrupts": dataclasses.asdict(function.stats),
+        "messages": dict(server.messages),
+        "message_errors": dict(server.errors),
+        "clients_served": server.clients_served,
+    }
+    return json.dumps(out, sort_keys=True)
+
+
+def _trace_sink(path: str | None) -> tuple[Callable[[TraceEvent], None], TextIO | None]:
+    if path is None:
+        return (lambda event: print(format_event(event), file=sys.stderr)), None
+    stream = open(path, "a", buffering=1)  # noqa: SIM115 - closed when the server stops
+    if path.endswith(".jsonl"):
+        return JsonLinesSink(stream), stream
+
+    def text(event: TraceEvent) -> None:
+        stream.write(format_event(event) + "\n")
+
+    return text, stream
+
+
+def listen(path: str) -> socket.socket:
+    if os.path.exists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # a stale socket from a server that is gone
+        else:
+            probe.close()
+            raise SystemExit(f"{path}: another server is listening")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # owner-only from the start, no window before a chmod
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(1)
+    return listener
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    file_options: dict[str, Any] = _load_config(args.config) if args.config else {}
+    specs = list(file_options.get("namespace", [])) + list(args.namespace)
+    shadow = file_options.get("shadow_doorbells", True) and not args.no_shadow_doorbells
+    poll = bool(file_options.get("poll", False) or args.poll)
+    config = ControllerConfig(
+        shadow_doorbells=shadow,
+        sq_eventidx=SqEventIdxPolicy.POLL if poll else SqEventIdxPolicy.EAGER,
+        cq_eventidx=CqEventIdxPolicy(file_options.get("cq_eventidx", args.cq_eventidx)),
+        max_io_queues=int(file_options.get("max_io_queues", args.max_io_queues)),
+        interrupt_vectors=int(file_options.get("max_io_queues", args.max_io_queues)) + 1,
+        max_queue_entries=int(file_options.get("queue_entries", args.queue_entries)),
+    )
+    if args.trace:
+        matching_events(args.trace)  # unknown patterns fail before anything starts
+    sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
+    function = NvmeFunction(
+        build_namespaces(specs), config, controller_polls=poll, trace=args.trace, trace_sink=sink
+    )
+    passes = int(file_options.get("poll_passes", args.poll_passes)) if poll else 0
+    server = VfioUserServer(function, ServerOptions(poll_passes=passes))
+    listener = listen(args.socket)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+    def stop(signum: int, frame: object) -> None:
+        server.stop()
+
+    def report(signum: int, frame: object) -> None:
+        print(format_statistics(server, function), file=sys.stderr, flush=True)
+
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, report)
+    if not args.quiet:
+        ns_text = ", ".join(
+            f"nsid {ns.nsid}: {ns.backend.describe()}, {ns.lba_size}-byte LBAs"
+            for ns in function.controller.namespaces.values()
+        )
+        print(f"vnvme serving on {args.socket} ({ns_text})", file=out)
+        print(
+            f"shadow doorbells {'on' if shadow else 'off'}, CQ EventIdx {config.cq_eventidx}, "
+            f"{'controller polls' if poll else 'event driven'}, trapped doorbells",
+            file=out,
+        )
+        print(f"attach QEMU (>= 10.1) with:\n  {qemu_command_line(args.socket)}", file=out, flush=True)
+    try:
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        while not server.stopping:
+            for fd, _ in poller.poll():
+                if fd == wake_r:
+                    os.read(wake_r, 512)
+                elif not server.stopping:
+                    conn, _ = listener.accept()
+                    log.info("client connected")
+                    server.serve_connection(conn, listener=listener, wakeup=wake_r)
+                    conn.close()
+    finally:
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.socket)
+        function.close()
+        if not args.quiet:
+            print(format_statistics(server, function), file=out, flush=True)
+        if trace_stream is not None:
+            trace_stream.close()
+    return 0

@@ -1,0 +1,1 @@
+"""vfio-user: the protocol, a server for any device, a client."""

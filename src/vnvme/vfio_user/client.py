@@ -1,0 +1,257 @@
+"""A vfio-user client: what QEMU's ``vfio-user-pci`` does, in Python, for tests and benchmarks.
+
+:class:`VfioUserClient` speaks the protocol; :class:`VfioUserTransport` puts the host driver
+(:class:`~vnvme.driver.driver.NvmeDriver`) on top of it: host memory is a memfd handed over with
+DMA_MAP, BAR0 accesses are REGION_READ / REGION_WRITE, interrupts are eventfds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import socket
+import time
+from dataclasses import dataclass, field
+
+from vnvme.driver.transport import HostMemory
+from vnvme.vfio_user import protocol as vu
+from vnvme.vfio_user.protocol import Channel, Command, Message
+
+# PCI config space offsets the client touches as firmware would.
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 1 << 1
+PCI_COMMAND_MASTER = 1 << 2
+
+
+class VfioUserError(OSError):
+    """The server answered with an error reply."""
+
+
+@dataclass
+class RegionInfo:
+    index: int
+    flags: int
+    size: int
+    offset: int
+    sparse: list[tuple[int, int]] = field(default_factory=list)
+    fd: int = -1
+
+
+@dataclass
+class ClientStatistics:
+    requests: int = 0
+    posted_writes: int = 0
+    round_trip_seconds: float = 0.0
+
+
+class VfioUserClient:
+    def __init__(self, path: str, *, timeout: float = 10.0, max_fds: int = 16) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.settimeout(None)
+        self.timeout = timeout
+        self.channel = Channel(sock, max_message=(1 << 20) + vu.MESSAGE_OVERHEAD, max_fds=max_fds)
+        self._msg_id = 0
+        self.server_caps: dict[str, object] = {}
+        self.stats = ClientStatistics()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> VfioUserClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Section: messages
+
+    def _next_id(self) -> int:
+        self._msg_id = (self._msg_id + 1) & 0xFFFF
+        return self._msg_id
+
+    def send(
+        self, command: int, payload: bytes = b"", fds: list[int] | None = None, *, no_reply: bool = False
+    ) -> int:
+        msg_id = self._next_id()
+        flags = vu.TYPE_COMMAND | (vu.FLAG_NO_REPLY if no_reply else 0)
+        self.channel.send(vu.pack_message(msg_id, command, flags, payload), fds)
+        return msg_id
+
+    def receive_reply(self, msg_id: int, command: int) -> Message:
+        ready, _, _ = select.select([self.channel.sock], [], [], self.timeout)
+        if not ready:
+            raise TimeoutError(f"no reply to {vu.command_name(command)} within {self.timeout} s")
+        reply = self.channel.receive()
+        if not reply.is_reply or reply.msg_id != msg_id or reply.command != command:
+            reply.close_fds()
+            raise vu.ProtocolError(
+                errno.EPROTO, f"unexpected message {reply.command}/{reply.msg_id} for {command}/{msg_id}"
+            )
+        if reply.is_error:
+            reply.close_fds()
+            err = reply.error or errno.EIO
+            raise VfioUserError(err, f"{vu.command_name(command)}: {os.strerror(err)}")
+        return reply
+
+    def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None) -> Message:
+        self.stats.requests += 1
+        return self.receive_reply(self.send(command, payload, fds), command)
+
+    # Section: commands
+
+    def negotiate(self, *, max_data_xfer_size: int = 1 << 20) -> dict[str, object]:
+        caps = {"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": max_data_xfer_size}}
+        body = vu.VERSION_MAJOR.to_bytes(2, "little") + vu.VERSION_MINOR.to_bytes(2, "little")
+        reply = self.request(Command.VERSION, body + json.dumps(caps).encode() + b"\0")
+        text = reply.payload[4:].split(b"\0", 1)[0]
+        parsed = json.loads(text) if text else {}
+        self.server_caps = parsed.get("capabilities", {})
+        return self.server_caps
+
+    def device_info(self) -> tuple[int, int, int]:
+        reply = self.request(Command.DEVICE_GET_INFO, vu.DEVICE_INFO.pack(vu.DEVICE_INFO.size, 0, 0, 0))
+        _argsz, flags, regions, irqs = vu.DEVICE_INFO.unpack_from(reply.payload)
+        return flags, regions, irqs
+
+    def region_info(self, index: int) -> RegionInfo:
+        argsz = 256
+        reply = self.request(Command.DEVICE_GET_REGION_INFO, vu.REGION_INFO.pack(argsz, 0, index, 0, 0, 0))
+        need, flags, _index, cap_offset, size, offset = vu.REGION_INFO.unpack_from(reply.payload)
+        info = RegionInfo(index, flags, size, offset, fd=reply.fds[0] if reply.fds else -1)
+        for extra in reply.fds[1:]:
+            os.close(extra)
+        payload = reply.payload
+        while cap_offset and cap_offset + vu.CAP_HEADER.size <= len(payload):
+            cap_id, _version, nxt = vu.CAP_HEADER.unpack_from(payload, cap_offset)
+            if cap_id == vu.REGION_INFO_CAP_SPARSE_MMAP:
+                nr, _ = vu.SPARSE_MMAP.unpack_from(payload, cap_offset + 8)
+                for i in range(nr):
+                    info.sparse.append(vu.SPARSE_AREA.unpack_from(payload, cap_offset + 16 + 16 * i))
+            cap_offset = nxt
+        del need
+        return info
+
+    def irq_info(self, index: int) -> tuple[int, int]:
+        reply = self.request(Command.DEVICE_GET_IRQ_INFO, vu.IRQ_INFO.pack(vu.IRQ_INFO.size, 0, index, 0))
+        _argsz, flags, _index, count = vu.IRQ_INFO.unpack_from(reply.payload)
+        return flags, count
+
+    def set_irq_eventfds(self, index: int, start: int, fds: list[int]) -> None:
+        """Assign eventfds to vectors ``start...``, in chunks the server's max_msg_fds allows."""
+        flags = vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER
+        limit = self.server_caps.get("max_msg_fds", vu.DEFAULT_MAX_MSG_FDS)
+        chunk = limit if isinstance(limit, int) and limit > 0 else vu.DEFAULT_MAX_MSG_FDS
+        for first in range(0, len(fds), chunk):
+            part = fds[first : first + chunk]
+            payload = vu.IRQ_SET.pack(vu.IRQ_SET.size, flags, index, start + first, len(part))
+            self.request(Command.DEVICE_SET_IRQS, payload, part)
+
+    def clear_irq_eventfds(self, index: int, start: int, count: int) -> None:
+        flags = vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER
+        self.request(Command.DEVICE_SET_IRQS, vu.IRQ_SET.pack(vu.IRQ_SET.size, flags, index, start, count))
+
+    def dma_map(self, address: int, size: int, fd: int, offset: int = 0, *, writable: bool = True) -> None:
+        flags = vu.DmaFlags.READ | (vu.DmaFlags.WRITE if writable else 0)
+        self.request(Command.DMA_MAP, vu.DMA_MAP.pack(vu.DMA_MAP.size, flags, offset, address, size), [fd])
+
+    def dma_unmap(self, address: int, size: int) -> None:
+        self.request(Command.DMA_UNMAP, vu.DMA_UNMAP.pack(vu.DMA_UNMAP.size, 0, address, size))
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        reply = self.request(Command.REGION_READ, vu.REGION_ACCESS.pack(offset, index, count))
+        _offset, _index, got = vu.REGION_ACCESS.unpack_from(reply.payload)
+        return reply.payload[vu.REGION_ACCESS.size : vu.REGION_ACCESS.size + got]
+
+    def region_write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> None:
+        payload = vu.REGION_ACCESS.pack(offset, index, len(data)) + data
+        if posted:
+            self.stats.posted_writes += 1
+            self.send(Command.REGION_WRITE, payload, no_reply=True)
+        else:
+            self.request(Command.REGION_WRITE, payload)
+
+    def reset(self) -> None:
+        self.request(Command.DEVICE_RESET)
+
+
+class VfioUserTransport:
+    """The host driver's bus over vfio-user: a second process drives ``vnvme serve``."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        memory_size: int = 64 << 20,
+        posted_writes: bool = False,
+        vectors: int | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.client = VfioUserClient(path, timeout=timeout)
+        self.posted_writes = posted_writes
+        self.memory = HostMemory(memory_size, memfd=True)
+        self.eventfds: list[int] = []
+        try:
+            self.client.negotiate()
+            self.client.device_info()
+            self.bar0 = self.client.region_info(vu.PciRegion.BAR0)
+            if self.bar0.fd >= 0:
+                os.close(self.bar0.fd)
+            _flags, count = self.client.irq_info(vu.PciIrq.MSIX)
+            count = count if vectors is None else min(vectors, count)
+            self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
+            if count:
+                self.client.set_irq_eventfds(vu.PciIrq.MSIX, 0, self.eventfds)
+            self.client.dma_map(self.memory.base, self.memory.size, self.memory.fd)
+            # As firmware would: enable memory decoding and bus mastering.
+            command = int.from_bytes(self.client.region_read(vu.PciRegion.CONFIG, PCI_COMMAND, 2), "little")
+            command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
+            self.client.region_write(vu.PciRegion.CONFIG, PCI_COMMAND, command.to_bytes(2, "little"))
+        except BaseException:
+            self.close()
+            raise
+
+    # Section: HostTransport
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.client.region_read(vu.PciRegion.BAR0, offset, size), "little")
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        self.client.region_write(
+            vu.PciRegion.BAR0, offset, value.to_bytes(size, "little"), posted=self.posted_writes
+        )
+
+    def wait_for_interrupt(self, vector: int, timeout: float) -> bool:
+        fd = self.eventfds[vector]
+        try:
+            os.eventfd_read(fd)
+            return True
+        except BlockingIOError:
+            pass
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                try:
+                    os.eventfd_read(fd)
+                    return True
+                except BlockingIOError:
+                    continue
+
+    def device_idle(self) -> None:
+        os.sched_yield()  # the device runs in its own process: give it the CPU if we share one
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            for fd in self.eventfds:
+                os.close(fd)
+            self.eventfds = []
+            self.memory.close()

@@ -1,0 +1,535 @@
+"""A vfio-user server for any device: one client at a time, every message checked.
+
+The server owns the socket, the DMA mappings (mmapped into a :class:`GuestMemory`) and the
+message loop; a :class:`Device` owns regions, interrupts and whatever runs behind them. Bad input
+gets an error reply carrying an errno and the loop carries on with the next message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import mmap
+import os
+import select
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vnvme.memory import GuestMemory
+from vnvme.vfio_user import protocol as vu
+from vnvme.vfio_user.protocol import Channel, Command, Message, ProtocolError
+
+log = logging.getLogger("vnvme.vfio_user")
+
+PAGE_SIZE = 4096
+
+
+@dataclass
+class Region:
+    """One device region as DEVICE_GET_REGION_INFO describes it."""
+
+    index: int
+    size: int
+    read: Callable[[int, int], bytes] | None = None
+    write: Callable[[int, bytes], None] | None = None
+    #: A file the client may mmap (whole region, or just ``sparse`` areas), or -1.
+    mmap_fd: int = -1
+    mmap_offset: int = 0
+    sparse: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def flags(self) -> vu.RegionFlags:
+        flags = vu.RegionFlags(0)
+        if self.read is not None:
+            flags |= vu.RegionFlags.READ
+        if self.write is not None:
+            flags |= vu.RegionFlags.WRITE
+        if self.mmap_fd >= 0:
+            flags |= vu.RegionFlags.MMAP
+            if self.sparse:
+                flags |= vu.RegionFlags.CAPS
+        return flags
+
+
+@dataclass(frozen=True)
+class IrqType:
+    index: int
+    count: int
+    flags: vu.IrqInfoFlags = vu.IrqInfoFlags.EVENTFD | vu.IrqInfoFlags.MASKABLE | vu.IrqInfoFlags.NORESIZE
+
+
+class DeviceError(Exception):
+    """A device refuses an access; the client gets an error reply with ``errno``."""
+
+    def __init__(self, err: int, reason: str) -> None:
+        super().__init__(reason)
+        self.errno = err
+        self.reason = reason
+
+
+class Device(Protocol):
+    """What a vfio-user server serves."""
+
+    regions: dict[int, Region]
+    irqs: dict[int, IrqType]
+    memory: GuestMemory
+
+    def attach(self) -> None:
+        """A client connected (after VERSION)."""
+
+    def detach(self) -> None:
+        """The client went away: drop every eventfd and forget guest memory state."""
+
+    def reset(self) -> None:
+        """DEVICE_RESET."""
+
+    def memory_changed(self) -> None:
+        """A DMA region was mapped or is about to be unmapped: drop cached views now."""
+
+    def set_irqs(self, index: int, flags: vu.IrqSetFlags, start: int, count: int, data: list[int]) -> None:
+        """DEVICE_SET_IRQS: ``data`` holds eventfds (DATA_EVENTFD) or 0/1 (DATA_BOOL, NONE)."""
+
+    def run(self, now: float) -> bool:
+        """Do pending device work; True if more is pending right away (poll again)."""
+        ...
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`run` must be called at the latest even without a message."""
+        ...
+
+    def idle(self) -> bool:
+        """About to block waiting for a message: True if nothing can happen meanwhile."""
+        ...
+
+
+@dataclass
+class ServerOptions:
+    max_data_xfer_size: int = vu.DEFAULT_MAX_DATA_XFER_SIZE
+    max_msg_fds: int = 16
+    max_dma_maps: int = 4096
+    #: Keep calling Device.run while it reports work, checking the socket in between, for up to
+    #: this many idle passes before blocking (0: purely event driven).
+    poll_passes: int = 0
+
+
+@dataclass
+class DmaMapping:
+    address: int
+    size: int
+    flags: int
+    map: mmap.mmap | None
+
+
+class VfioUserServer:
+    def __init__(self, device: Device, options: ServerOptions | None = None) -> None:
+        self.device = device
+        self.options = options or ServerOptions()
+        self.messages: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.clients_served = 0
+        self.dma: dict[int, DmaMapping] = {}
+        self.peer_max_fds = vu.DEFAULT_MAX_MSG_FDS
+        self.peer_max_xfer = vu.DEFAULT_MAX_DATA_XFER_SIZE
+        self._stop = False
+        self._handlers: dict[int, Callable[[Message], tuple[bytes, list[int]] | None]] = {
+            Command.VERSION: self._version,
+            Command.DMA_MAP: self._dma_map,
+            Command.DMA_UNMAP: self._dma_unmap,
+            Command.DEVICE_GET_INFO: self._device_get_info,
+            Command.DEVICE_GET_REGION_INFO: self._region_info,
+            Command.DEVICE_GET_IRQ_INFO: self._irq_info,
+            Command.DEVICE_SET_IRQS: self._set_irqs,
+            Command.REGION_READ: self._region_read,
+            Command.REGION_WRITE: self._region_write,
+            Command.REGION_WRITE_MULTI: self._region_write_multi,
+            Command.DEVICE_RESET: self._device_reset,
+        }
+        self.version_done = False
+
+    @property
+    def max_message(self) -> int:
+        return self.options.max_data_xfer_size + vu.MESSAGE_OVERHEAD
+
+    def stop(self) -> None:
+        self._stop = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
+
+    # Section: the connection loop
+
+    def serve_connection(
+        self, sock: socket.socket, *, listener: socket.socket | None = None, wakeup: int | None = None
+    ) -> None:
+        """Serve one client until it disconnects or :meth:`stop` is called; a second client
+        connecting to ``listener`` meanwhile is refused (closed at once)."""
+        channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds)
+        self.clients_served += 1
+        self.version_done = False
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if listener is not None:
+            poller.register(listener, select.POLLIN)
+        if wakeup is not None:
+            poller.register(wakeup, select.POLLIN)
+        device = self.device
+        sock_fd = sock.fileno()
+        passes = self.options.poll_passes
+        idle_passes = 0
+        try:
+            while not self._stop:
+                busy = device.run(time.monotonic())
+                if busy or idle_passes < passes:
+                    idle_passes = 0 if busy else idle_passes + 1
+                    timeout_ms: float | None = 0
+                elif device.idle():
+                    deadline = device.next_deadline()
+                    timeout_ms = None if deadline is None else max(0.0, (deadline - time.monotonic()) * 1e3)
+                else:
+                    idle_passes = 0
+                    continue
+                events = poller.poll(timeout_ms)
+                for fd, _ in events:
+                    if fd == sock_fd:
+                        self._handle_one(channel)
+                        idle_passes = 0
+                    elif listener is not None and fd == listener.fileno():
+                        extra, _ = listener.accept()
+                        log.warning("refusing a second client while one is attached")
+                        self.errors["second_client"] += 1
+                        extra.close()
+                    elif wakeup is not None and fd == wakeup:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(wakeup, 512)
+        except vu.Disconnected:
+            log.info("client disconnected")
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            log.info("client connection lost: %s", exc)
+        finally:
+            self._disconnect()
+
+    def _handle_one(self, channel: Channel) -> None:
+        message = channel.receive()
+        name = vu.command_name(message.command)
+        self.messages[name] += 1
+        try:
+            result = self._dispatch(message)
+        except (ProtocolError, DeviceError) as exc:
+            self.errors[name] += 1
+            log.debug("%s refused: %s", name, exc)
+            message.close_fds()
+            if not message.no_reply:
+                channel.reply_error(message, exc.errno)
+            return
+        except Exception as exc:  # a bug here must not take the server down
+            self.errors[name] += 1
+            log.exception("%s failed", name)
+            message.close_fds()
+            if not message.no_reply:
+                channel.reply_error(message, errno.EIO)
+            del exc
+            return
+        if result is None or message.no_reply:
+            return
+        payload, fds = result
+        channel.reply(message, payload, fds)
+
+    def _dispatch(self, message: Message) -> tuple[bytes, list[int]] | None:
+        if message.oversized:
+            if message.oversized < 0:
+                raise ProtocolError(errno.EINVAL, "message size smaller than the header")
+            raise ProtocolError(errno.E2BIG, f"message of {message.oversized} bytes exceeds the maximum")
+        if message.is_reply or message.flags & vu.TYPE_MASK not in (vu.TYPE_COMMAND,):
+            raise ProtocolError(errno.EINVAL, "expected a command message")
+        if message.fds_truncated:
+            raise ProtocolError(errno.EINVAL, "too many file descriptors")
+        if not self.version_done and message.command != Command.VERSION:
+            raise ProtocolError(errno.EINVAL, "VERSION must come first")
+        handler = self._handlers.get(message.command)
+        if handler is None:
+            raise ProtocolError(errno.ENOSYS, f"command {message.command} not supported")
+        if message.fds and message.command not in (Command.DMA_MAP, Command.DEVICE_SET_IRQS):
+            raise ProtocolError(errno.EINVAL, "unexpected file descriptors")
+        return handler(message)
+
+    def _disconnect(self) -> None:
+        """Client gone: the device resets as on a bus reset and every mapping is dropped."""
+        try:
+            self.device.detach()
+        finally:
+            self._unmap_all()
+
+    # Section: handlers
+
+    def _version(self, message: Message) -> tuple[bytes, list[int]]:
+        payload = message.payload
+        if len(payload) < 4:
+            raise ProtocolError(errno.EINVAL, "VERSION too short")
+        major = int.from_bytes(payload[0:2], "little")
+        minor = int.from_bytes(payload[2:4], "little")
+        if major != vu.VERSION_MAJOR:
+            raise ProtocolError(errno.ENOTSUP, f"protocol major {major} not supported")
+        caps: dict[str, object] = {}
+        text = payload[4:].split(b"\0", 1)[0]
+        if text:
+            try:
+                parsed = json.loads(text)
+            except (ValueError, UnicodeDecodeError):
+                raise ProtocolError(errno.EINVAL, "VERSION capabilities are not JSON") from None
+            if not isinstance(parsed, dict):
+                raise ProtocolError(errno.EINVAL, "VERSION data is not an object")
+            got = parsed.get("capabilities", {})
+            if not isinstance(got, dict):
+                raise ProtocolError(errno.EINVAL, "capabilities is not an object")
+            caps = got
+        max_fds = caps.get("max_msg_fds", vu.DEFAULT_MAX_MSG_FDS)
+        max_xfer = caps.get("max_data_xfer_size", vu.DEFAULT_MAX_DATA_XFER_SIZE)
+        if not isinstance(max_fds, int) or not isinstance(max_xfer, int) or max_fds < 0 or max_xfer < 1:
+            raise ProtocolError(errno.EINVAL, "bad max_msg_fds / max_data_xfer_size")
+        self.peer_max_fds, self.peer_max_xfer = max_fds, max_xfer
+        reply_caps = {
+            "capabilities": {
+                "max_msg_fds": self.options.max_msg_fds,
+                "max_data_xfer_size": self.options.max_data_xfer_size,
+                "max_dma_maps": self.options.max_dma_maps,
+                "pgsizes": PAGE_SIZE,
+                "write_multiple": True,
+            }
+        }
+        if self.version_done:
+            self._disconnect_state()
+        self.version_done = True
+        self.device.attach()
+        body = json.dumps(reply_caps).encode() + b"\0"
+        return (
+            vu.VERSION_MAJOR.to_bytes(2, "little")
+            + min(minor, vu.VERSION_MINOR).to_bytes(2, "little")
+            + body,
+            [],
+        )
+
+    def _disconnect_state(self) -> None:
+        self.device.detach()
+        self._unmap_all()
+
+    def _dma_map(self, message: Message) -> tuple[bytes, list[int]]:
+        if len(message.payload) < vu.DMA_MAP.size:
+            raise ProtocolError(errno.EINVAL, "DMA_MAP too short")
+        argsz, flags, offset, address, size = vu.DMA_MAP.unpack_from(message.payload)
+        fds = message.fds
+        try:
+            if argsz < vu.DMA_MAP.size or len(fds) > 1:
+                raise ProtocolError(errno.EINVAL, "DMA_MAP argsz or fd count")
+            if flags & ~(vu.DmaFlags.READ | vu.DmaFlags.WRITE) or not flags & vu.DmaFlags.READ:
+                raise ProtocolError(errno.EINVAL, f"DMA_MAP flags {flags:#x}")
+            if size == 0 or (address | size | offset) & (PAGE_SIZE - 1) or address + size > 1 << 64:
+                raise ProtocolError(errno.EINVAL, "DMA_MAP address, size or offset not page aligned")
+            if len(self.dma) >= self.options.max_dma_maps:
+                raise ProtocolError(errno.ENOSPC, "too many DMA mappings")
+            for other in self.dma.values():
+                if address < other.address + other.size and other.address < address + size:
+                    raise ProtocolError(errno.EEXIST, f"DMA_MAP overlaps the mapping at {other.address:#x}")
+            if not fds:
+                # Memory reachable only through DMA_READ / DMA_WRITE messages: not implemented yet.
+                raise ProtocolError(errno.ENOTSUP, "DMA_MAP without a file descriptor")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if flags & vu.DmaFlags.WRITE else 0)
+            try:
+                mapping = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+            except (OSError, ValueError, OverflowError) as exc:
+                raise ProtocolError(getattr(exc, "errno", None) or errno.EINVAL, f"mmap: {exc}") from None
+        finally:
+            message.close_fds()
+        self.device.memory.map(address, mapping, writable=bool(flags & vu.DmaFlags.WRITE), owner=mapping)
+        self.dma[address] = DmaMapping(address, size, flags, mapping)
+        self.device.memory_changed()
+        return b"", []
+
+    def _dma_unmap(self, message: Message) -> tuple[bytes, list[int]]:
+        if len(message.payload) < vu.DMA_UNMAP.size:
+            raise ProtocolError(errno.EINVAL, "DMA_UNMAP too short")
+        argsz, flags, address, size = vu.DMA_UNMAP.unpack_from(message.payload)
+        if flags & vu.DmaUnmapFlags.GET_DIRTY_BITMAP:
+            raise ProtocolError(errno.ENOTSUP, "dirty page tracking is not supported")
+        if flags & ~vu.DmaUnmapFlags.ALL:
+            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP flags {flags:#x}")
+        if flags & vu.DmaUnmapFlags.ALL:
+            if address or size:
+                raise ProtocolError(errno.EINVAL, "DMA_UNMAP ALL with an address or size")
+            self._unmap_all()
+        else:
+            mapping = self.dma.get(address)
+            if mapping is None or mapping.size != size:
+                raise ProtocolError(errno.ENOENT, f"no DMA mapping [{address:#x}, +{size:#x})")
+            self._unmap(mapping)
+        return vu.DMA_UNMAP.pack(vu.DMA_UNMAP.size, flags, address, size), []
+
+    def _unmap(self, mapping: DmaMapping) -> None:
+        del self.dma[mapping.address]
+        self.device.memory.unmap(mapping.address, mapping.size)
+        # Release every view the device holds before the memory goes (spec: before replying).
+        self.device.memory_changed()
+        if mapping.map is not None:
+            mapping.map.close()
+
+    def _unmap_all(self) -> None:
+        for mapping in list(self.dma.values()):
+            self._unmap(mapping)
+
+    def _device_get_info(self, message: Message) -> tuple[bytes, list[int]]:
+        if len(message.payload) < vu.DEVICE_INFO.size:
+            raise ProtocolError(errno.EINVAL, "DEVICE_GET_INFO too short")
+        flags = vu.DeviceFlags.RESET | vu.DeviceFlags.PCI
+        return vu.DEVICE_INFO.pack(vu.DEVICE_INFO.size, flags, vu.PCI_NUM_REGIONS, vu.PCI_NUM_IRQS), []
+
+    def _region_info(self, message: Message) -> tuple[bytes, list[int]]:
+        if len(message.payload) < vu.REGION_INFO.size:
+            raise ProtocolError(errno.EINVAL, "DEVICE_GET_REGION_INFO too short")
+        argsz, _flags, index, _cap, _size, _offset = vu.REGION_INFO.unpack_from(message.payload)
+        if index >= vu.PCI_NUM_REGIONS:
+            raise ProtocolError(errno.EINVAL, f"region {index} does not exist")
+        region = self.device.regions.get(index)
+        if region is None:
+            return vu.REGION_INFO.pack(vu.REGION_INFO.size, 0, index, 0, 0, 0), []
+        caps = b""
+        if region.sparse and region.mmap_fd >= 0:
+            caps = (
+                vu.CAP_HEADER.pack(vu.REGION_INFO_CAP_SPARSE_MMAP, 1, 0)
+                + vu.SPARSE_MMAP.pack(len(region.sparse), 0)
+                + b"".join(vu.SPARSE_AREA.pack(off, size) for off, size in region.sparse)
+            )
+        need = vu.REGION_INFO.size + len(caps)
+        flags = region.flags
+        if argsz < need:
+            # As the kernel does: say how much room the full answer needs, without the caps.
+            info = vu.REGION_INFO.pack(need, flags, index, 0, region.size, region.mmap_offset)
+            return info, [region.mmap_fd] if region.mmap_fd >= 0 else []
+        cap_offset = vu.REGION_INFO.size if caps else 0
+        info = vu.REGION_INFO.pack(need, flags, index, cap_offset, region.size, region.mmap_offset)
+        return info + caps, [region.mmap_fd] if region.mmap_fd >= 0 else []
+
+    def _irq_info(self, message: Message) -> tuple[bytes, list[int]]:
+        if len(message.payload) < vu.IRQ_INFO.size:
+            raise ProtocolError(errno.EINVAL, "DEVICE_GET_IRQ_INFO too short")
+        _argsz, _flags, index, _count = vu.IRQ_INFO.unpack_from(message.payload)
+        if index >= vu.PCI_NUM_IRQS:
+            raise ProtocolError(errno.EINVAL, f"IRQ index {index} does not exist")
+        irq = self.device.irqs.get(index)
+        if irq is None:
+            return vu.IRQ_INFO.pack(vu.IRQ_INFO.size, 0, index, 0), []
+        return vu.IRQ_INFO.pack(vu.IRQ_INFO.size, irq.flags, index, irq.count), []
+
+    def _set_irqs(self, message: Message) -> tuple[bytes, list[int]]:
+        payload, fds = message.payload, message.fds
+        try:
+            if len(payload) < vu.IRQ_SET.size:
+                raise ProtocolError(errno.EINVAL, "DEVICE_SET_IRQS too short")
+            argsz, flags, index, start, count = vu.IRQ_SET.unpack_from(payload)
+            data_kind = flags & vu.IRQ_SET_DATA_MASK
+            action = flags & vu.IRQ_SET_ACTION_MASK
+            if flags & ~(vu.IRQ_SET_DATA_MASK | vu.IRQ_SET_ACTION_MASK):
+                raise ProtocolError(errno.EINVAL, f"SET_IRQS flags {flags:#x}")
+            if data_kind.bit_count() != 1 or action.bit_count() != 1:
+                raise ProtocolError(errno.EINVAL, "SET_IRQS needs exactly one DATA and one ACTION flag")
+            irq = self.device.irqs.get(index)
+            if irq is None:
+                raise ProtocolError(errno.EINVAL, f"IRQ index {index} not supported")
+            if start > irq.count or count > irq.count - start:
+                raise ProtocolError(errno.EINVAL, f"SET_IRQS range {start}+{count} beyond {irq.count}")
+            data: list[int]
+            if data_kind == vu.IrqSetFlags.DATA_EVENTFD:
+                # QEMU sends either one fd for each vector, or none to de-assign them all.
+                if fds and len(fds) != count:
+                    raise ProtocolError(errno.EINVAL, f"{len(fds)} eventfds for {count} vectors")
+                if action != vu.IrqSetFlags.ACTION_TRIGGER:
+                    raise ProtocolError(errno.ENOTSUP, "only TRIGGER eventfds are supported")
+                data = list(fds) if fds else [-1] * count
+                fds_taken = list(fds)
+                message.fds = []  # the device owns them now
+                try:
+                    self.device.set_irqs(index, vu.IrqSetFlags(flags), start, count, data)
+                except BaseException:
+                    for fd in fds_taken:
+                        os.close(fd)
+                    raise
+                return b"", []
+            if fds:
+                raise ProtocolError(errno.EINVAL, "file descriptors without DATA_EVENTFD")
+            if data_kind == vu.IrqSetFlags.DATA_BOOL:
+                raw = payload[vu.IRQ_SET.size : vu.IRQ_SET.size + count]
+                if len(raw) < count or argsz < vu.IRQ_SET.size + count:
+                    raise ProtocolError(errno.EINVAL, "SET_IRQS DATA_BOOL shorter than count")
+                data = [1 if b else 0 for b in raw]
+            else:
+                data = [1] * count
+            self.device.set_irqs(index, vu.IrqSetFlags(flags), start, count, data)
+            return b"", []
+        finally:
+            message.close_fds()
+
+    def _region(self, index: int, offset: int, count: int) -> Region:
+        region = self.device.regions.get(index)
+        if region is None:
+            raise ProtocolError(errno.EINVAL, f"region {index} does not exist")
+        if count == 0 or count > self.options.max_data_xfer_size:
+            raise ProtocolError(errno.EINVAL, f"access of {count} bytes")
+        if offset >= region.size or count > region.size - offset:
+            raise ProtocolError(errno.EINVAL, f"access [{offset:#x}, +{count}) beyond region {index}")
+        return region
+
+    def _region_read(self, message: Message) -> tuple[bytes, list[int]]:
+        if len(message.payload) < vu.REGION_ACCESS.size:
+            raise ProtocolError(errno.EINVAL, "REGION_READ too short")
+        offset, index, count = vu.REGION_ACCESS.unpack_from(message.payload)
+        region = self._region(index, offset, count)
+        if region.read is None:
+            raise ProtocolError(errno.EPERM, f"region {index} is not readable")
+        data = region.read(offset, count)
+        return vu.REGION_ACCESS.pack(offset, index, len(data)) + data, []
+
+    def _region_write(self, message: Message) -> tuple[bytes, list[int]]:
+        payload = message.payload
+        if len(payload) < vu.REGION_ACCESS.size:
+            raise ProtocolError(errno.EINVAL, "REGION_WRITE too short")
+        offset, index, count = vu.REGION_ACCESS.unpack_from(payload)
+        region = self._region(index, offset, count)
+        if len(payload) - vu.REGION_ACCESS.size != count:
+            raise ProtocolError(
+                errno.EINVAL, f"REGION_WRITE count {count} but {len(payload) - 16} data bytes"
+            )
+        if region.write is None:
+            raise ProtocolError(errno.EPERM, f"region {index} is read-only")
+        region.write(offset, payload[vu.REGION_ACCESS.size :])
+        return vu.REGION_ACCESS.pack(offset, index, count), []
+
+    def _region_write_multi(self, message: Message) -> tuple[bytes, list[int]]:
+        payload = message.payload
+        if len(payload) < vu.WRITE_MULTI_COUNT.size:
+            raise ProtocolError(errno.EINVAL, "REGION_WRITE_MULTI too short")
+        (wr_cnt,) = vu.WRITE_MULTI_COUNT.unpack_from(payload)
+        entry = vu.WRITE_MULTI_ENTRY
+        if wr_cnt > (len(payload) - 8) // entry.size or len(payload) != 8 + wr_cnt * entry.size:
+            raise ProtocolError(
+                errno.EINVAL, f"REGION_WRITE_MULTI of {wr_cnt} writes in {len(payload)} bytes"
+            )
+        done = 0
+        for i in range(wr_cnt):
+            offset, index, count, data = entry.unpack_from(payload, 8 + i * entry.size)
+            if count > 8:
+                raise ProtocolError(errno.EINVAL, "REGION_WRITE_MULTI entry longer than 8 bytes")
+            region = self._region(index, offset, count)
+            if region.write is None:
+                raise ProtocolError(errno.EPERM, f"region {index} is read-only")
+            region.write(offset, data[:count])
+            done += 1
+        return vu.WRITE_MULTI_COUNT.pack(done), []
+
+    def _device_reset(self, message: Message) -> tuple[bytes, list[int]]:
+        self.device.reset()
+        return b"", []

@@ -1,0 +1,168 @@
+"""End to end: ``vnvme serve`` in its own process, the host driver in this one, over vfio-user."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vnvme.driver import NvmeDriver
+from vnvme.spec.registers import CSTS, Reg
+from vnvme.vfio_user.client import VfioUserTransport
+from vnvme.workload import run_random_io
+
+
+class Server:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.socket = str(tmp / "vnvme.sock")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vnvme", "serve", "--socket", self.socket, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out, err = self.proc.communicate(timeout=5)
+                raise RuntimeError(f"server did not start: {out}{err}")
+            time.sleep(0.02)
+
+    def transport(self, **options: object) -> VfioUserTransport:
+        return VfioUserTransport(self.socket, memory_size=8 << 20, **options)  # type: ignore[arg-type]
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=20)
+        return self.proc.returncode, out, err
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path, "--namespace", "ram,size=8M", "--namespace", f"file={tmp_path / 'disk.img'},size=8M")
+    try:
+        yield s
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.communicate(timeout=10)
+
+
+def _driver(transport: VfioUserTransport, **options: object) -> NvmeDriver:
+    driver = NvmeDriver(transport, io_queue_depth=64, **options)  # type: ignore[arg-type]
+    driver.probe()
+    return driver
+
+
+def test_second_process_brings_up_the_controller_and_does_verified_io(server: Server, tmp_path: Path) -> None:
+    assert stat.S_IMODE(os.stat(server.socket).st_mode) == 0o600  # owner-only socket
+    transport = server.transport()
+    try:
+        driver = _driver(transport)
+        assert driver.dbbuf_enabled
+        assert sorted(driver.namespaces) == [1, 2]
+        for nsid in (1, 2):
+            for lba in range(0, 64, 8):
+                driver.write(nsid, lba, bytes([nsid, lba]) * 2048)
+            for lba in range(0, 64, 8):
+                assert driver.read(nsid, lba, 8) == bytes([nsid, lba]) * 2048
+        result = run_random_io(driver, iodepth=8, ios=400)
+        assert result.ios == 400
+        # Shadow doorbells work across processes: far fewer than 2 doorbells per I/O.
+        assert (result.sq_doorbells + result.cq_doorbells) / result.ios <= 0.5
+        driver.reset_controller()  # Doorbell Buffer Config again after the reset
+        assert driver.dbbuf_enabled
+        assert driver.read(1, 8, 8) == bytes([1, 8]) * 2048
+        driver.shutdown()
+        driver.close()
+    finally:
+        transport.close()
+    code, out, err = server.stop()
+    assert code == 0, err
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["controller"]["dbbuf_configs"] == 2
+    assert stats["messages"]["REGION_WRITE"] > 0 and stats["clients_served"] == 1
+
+
+def test_reconnect_second_client_refused_and_posted_writes(server: Server) -> None:
+    first = server.transport()
+    try:
+        driver = _driver(first)
+        driver.write(1, 0, b"\x42" * 512)
+        # A second client while one is attached: accepted and closed at once.
+        intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        intruder.settimeout(5)
+        intruder.connect(server.socket)
+        assert intruder.recv(16) == b""
+        intruder.close()
+        assert driver.read(1, 0, 1) == b"\x42" * 512
+        driver.close()
+    finally:
+        first.close()
+    # The client went away: the device was reset as on a bus reset; a new one starts afresh.
+    second = server.transport(posted_writes=True)
+    try:
+        driver = _driver(second)
+        assert driver.read(1, 0, 1) == b"\x42" * 512  # ram namespace content survives
+        run_random_io(driver, iodepth=4, ios=200)
+        driver.close()
+    finally:
+        second.close()
+    code, out, _ = server.stop()
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and stats["clients_served"] == 2
+    assert stats["message_errors"] == {"second_client": 1}
+
+
+def test_unmapping_memory_under_live_queues_is_fatal_not_a_crash(server: Server) -> None:
+    transport = server.transport()
+    try:
+        driver = _driver(transport)
+        memory = transport.memory
+        transport.client.dma_unmap(memory.base, memory.size)
+        assert CSTS.CFS.get(driver.read_reg(Reg.CSTS))
+        transport.client.dma_map(memory.base, memory.size, memory.fd)
+        driver.reset_controller()
+        driver.write(1, 3, b"\x07" * 512)
+        assert driver.read(1, 3, 1) == b"\x07" * 512
+        driver.close()
+    finally:
+        transport.close()
+    code, _, err = server.stop()
+    assert code == 0, err
+
+
+def test_sigusr1_statistics_and_sigterm_keeps_completed_writes(server: Server, tmp_path: Path) -> None:
+    transport = server.transport()
+    try:
+        driver = _driver(transport)
+        for lba in range(32):
+            driver.write(2, lba, bytes([lba + 1]) * 512)  # completed writes on the file namespace
+        server.proc.send_signal(signal.SIGUSR1)
+        # Writes keep flowing while SIGTERM arrives; only completed ones are promised.
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            for lba in range(32, 64):
+                driver.write(2, lba, b"\xee" * 512)
+        except Exception:  # noqa: BLE001 - the server is going away under us
+            pass
+        driver.close()
+    finally:
+        transport.close()
+    code, _, err = server.stop()
+    assert code == 0
+    assert '"dbbuf_configs": 1' in err  # the SIGUSR1 report
+    disk = (tmp_path / "disk.img").read_bytes()
+    for lba in range(32):
+        assert disk[lba * 512 : (lba + 1) * 512] == bytes([lba + 1]) * 512
+    assert not os.path.exists(server.socket)
