@@ -95,6 +95,7 @@ class FeatureState:
         self.volatile_write_cache = 1
         self.interrupt_coalescing = 0
         self.vector_coalescing_disabled: set[int] = set()
+        self.write_atomicity = 0
         self.async_event_configuration = 0
 
     @property
@@ -408,6 +409,7 @@ _FEATURE_CAPABILITIES: Final[dict[int, int]] = {
     FeatureId.NUMBER_OF_QUEUES: _CHANGEABLE,
     FeatureId.INTERRUPT_COALESCING: _CHANGEABLE,
     FeatureId.INTERRUPT_VECTOR_CONFIGURATION: _CHANGEABLE,
+    FeatureId.WRITE_ATOMICITY_NORMAL: _CHANGEABLE,  # mandatory (NVMe 1.4 §5.21.1.10)
     FeatureId.ASYNC_EVENT_CONFIGURATION: _CHANGEABLE,
 }
 
@@ -451,6 +453,8 @@ def _feature_value(ctrl: Controller, fid: int, cdw11: int, *, default: bool) -> 
     if fid == FeatureId.INTERRUPT_VECTOR_CONFIGURATION:
         vector = _check_vector(ctrl, cdw11)
         return vector | (int(vector in state.vector_coalescing_disabled) << 16)
+    if fid == FeatureId.WRITE_ATOMICITY_NORMAL:
+        return state.write_atomicity
     if fid == FeatureId.ASYNC_EVENT_CONFIGURATION:
         return state.async_event_configuration
     raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
@@ -484,6 +488,10 @@ def set_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
         raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
     if save:
         raise _fail(Status.FEATURE_NOT_SAVEABLE, f"feature {fid:#x} cannot be saved")
+    namespace_specific = _FEATURE_CAPABILITIES[fid] & feat.FeatureCapabilities.NAMESPACE_SPECIFIC
+    if not namespace_specific and f[NSID] not in (0, NSID_BROADCAST):
+        # NVMe 1.4 §5.21: a controller-wide feature addressed to one namespace.
+        raise _fail(Status.FEATURE_NOT_NAMESPACE_SPECIFIC, f"feature {fid:#x} for NSID {f[NSID]:#x}")
     dw0 = 0
     if fid == FeatureId.ARBITRATION:
         state.arbitration = cdw11
@@ -515,9 +523,12 @@ def set_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
             raise _fail(Status.INVALID_FIELD, "65536 queues requested")
         if any(q is not None for q in ctrl.sqs[1:]) or any(q is not None for q in ctrl.cqs[1:]):
             raise _fail(Status.COMMAND_SEQUENCE_ERROR, "Number of Queues after I/O queue creation")
-        limit = ctrl.config.max_io_queues - 1
-        state.nsqa, state.ncqa = min(nsq, limit), min(ncq, limit)
-        state.queues_set = True
+        # NVMe 1.4 §5.21.1.7: "the value allocated shall not change between resets": a repeated
+        # request reports the allocation made by the first one.
+        if not state.queues_set:
+            limit = ctrl.config.max_io_queues - 1
+            state.nsqa, state.ncqa = min(nsq, limit), min(ncq, limit)
+            state.queues_set = True
         dw0 = (state.ncqa << 16) | state.nsqa
     elif fid == FeatureId.INTERRUPT_COALESCING:
         state.interrupt_coalescing = cdw11 & 0xFFFF
@@ -527,6 +538,8 @@ def set_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
             state.vector_coalescing_disabled.add(vector)
         else:
             state.vector_coalescing_disabled.discard(vector)
+    elif fid == FeatureId.WRITE_ATOMICITY_NORMAL:
+        state.write_atomicity = feat.WriteAtomicityNormal.DN.get(cdw11)
     elif fid == FeatureId.ASYNC_EVENT_CONFIGURATION:
         state.async_event_configuration = cdw11 & 0x3FF
         ctrl.check_temperature()

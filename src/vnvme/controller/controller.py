@@ -62,6 +62,7 @@ _CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
 # phase with a half-written CID or status.
 _CQE_TAIL_PACK: Final = struct.Struct("@I" if sys.byteorder == "little" else "<I").pack_into
 _DEFAULT_BUDGET: Final = 4096
+_ADMIN_QUEUE_MAX: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -423,6 +424,10 @@ class Controller:
         elif offset == Reg.INTMC:
             self.intms &= ~value
             self._raise_unmasked()
+        elif offset == Reg.CSTS:
+            # CSTS.NSSRO is RW1C (§3.1.6); every other CSTS bit is read-only.
+            if CSTS.NSSRO.get(value):
+                self.csts = CSTS.NSSRO.put(self.csts, 0)
         elif offset == Reg.NSSR:
             if value == regs.NSSR_MAGIC and self.config.nssr_supported:
                 self._subsystem_reset()
@@ -474,8 +479,9 @@ class Controller:
             reason = f"CC.AMS {CC.AMS.get(cc)}: only round robin arbitration is supported"
         elif asqs < 2 or acqs < 2:
             reason = "AQA: admin queues need at least 2 entries"
-        elif asqs > self.config.max_queue_entries or acqs > self.config.max_queue_entries:
-            reason = "AQA: admin queue larger than CAP.MQES + 1"
+        elif asqs > _ADMIN_QUEUE_MAX or acqs > _ADMIN_QUEUE_MAX:
+            # CAP.MQES bounds the I/O queues only (§3.1.1); AQA allows up to 4096 entries (§3.1.8).
+            reason = f"AQA: admin queue larger than {_ADMIN_QUEUE_MAX} entries"
         page = regs.page_size(mps)
         if reason is None and (self.asq & (page - 1) or self.acq & (page - 1)):
             reason = "ASQ / ACQ not aligned to the memory page size"

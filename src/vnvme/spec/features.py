@@ -49,6 +49,12 @@ class InterruptCoalescing:
     TIME = Field("TIME", 8, 8)
 
 
+class WriteAtomicityNormal:
+    """FID 0Ah: Disable Normal; when set only AWUPF / NAWUPF atomicity is honoured."""
+
+    DN = Field("DN", 0, 1)
+
+
 class InterruptVectorConfiguration:
     IV = Field("IV", 0, 16)
     CD = Field("CD", 16, 1)  # Coalescing Disable
