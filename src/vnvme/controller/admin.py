@@ -92,7 +92,8 @@ class FeatureState:
         self.over_temperature = feat.DEFAULT_OVER_TEMPERATURE_THRESHOLD
         self.under_temperature = feat.DEFAULT_UNDER_TEMPERATURE_THRESHOLD
         self.error_recovery = 0
-        self.volatile_write_cache = 1
+        # Enabled at reset when present (Identify VWC); absent when no backend caches writes.
+        self.volatile_write_cache = int(self._ctrl.has_volatile_cache)
         self.interrupt_coalescing = 0
         self.vector_coalescing_disabled: set[int] = set()
         self.write_atomicity = 0
@@ -329,7 +330,7 @@ def identify_controller_data(ctrl: Controller) -> bytes:
             "cqes": (CQE_SIZE_LOG2 << 4) | CQE_SIZE_LOG2,
             "nn": ctrl.nn,
             "oncs": int(oncs),
-            "vwc": 1,
+            "vwc": int(ctrl.has_volatile_cache),
             # Bit 0: SGLs supported (no alignment requirement); bit 16: Bit Bucket descriptors.
             "sgls": 0x00010001 if cfg.sgls else 0,
             "subnqn": f"nqn.2026-11.io.vnvme:{cfg.serial}".encode(),
@@ -511,6 +512,9 @@ def set_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
             raise _fail(Status.INVALID_FIELD, "DULBE not supported (NSFEAT bit 2 is 0)")
         state.error_recovery = cdw11 & 0xFFFF
     elif fid == FeatureId.VOLATILE_WRITE_CACHE:
+        if not ctrl.has_volatile_cache:
+            # Identify VWC = 0: there is no cache to switch (§5.21.1.6).
+            raise _fail(Status.INVALID_FIELD, "no volatile write cache present")
         if state.write_cache_enabled and not cdw11 & 1:
             # Turning the cache off makes what it held durable first.
             for ns in ctrl.namespaces.values():

@@ -294,13 +294,23 @@ class Controller:
         self.aqa = self.asq = self.acq = 0
         return self._take_effects()
 
+    @property
+    def has_volatile_cache(self) -> bool:
+        """Identify VWC: some namespace's backend completes writes before they are durable."""
+        return any(ns.backend.volatile_cache for ns in self.namespaces.values())
+
     def close(self) -> None:
-        """Flush and close every backend."""
+        """Flush and close every backend; a failing one does not stop the others."""
+        failure: BaseException | None = None
         for ns in self.namespaces.values():
             try:
                 ns.backend.flush()
+            except BaseException as exc:
+                failure = failure or exc
             finally:
                 ns.backend.close()
+        if failure is not None:
+            raise failure
 
     def enable_trace(self, patterns: Iterable[str]) -> frozenset[str]:
         """Turn on the trace events matching ``patterns`` (globs); returns the selection."""

@@ -8,6 +8,7 @@ malformed pointer becomes a :class:`CommandFailed` with the spec's status.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Final
 
 from vnvme.controller.errors import CommandFailed
@@ -25,7 +26,9 @@ MAX_SGL_DESCRIPTORS: Final = 4096
 
 
 def prp_segments(memory: GuestMemory, prp1: int, prp2: int, length: int, page_size: int) -> list[Segment]:
-    """Resolve PRP1 / PRP2 for a transfer of ``length`` bytes (> 0)."""
+    """Resolve PRP1 / PRP2 for a transfer of ``length`` bytes; every segment is mapped memory."""
+    if length <= 0:
+        return []  # no data transferred: PRP1 / PRP2 are not used (§4.3)
     mask = page_size - 1
     # §4.3: the offset of the first PRP entry is dword aligned.
     if prp1 & 0x3:
@@ -34,13 +37,13 @@ def prp_segments(memory: GuestMemory, prp1: int, prp2: int, length: int, page_si
     segments: list[Segment] = [(prp1, first)]
     remaining = length - first
     if remaining == 0:
-        return segments
+        return _check_mapped(memory, segments)
     if remaining <= page_size:
         # PRP2 is a data pointer: every entry after the first has offset 0.
         if prp2 & mask:
             raise CommandFailed(_PRP_OFFSET, f"PRP2 {prp2:#x} has a page offset")
         _append(segments, prp2, remaining)
-        return segments
+        return _check_mapped(memory, segments)
     # PRP2 points at a PRP list; it is qword aligned and may start inside a page.
     if prp2 & 0x7:
         raise CommandFailed(_PRP_OFFSET, f"PRP list pointer {prp2:#x} is not qword aligned")
@@ -67,6 +70,21 @@ def prp_segments(memory: GuestMemory, prp1: int, prp2: int, length: int, page_si
             list_addr = entries[-1]
             if list_addr & mask:
                 raise CommandFailed(_PRP_OFFSET, f"chained PRP list {list_addr:#x} not page aligned")
+    return _check_mapped(memory, segments)
+
+
+def _check_mapped(memory: GuestMemory, segments: list[Segment]) -> list[Segment]:
+    """Data Transfer Error for a data pointer into memory the host never mapped, before any
+    byte moves (a Write must not store a partial buffer; a Read must not half-complete)."""
+    region_at = memory._region_at  # the per-command fast path: one region lookup, no views
+    for addr, length in segments:
+        if addr == BIT_BUCKET:
+            continue
+        region = region_at(addr)
+        if region is not None and addr + length <= region.gpa + region.size:
+            continue
+        if not memory.is_mapped(addr, length):  # may still span adjacent regions
+            raise CommandFailed(_TRANSFER, f"data buffer [{addr:#x}, +{length:#x}) is not mapped")
     return segments
 
 
@@ -82,15 +100,21 @@ def _append(segments: list[Segment], addr: int, length: int) -> None:
 def sgl_segments(
     memory: GuestMemory, prp1: int, prp2: int, length: int, *, host_is_destination: bool
 ) -> list[Segment]:
-    """Resolve the SGL whose first descriptor (SGL1) sits in the SQE's DPTR field."""
+    """Resolve the SGL whose first descriptor (SGL1) sits in the SQE's DPTR field.
+
+    The whole SGL is walked: Identify SGLS bit 18 is 0, so the descriptors must add up to
+    exactly ``length`` bytes; more or fewer is Data SGL Length Invalid (§4.4, status 0Fh).
+    """
+    if length <= 0:
+        return []
     segments: list[Segment] = []
     remaining = length
     seen = 0
     # SGL1 occupies DPTR: address = PRP1, length = PRP2[31:0], identifier = PRP2[63:56].
-    pending: list[tuple[int, int, int]] = [(prp1, prp2 & 0xFFFFFFFF, (prp2 >> 56) & 0xFF)]
+    pending: deque[tuple[int, int, int]] = deque([(prp1, prp2 & 0xFFFFFFFF, (prp2 >> 56) & 0xFF)])
     last_segment_seen = False
-    while pending and remaining > 0:
-        addr, desc_len, ident = pending.pop(0)
+    while pending:
+        addr, desc_len, ident = pending.popleft()
         seen += 1
         if seen > MAX_SGL_DESCRIPTORS:
             raise CommandFailed(Status.INVALID_SGL_DESCRIPTOR_COUNT | DNR, "SGL too long")
@@ -104,15 +128,19 @@ def sgl_segments(
                 raise CommandFailed(
                     Status.SGL_DESCRIPTOR_TYPE_INVALID | DNR, "bit bucket in a host-to-controller SGL"
                 )
-            take = min(desc_len, remaining)
-            if take:
-                if kind == SglType.BIT_BUCKET:
-                    segments.append((BIT_BUCKET, take))
-                elif segments:
-                    _append(segments, addr, take)
-                else:
-                    segments.append((addr, take))
-                remaining -= take
+            if desc_len == 0:
+                continue
+            if desc_len > remaining:
+                raise CommandFailed(
+                    Status.DATA_SGL_LENGTH_INVALID | DNR, f"SGL describes more than {length} bytes"
+                )
+            if kind == SglType.BIT_BUCKET:
+                segments.append((BIT_BUCKET, desc_len))
+            elif segments:
+                _append(segments, addr, desc_len)
+            else:
+                segments.append((addr, desc_len))
+            remaining -= desc_len
             continue
         if kind not in (SglType.SEGMENT, SglType.LAST_SEGMENT) or ident & 0xF:
             raise CommandFailed(Status.SGL_DESCRIPTOR_TYPE_INVALID | DNR, f"descriptor type {ident:#x}")
@@ -136,9 +164,9 @@ def sgl_segments(
         except GuestMemoryError as exc:
             raise CommandFailed(_TRANSFER, f"SGL segment at {addr:#x}: {exc}") from None
         last_segment_seen = kind == SglType.LAST_SEGMENT
-        pending = [SGL_DESCRIPTOR.unpack_from(raw, 16 * i) for i in range(count)]
+        pending.extend(SGL_DESCRIPTOR.unpack_from(raw, 16 * i) for i in range(count))
     if remaining > 0:
         raise CommandFailed(
             Status.DATA_SGL_LENGTH_INVALID | DNR, f"SGL describes {length - remaining} of {length} bytes"
         )
-    return segments
+    return _check_mapped(memory, segments)

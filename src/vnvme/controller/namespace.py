@@ -230,5 +230,11 @@ def parse_namespace_spec(text: str, nsid: int) -> Namespace:
         raise ValueError(f"unknown namespace option(s): {', '.join(sorted(unknown))}")
     size = parse_size(options["size"]) if "size" in options else None
     lba = parse_size(options.get("lba", "512"))
+    if lba not in (512, 4096):
+        raise ValueError(f"LBA size must be 512 or 4096, not {lba}")  # before a file is touched
     backend = make_backend(kind.strip().lower(), size=size, path=path or None)
-    return Namespace(nsid, backend, lba)
+    try:
+        return Namespace(nsid, backend, lba)
+    except BaseException:
+        backend.close()  # a file backend holds an open descriptor
+        raise

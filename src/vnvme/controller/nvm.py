@@ -78,7 +78,12 @@ def read(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Resu
                     backend.read_into(offset, memoryview(buf))
                     memory.write(addr, buf)
                 else:
-                    backend.read_into(offset, dest)
+                    try:
+                        backend.read_into(offset, dest)
+                    finally:
+                        # A traceback (logged for an unexpected backend error) must not keep
+                        # guest memory exported: the host could never unmap it again.
+                        dest.release()
             offset += seg_len
     except OSError as exc:
         raise _media_error(ctrl, exc, write=False) from None
@@ -100,7 +105,10 @@ def write(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Res
                 src = memory.view(addr, seg_len)
             except GuestMemoryError:
                 src = memoryview(read_from_host(memory, segments, length))
-            ns.backend.write(offset, src, sync=sync)
+            try:
+                ns.backend.write(offset, src, sync=sync)
+            finally:
+                src.release()  # as in read(): never leave guest memory exported
         else:
             # Gather first: a data transfer error must not leave a partial write behind.
             ns.backend.write(offset, memoryview(read_from_host(memory, segments, length)), sync=sync)
@@ -129,11 +137,15 @@ def write_zeroes(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...])
     # Write Zeroes moves no data, so MDTS does not limit it.
     ns, offset, length = _range(ctrl, fields, data=False)
     cdw12 = fields[CDW12]
+    sync = bool(cdw12 & _FUA) or not ctrl.features.write_cache_enabled
     try:
         if cdw12 & _DEAC:
             ns.backend.deallocate(offset, length)
+            if sync:
+                # FUA (or no write cache): the zeroes a deallocated range reads back (DLFEAT
+                # 001b) must be on non-volatile media at completion, as for a plain write.
+                ns.backend.flush()
         else:
-            sync = bool(cdw12 & _FUA) or not ctrl.features.write_cache_enabled
             ns.backend.write_zeroes(offset, length, sync=sync)
     except OSError as exc:
         raise _media_error(ctrl, exc, write=True) from None
@@ -159,6 +171,8 @@ def dataset_management(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int,
         for _context, nlb, slba in ranges:
             if nlb:
                 ns.backend.deallocate(slba << ns.lba_shift, nlb << ns.lba_shift)
+        if not ctrl.features.write_cache_enabled:
+            ns.backend.flush()  # no write cache: the deallocation is durable at completion
     except OSError as exc:
         raise _media_error(ctrl, exc, write=True) from None
     return _SUCCESS
@@ -173,6 +187,10 @@ def compare(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> R
         ns.backend.read_into(offset, memoryview(stored))
     except OSError as exc:
         raise _media_error(ctrl, exc, write=False) from None
+    # SMART counts a Compare as a read (NVMe 1.4 Figure 194).
+    smart = ctrl.smart
+    smart.host_read_commands += 1
+    smart.data_read_bytes += length
     if stored != host_data:
         raise CommandFailed(Status.COMPARE_FAILURE, "compare mismatch")
     return _SUCCESS
