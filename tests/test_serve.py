@@ -166,3 +166,78 @@ def test_sigusr1_statistics_and_sigterm_keeps_completed_writes(server: Server, t
     for lba in range(32):
         assert disk[lba * 512 : (lba + 1) * 512] == bytes([lba + 1]) * 512
     assert not os.path.exists(server.socket)
+
+
+def test_mappable_doorbells_cost_no_messages(tmp_path: Path) -> None:
+    s = Server(tmp_path, "--mappable-doorbells", "--namespace", "ram,size=8M", "--poll-passes", "200")
+    try:
+        transport = s.transport(mapped_doorbells=True)
+        try:
+            driver = _driver(transport)
+            driver.write(1, 0, b"\x99" * 4096)
+            assert driver.read(1, 0, 8) == b"\x99" * 4096
+            requests = transport.client.stats.requests
+            result = run_random_io(driver, iodepth=4, ios=300)
+            # Doorbells are stores into the shared page: not one message per I/O.
+            assert transport.client.stats.requests == requests
+            assert transport.mapped_doorbell_writes > 0 and result.ios == 300
+            driver.reset_controller()  # the page starts from zero after the reset
+            assert driver.read(1, 0, 8) == b"\x99" * 4096
+            driver.close()
+        finally:
+            transport.close()
+        code, out, err = s.stop()
+        assert code == 0, err
+        stats = json.loads(out.strip().splitlines()[-1])
+        assert stats["controller"]["mapped_doorbell_updates"] > 0
+        assert stats["controller"]["doorbell_sq_io"] == 0  # nothing trapped
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.communicate(timeout=10)
+
+
+def test_polling_controller_from_a_toml_file_with_a_trace_file(tmp_path: Path) -> None:
+    config = tmp_path / "vnvme.toml"
+    config.write_text('namespace = ["ram,size=8M"]\npoll = true\npoll_passes = 500\n')
+    trace = tmp_path / "trace.jsonl"
+    s = Server(
+        tmp_path, "--config", str(config), "--trace", "pci_nvme_dbbuf_config", "--trace-file", str(trace)
+    )
+    try:
+        transport = s.transport()
+        try:
+            driver = _driver(transport)
+            result = run_random_io(driver, iodepth=2, ios=300)
+            # The controller polls the shadow tails: the host rings (next to) nothing.
+            assert result.sq_doorbells + result.cq_doorbells <= 2
+            driver.close()
+        finally:
+            transport.close()
+        code, _, err = s.stop()
+        assert code == 0, err
+        records = [json.loads(line) for line in trace.read_text().splitlines()]
+        assert [r["event"] for r in records] == ["pci_nvme_dbbuf_config"]
+        assert records[0]["dbs_addr"] % 4096 == 0
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.communicate(timeout=10)
+
+
+def test_serve_refuses_bad_options(tmp_path: Path) -> None:
+    for args in (["--namespace", "tape,size=1G"], ["--trace", "pci_nvme_nothing_like_this"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "vnvme", "serve", "--socket", str(tmp_path / "x.sock"), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("vnvme serve: ") and "Traceback" not in proc.stderr
+        assert not (tmp_path / "x.sock").exists()
+    help_text = subprocess.run(
+        [sys.executable, "-m", "vnvme", "serve", "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
+    for option in ("--mappable-doorbells", "--cq-eventidx", "--poll", "--trace-file", "--namespace"):
+        assert option in help_text

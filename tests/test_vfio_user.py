@@ -351,3 +351,48 @@ def test_client_class_round_trip(tmp_path: object) -> None:
         listener.close()
         function.close()
     assert server.clients_served == 1
+
+
+def test_region_info_offers_the_doorbell_page_as_a_sparse_mmap_area() -> None:
+    function = NvmeFunction([Namespace(1, RamBackend(1 << 20), 512)], mappable_doorbells=True)
+    server = VfioUserServer(function)
+    server.version_done = True
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = Channel(theirs, max_message=1 << 21, max_fds=4)
+    client = Channel(mine, max_message=1 << 21, max_fds=4)
+    try:
+        # Too little room: the reply says how much the full answer needs, and carries no caps.
+        client.send(
+            vu.pack_message(1, Command.DEVICE_GET_REGION_INFO, 0, vu.REGION_INFO.pack(32, 0, 0, 0, 0, 0))
+        )
+        server._handle_one(channel)
+        reply = client.receive()
+        argsz, flags, _index, cap_offset, size, _offset = vu.REGION_INFO.unpack(reply.payload)
+        assert argsz == 32 + 8 + 8 + 16 and cap_offset == 0 and size == function.bar0_size
+        for fd in reply.fds:
+            os.close(fd)
+        client.send(
+            vu.pack_message(2, Command.DEVICE_GET_REGION_INFO, 0, vu.REGION_INFO.pack(argsz, 0, 0, 0, 0, 0))
+        )
+        server._handle_one(channel)
+        reply = client.receive()
+        argsz, flags, _index, cap_offset, size, offset = vu.REGION_INFO.unpack_from(reply.payload)
+        assert flags & vu.RegionFlags.MMAP and flags & vu.RegionFlags.CAPS and cap_offset == 32
+        cap_id, version, nxt = vu.CAP_HEADER.unpack_from(reply.payload, cap_offset)
+        assert (cap_id, version, nxt) == (vu.REGION_INFO_CAP_SPARSE_MMAP, 1, 0)
+        nr, _ = vu.SPARSE_MMAP.unpack_from(reply.payload, cap_offset + 8)
+        area = vu.SPARSE_AREA.unpack_from(reply.payload, cap_offset + 16)
+        assert nr == 1 and area == (0x1000, 0x1000)
+        assert len(reply.fds) == 1
+        # A store through the client's mapping is what the device scans.
+        import mmap
+
+        mapping = mmap.mmap(reply.fds[0], area[1], offset=offset + area[0])
+        mapping[0:4] = (3).to_bytes(4, "little")
+        assert bytes(function._db_view[0:4]) == (3).to_bytes(4, "little")
+        mapping.close()
+        os.close(reply.fds[0])
+    finally:
+        mine.close()
+        theirs.close()
+        function.close()

@@ -60,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vnvme.serve import run
 
         logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-        return run(args)
+        try:
+            return run(args)
+        except (ValueError, OSError) as exc:  # bad options, namespaces, config: say so, no traceback
+            print(f"vnvme serve: {exc}", file=sys.stderr)
+            return 2
     if args.command == "trace-events":
         import fnmatch
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import struct
 import time
@@ -26,6 +27,7 @@ from vnvme.controller.controller import Controller
 from vnvme.controller.namespace import Namespace
 from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
 from vnvme.memory import GuestMemory
+from vnvme.spec import registers as regs
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.pci import Bar, MsixConfig, PciConfig
 from vnvme.vfio_user.server import DeviceError, IrqType, Region
@@ -36,6 +38,7 @@ NVME_CLASS_CODE = 0x010802  # mass storage, non-volatile memory, NVM Express
 DEFAULT_DEVICE_ID = 0x5D0B
 MSIX_BAR = 4
 MSIX_ENTRY = 16
+PAGE = 4096
 
 
 def _pow2_at_least(value: int, minimum: int) -> int:
@@ -64,6 +67,8 @@ class NvmeFunction:
         trace: Sequence[str] = (),
         trace_sink: Callable[[TraceEvent], None] | None = None,
         device_id: int = DEFAULT_DEVICE_ID,
+        mappable_doorbells: bool = False,
+        idle_sleep: float = 100e-6,
     ) -> None:
         self.memory = GuestMemory()
         self.controller = Controller(self.memory, namespaces, config)
@@ -91,8 +96,13 @@ class NvmeFunction:
         )
         self.msix_table = bytearray(table_bytes)
         self._reset_msix_table()
+        bar0 = Region(vu.PciRegion.BAR0, self.bar0_size, self._bar0_read, self._bar0_write)
+        self.mappable_doorbells = mappable_doorbells
+        self.idle_sleep = idle_sleep
+        if mappable_doorbells:
+            self._setup_doorbell_page(bar0)
         self.regions: dict[int, Region] = {
-            vu.PciRegion.BAR0: Region(vu.PciRegion.BAR0, self.bar0_size, self._bar0_read, self._bar0_write),
+            vu.PciRegion.BAR0: bar0,
             vu.PciRegion.BAR4: Region(vu.PciRegion.BAR4, self.bar4_size, self._bar4_read, self._bar4_write),
             vu.PciRegion.CONFIG: Region(vu.PciRegion.CONFIG, 4096, self._config_read, self._config_write),
         }
@@ -107,6 +117,47 @@ class NvmeFunction:
         self.fatal_reasons: list[str] = []
         self._polling_now = False
         self._msix_live = 0  # MSI-X vectors with an eventfd
+
+    # Section: mappable doorbells
+
+    def _setup_doorbell_page(self, bar0: Region) -> None:
+        """BAR0 backed by a memfd whose doorbell pages the client maps and writes directly (a
+        sparse mmap area): no trap tells us of a doorbell, so the device polls the page."""
+        start = regs.DOORBELL_BASE
+        end = self.controller.doorbell_end
+        length = -(-(end - start) // PAGE) * PAGE
+        fd = os.memfd_create("vnvme-bar0", os.MFD_CLOEXEC)
+        os.ftruncate(fd, self.bar0_size)
+        self._bar0_fd = fd
+        self._bar0_map = mmap.mmap(fd, self.bar0_size, flags=mmap.MAP_SHARED)
+        self._db_view = memoryview(self._bar0_map)[start:end]
+        self._db_words = self._db_view.cast("I")
+        self._db_last = bytearray(len(self._db_view))
+        self._db_epoch = -1
+        bar0.mmap_fd = fd
+        bar0.sparse = [(start, length)]
+
+    def _scan_doorbells(self) -> None:
+        ctrl = self.controller
+        if not ctrl.enabled or ctrl.fatal:
+            return
+        if ctrl.enable_count != self._db_epoch:
+            # Every enable starts from doorbells of 0: whatever the page held before is stale.
+            # Safe to clear: run() follows the CC write before the host can read CSTS.RDY = 1.
+            self._db_epoch = ctrl.enable_count
+            self._db_view[:] = bytes(len(self._db_view))
+            self._db_last[:] = bytes(len(self._db_last))
+        if self._db_view == self._db_last:
+            return
+        words, last = self._db_words, memoryview(self._db_last).cast("I")
+        try:
+            for index in range(len(words)):
+                value = words[index]
+                if value != last[index]:
+                    last[index] = value
+                    self._handle(ctrl.mapped_doorbell(regs.DOORBELL_BASE + 4 * index, value))
+        finally:
+            last.release()
 
     # Section: Device interface
 
@@ -158,7 +209,11 @@ class NvmeFunction:
                         self._signal(index, start + i)
 
     def run(self, now: float) -> bool:
+        """One pass; True when it made progress or work is pending (keep polling)."""
         ctrl = self.controller
+        before = ctrl.completions
+        if self.mappable_doorbells:
+            self._scan_doorbells()
         if self.controller_polls:
             if not self._polling_now:
                 ctrl.start_polling()
@@ -166,13 +221,18 @@ class NvmeFunction:
             self._handle(ctrl.poll(now))
         else:
             self._handle(ctrl.process(now))
-        return ctrl.has_pending_work
+        return ctrl.has_pending_work or ctrl.completions != before
 
     def next_deadline(self) -> float | None:
-        return self.controller.next_deadline()
+        deadline = self.controller.next_deadline()
+        if self.mappable_doorbells and self.controller.enabled:
+            # Nothing announces a doorbell in the mapped page: look again soon.
+            wake = time.monotonic() + self.idle_sleep
+            deadline = wake if deadline is None else min(deadline, wake)
+        return deadline
 
     def idle(self) -> bool:
-        if not self.controller_polls:
+        if not self.controller_polls or self.mappable_doorbells:
             return True
         self._polling_now = False
         return self.controller.rearm()
@@ -242,6 +302,15 @@ class NvmeFunction:
         count = len(data)
         if count not in (1, 2, 4, 8) or offset % count:
             raise DeviceError(errno.EINVAL, f"BAR0 write of {count} bytes at {offset:#x}")
+        if (
+            self.mappable_doorbells
+            and count == 4
+            and regs.DOORBELL_BASE <= offset < regs.DOORBELL_BASE + len(self._db_view)
+        ):
+            # A trapped write into the mappable page: keep the page and our snapshot in step.
+            index = (offset - regs.DOORBELL_BASE) // 4
+            self._db_words[index] = int.from_bytes(data, "little")
+            self._db_last[index * 4 : index * 4 + 4] = data
         self._handle(self.controller.mmio_write(offset, count, int.from_bytes(data, "little")))
 
     def _reset_msix_table(self) -> None:
@@ -296,6 +365,11 @@ class NvmeFunction:
     def close(self) -> None:
         self.detach()
         self.controller.close()
+        if self.mappable_doorbells:
+            self._db_words.release()
+            self._db_view.release()
+            self._bar0_map.close()
+            os.close(self._bar0_fd)
 
     def statistics(self) -> dict[str, object]:
         stats = self.controller.statistics()

@@ -68,6 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2000,
         help="with --poll: idle passes before the controller rearms EventIdx and sleeps (2000)",
     )
+    parser.add_argument(
+        "--mappable-doorbells",
+        action="store_true",
+        help="offer the doorbell page as shared memory the client maps (sparse mmap of BAR0): doorbell "
+        "writes cost no message; the device polls the page (spinning --poll-passes, then every "
+        "--idle-sleep)",
+    )
+    parser.add_argument(
+        "--idle-sleep",
+        type=float,
+        default=100e-6,
+        help="with --mappable-doorbells: seconds between looks at an idle doorbell page (0.0001)",
+    )
     parser.add_argument("--max-io-queues", type=int, default=64, help="I/O queue pairs the controller offers")
     parser.add_argument("--queue-entries", type=int, default=1024, help="CAP.MQES + 1 (1024)")
     parser.add_argument(
@@ -177,6 +190,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     specs = list(file_options.get("namespace", [])) + list(args.namespace)
     shadow = file_options.get("shadow_doorbells", True) and not args.no_shadow_doorbells
     poll = bool(file_options.get("poll", False) or args.poll)
+    mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
     config = ControllerConfig(
         shadow_doorbells=shadow,
         sq_eventidx=SqEventIdxPolicy.POLL if poll else SqEventIdxPolicy.EAGER,
@@ -189,9 +203,15 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         matching_events(args.trace)  # unknown patterns fail before anything starts
     sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
     function = NvmeFunction(
-        build_namespaces(specs), config, controller_polls=poll, trace=args.trace, trace_sink=sink
+        build_namespaces(specs),
+        config,
+        controller_polls=poll,
+        trace=args.trace,
+        trace_sink=sink,
+        mappable_doorbells=mappable,
+        idle_sleep=float(file_options.get("idle_sleep", args.idle_sleep)),
     )
-    passes = int(file_options.get("poll_passes", args.poll_passes)) if poll else 0
+    passes = int(file_options.get("poll_passes", args.poll_passes)) if poll or mappable else 0
     server = VfioUserServer(function, ServerOptions(poll_passes=passes))
     listener = listen(args.socket)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -213,7 +233,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(f"vnvme serving on {args.socket} ({ns_text})", file=out)
         print(
             f"shadow doorbells {'on' if shadow else 'off'}, CQ EventIdx {config.cq_eventidx}, "
-            f"{'controller polls' if poll else 'event driven'}, trapped doorbells",
+            f"{'controller polls' if poll else 'event driven'}, "
+            f"{'mappable' if mappable else 'trapped'} doorbells",
             file=out,
         )
         print(f"attach QEMU (>= 10.1) with:\n  {qemu_command_line(args.socket)}", file=out, flush=True)

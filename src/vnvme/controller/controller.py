@@ -89,6 +89,8 @@ class ControllerStatistics:
     shadow_catchups: int
     #: Exceptions caught inside the controller: emulator bugs, zero in a healthy run.
     internal_errors: int
+    #: Doorbell values taken from a doorbell page the host writes directly (mappable doorbells).
+    mapped_doorbell_updates: int
     admin_commands: dict[str, int] = field(default_factory=dict)
     io_commands: dict[str, int] = field(default_factory=dict)
 
@@ -179,6 +181,8 @@ class Controller:
         self._dbbuf_configs = 0
         self._shadow_catchups = 0
         self._internal_errors = 0
+        self._mapped_doorbells = 0
+        self._enable_count = 0
         self._admin_counts = [0] * 256
         self._io_counts = [0] * 256
         self.features = admin.FeatureState(self)
@@ -341,6 +345,7 @@ class Controller:
             dbbuf_configs=self._dbbuf_configs,
             shadow_catchups=self._shadow_catchups,
             internal_errors=self._internal_errors,
+            mapped_doorbell_updates=self._mapped_doorbells,
             admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
             io_commands={opcode_name(op, False): n for op, n in enumerate(self._io_counts) if n},
         )
@@ -376,6 +381,21 @@ class Controller:
     @property
     def fatal(self) -> bool:
         return self._fatal
+
+    @property
+    def doorbell_end(self) -> int:
+        """BAR0 offset just past the last doorbell register."""
+        return self._doorbell_end
+
+    @property
+    def completions(self) -> int:
+        """Completions posted so far (cheap: an edge checks it after every pass for progress)."""
+        return self._completions
+
+    @property
+    def enable_count(self) -> int:
+        """How many times CC.EN went 0 -> 1 (an edge learns of resets it did not see)."""
+        return self._enable_count
 
     # Section: registers
 
@@ -477,6 +497,7 @@ class Controller:
 
     def _start(self) -> None:
         """CC.EN 0 -> 1 (§7.6.1): validate CC and the admin queue registers, create the admin queues."""
+        self._enable_count += 1
         cc, cap = self.cc, self.cap
         reason = None
         mps = CC.MPS.get(cc)
@@ -555,7 +576,18 @@ class Controller:
 
     # Section: doorbells
 
-    def _doorbell_write(self, offset: int, value: int) -> None:
+    def mapped_doorbell(self, offset: int, value: int) -> list[Effect]:
+        """A doorbell value the edge found changed in a doorbell page the host writes directly
+        (mappable doorbells): handled as a doorbell write, counted apart from trapped ones."""
+        try:
+            self._doorbell_write(offset, value & 0xFFFFFFFF, trapped=False)
+        except Exception as exc:
+            log.exception("mapped_doorbell(%#x, %#x) failed", offset, value)
+            self._internal_errors += 1
+            self._set_fatal(f"internal error in a mapped doorbell: {exc!r}")
+        return self._take_effects()
+
+    def _doorbell_write(self, offset: int, value: int, *, trapped: bool = True) -> None:
         decoded = regs.decode_doorbell(offset, self.dstrd)
         if decoded is None or offset >= self._doorbell_end:
             self._trace_err_mmio(offset, 4, value, "not a doorbell register")
@@ -570,7 +602,9 @@ class Controller:
             if cq is None:
                 self._invalid_doorbell(qid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
                 return
-            if qid:
+            if not trapped:
+                self._mapped_doorbells += 1
+            elif qid:
                 self._db_cq_io += 1
             else:
                 self._db_cq_admin += 1
@@ -580,7 +614,9 @@ class Controller:
             if sq is None:
                 self._invalid_doorbell(qid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
                 return
-            if qid:
+            if not trapped:
+                self._mapped_doorbells += 1
+            elif qid:
                 self._db_sq_io += 1
             else:
                 self._db_sq_admin += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import select
 import socket
@@ -189,9 +190,12 @@ class VfioUserTransport:
         posted_writes: bool = False,
         vectors: int | None = None,
         timeout: float = 10.0,
+        mapped_doorbells: bool = False,
     ) -> None:
         self.client = VfioUserClient(path, timeout=timeout)
         self.posted_writes = posted_writes
+        self._mapped: list[tuple[int, int, mmap.mmap, memoryview]] = []
+        self.mapped_doorbell_writes = 0
         self.memory = HostMemory(memory_size, memfd=True)
         self.eventfds: list[int] = []
         try:
@@ -199,7 +203,13 @@ class VfioUserTransport:
             self.client.device_info()
             self.bar0 = self.client.region_info(vu.PciRegion.BAR0)
             if self.bar0.fd >= 0:
-                os.close(self.bar0.fd)
+                try:
+                    if mapped_doorbells:
+                        self._map_sparse_areas(self.bar0)
+                finally:
+                    os.close(self.bar0.fd)
+            if mapped_doorbells and not self._mapped:
+                raise VfioUserError(errno.ENOTSUP, "the server offers no mappable doorbell area")
             _flags, count = self.client.irq_info(vu.PciIrq.MSIX)
             count = count if vectors is None else min(vectors, count)
             self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
@@ -214,12 +224,24 @@ class VfioUserTransport:
             self.close()
             raise
 
+    def _map_sparse_areas(self, info: RegionInfo) -> None:
+        for area_offset, size in info.sparse:
+            mapping = mmap.mmap(info.fd, size, flags=mmap.MAP_SHARED, offset=info.offset + area_offset)
+            self._mapped.append((area_offset, area_offset + size, mapping, memoryview(mapping).cast("I")))
+
     # Section: HostTransport
 
     def mmio_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.client.region_read(vu.PciRegion.BAR0, offset, size), "little")
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
+        if size == 4:
+            for start, end, _, words in self._mapped:
+                if start <= offset < end:
+                    # A store into the mapped doorbell page: no message, the device polls it.
+                    words[(offset - start) >> 2] = value
+                    self.mapped_doorbell_writes += 1
+                    return
         self.client.region_write(
             vu.PciRegion.BAR0, offset, value.to_bytes(size, "little"), posted=self.posted_writes
         )
@@ -248,6 +270,10 @@ class VfioUserTransport:
         os.sched_yield()  # the device runs in its own process: give it the CPU if we share one
 
     def close(self) -> None:
+        for _, _, mapping, words in self._mapped:
+            words.release()
+            mapping.close()
+        self._mapped = []
         try:
             self.client.close()
         finally:

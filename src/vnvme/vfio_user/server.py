@@ -195,6 +195,10 @@ class VfioUserServer:
                 else:
                     idle_passes = 0
                     continue
+                if timeout_ms is not None and 0 < timeout_ms < 1:
+                    # poll() rounds a timeout up to whole milliseconds: sleep finer, then look.
+                    time.sleep(timeout_ms / 1e3)
+                    timeout_ms = 0
                 events = poller.poll(timeout_ms)
                 for fd, _ in events:
                     if fd == sock_fd:
