@@ -33,15 +33,28 @@ class GuestMemoryError(Exception):
         self.reason = reason
 
 
+# Remote memory (vfio-user DMA_MAP without a file descriptor): reached only by messages.
+RemoteReader = Callable[[int, memoryview], None]  # (guest address, destination)
+RemoteWriter = Callable[[int, memoryview], None]  # (guest address, source)
+
+
+@dataclass(frozen=True)
+class RemoteAccess:
+    read: RemoteReader
+    write: RemoteWriter
+
+
 @dataclass(eq=False)
 class MemoryRegion:
-    """One contiguous range of guest physical addresses backed by a host buffer."""
+    """One contiguous range of guest physical addresses backed by a host buffer, or reachable
+    only through ``remote`` calls (then ``view`` is empty)."""
 
     gpa: int
     size: int
     view: memoryview
     writable: bool = True
     owner: object = field(default=None, repr=False)  # keeps an mmap alive while mapped
+    remote: RemoteAccess | None = None
 
     @property
     def end(self) -> int:
@@ -75,6 +88,39 @@ class GuestMemory:
         self._starts.insert(index, gpa)
         self.generation += 1
         return region
+
+    def map_remote(self, gpa: int, size: int, access: RemoteAccess, *, writable: bool = True) -> MemoryRegion:
+        """Expose a range the controller can reach only through ``access`` (message round trips):
+        :meth:`read` / :meth:`write` work there, :meth:`view` does not (see :meth:`window`)."""
+        if gpa < 0 or size <= 0 or gpa + size > 1 << 64:
+            raise ValueError(f"invalid region [{gpa:#x}, +{size:#x})")
+        index = bisect.bisect_left(self._starts, gpa)
+        if index > 0 and self._regions[index - 1].end > gpa:
+            raise ValueError(f"region at {gpa:#x} overlaps {self._regions[index - 1]!r}")
+        if index < len(self._regions) and self._regions[index].gpa < gpa + size:
+            raise ValueError(f"region at {gpa:#x} overlaps {self._regions[index]!r}")
+        region = MemoryRegion(gpa, size, memoryview(b""), writable, None, access)
+        self._regions.insert(index, region)
+        self._starts.insert(index, gpa)
+        self.generation += 1
+        return region
+
+    def is_remote(self, addr: int) -> bool:
+        region = self._region_at(addr)
+        return region is not None and region.remote is not None
+
+    def window(self, addr: int, length: int, *, write: bool = False) -> tuple[memoryview, bool]:
+        """A view of ``length`` bytes for a queue ring: the memory itself, or for remote memory a
+        local mirror (second value True) that the caller keeps in step with :meth:`read_into` /
+        :meth:`write`."""
+        region = self._region_at(addr)
+        if region is not None and region.remote is not None:
+            if addr < 0 or length < 0 or addr + length > region.end:
+                raise GuestMemoryError(addr, length, "not mapped in one region")
+            if write and not region.writable:
+                raise GuestMemoryError(addr, length, "read-only")
+            return memoryview(bytearray(length)), True
+        return self.view(addr, length, write=write), False
 
     def unmap(self, gpa: int, size: int) -> MemoryRegion:
         """Remove the region that starts at ``gpa`` with exactly ``size`` bytes."""
@@ -110,16 +156,17 @@ class GuestMemory:
 
     def is_mapped(self, addr: int, length: int) -> bool:
         try:
-            self._chunks(addr, length, write=False)
+            self._pieces(addr, length, write=False)
         except GuestMemoryError:
             return False
         return True
 
-    def _chunks(self, addr: int, length: int, *, write: bool) -> list[memoryview]:
-        """The views covering [addr, addr + length), in order; raises if any byte is unmapped."""
+    def _pieces(self, addr: int, length: int, *, write: bool) -> list[tuple[MemoryRegion, int, int]]:
+        """(region, offset in region, length) covering [addr, addr + length); raises if any byte
+        is unmapped (or read-only, for a write)."""
         if addr < 0 or length < 0:
             raise GuestMemoryError(addr, length, "negative address or length")
-        out: list[memoryview] = []
+        out: list[tuple[MemoryRegion, int, int]] = []
         pos, remaining = addr, length
         while remaining > 0:
             region = self._region_at(pos)
@@ -129,9 +176,19 @@ class GuestMemory:
                 raise GuestMemoryError(addr, length, "read-only")
             start = pos - region.gpa
             take = min(remaining, region.size - start)
-            out.append(region.view[start : start + take])
+            out.append((region, start, take))
             pos += take
             remaining -= take
+        return out
+
+    def _chunks(self, addr: int, length: int, *, write: bool) -> list[memoryview]:
+        """The views covering [addr, addr + length), in order; raises if any byte is unmapped
+        or lies in remote memory."""
+        out: list[memoryview] = []
+        for region, start, take in self._pieces(addr, length, write=write):
+            if region.remote is not None:
+                raise GuestMemoryError(addr, length, "reachable only through DMA messages")
+            out.append(region.view[start : start + take])
         return out
 
     def view(self, addr: int, length: int, *, write: bool = False) -> memoryview:
@@ -139,30 +196,43 @@ class GuestMemory:
         region = self._region_at(addr)
         if region is None or addr < 0 or length < 0 or addr + length > region.end:
             raise GuestMemoryError(addr, length, "not mapped in one region")
+        if region.remote is not None:
+            raise GuestMemoryError(addr, length, "reachable only through DMA messages")
         if write and not region.writable:
             raise GuestMemoryError(addr, length, "read-only")
         start = addr - region.gpa
         return region.view[start : start + length]
 
     def read(self, addr: int, length: int) -> bytes:
-        return b"".join(self._chunks(addr, length, write=False))
+        buf = bytearray(length)
+        self.read_into(addr, memoryview(buf))
+        return bytes(buf)
 
     def read_into(self, addr: int, dest: memoryview) -> None:
         pos = 0
-        for chunk in self._chunks(addr, len(dest), write=False):
-            dest[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
+        for region, start, take in self._pieces(addr, len(dest), write=False):
+            if region.remote is not None:
+                region.remote.read(region.gpa + start, dest[pos : pos + take])
+            else:
+                dest[pos : pos + take] = region.view[start : start + take]
+            pos += take
 
     def write(self, addr: int, data: Buffer) -> None:
         src = memoryview(data).cast("B")
         pos = 0
-        for chunk in self._chunks(addr, len(src), write=True):
-            chunk[:] = src[pos : pos + len(chunk)]
-            pos += len(chunk)
+        for region, start, take in self._pieces(addr, len(src), write=True):
+            if region.remote is not None:
+                region.remote.write(region.gpa + start, src[pos : pos + take])
+            else:
+                region.view[start : start + take] = src[pos : pos + take]
+            pos += take
 
     def fill(self, addr: int, length: int, byte: int = 0) -> None:
-        for chunk in self._chunks(addr, length, write=True):
-            chunk[:] = bytes([byte]) * len(chunk)
+        for region, start, take in self._pieces(addr, length, write=True):
+            if region.remote is not None:
+                region.remote.write(region.gpa + start, memoryview(bytes([byte]) * take))
+            else:
+                region.view[start : start + take] = bytes([byte]) * take
 
     def read_u32(self, addr: int) -> int:
         """A little-endian dword, whatever the host's byte order."""
@@ -171,6 +241,25 @@ class GuestMemory:
 
     def write_u32(self, addr: int, value: int) -> None:
         self.write(addr, _U32.pack(value & 0xFFFFFFFF))
+
+
+class RemoteDwordPage:
+    """:class:`DwordPage` over remote memory: every load and store is a message round trip."""
+
+    __slots__ = ("_memory", "_addr")
+
+    def __init__(self, memory: GuestMemory, addr: int) -> None:
+        self._memory = memory
+        self._addr = addr
+
+    def load(self, index: int) -> int:
+        return self._memory.read_u32(self._addr + 4 * index)
+
+    def store(self, index: int, value: int) -> None:
+        self._memory.write_u32(self._addr + 4 * index, value)
+
+    def release(self) -> None:
+        pass
 
 
 class DwordPage:

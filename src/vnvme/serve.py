@@ -252,17 +252,18 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     server.serve_connection(conn, listener=listener, wakeup=wake_r)
                     conn.close()
     finally:
+        # No new client from here on; a second SIGTERM meanwhile only repeats "stop".
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.socket)
+        function.close()  # flushes every backend
+        if not args.quiet:
+            print(format_statistics(server, function), file=out, flush=True)
+        if trace_stream is not None:
+            trace_stream.close()
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(args.socket)
-        function.close()
-        if not args.quiet:
-            print(format_statistics(server, function), file=out, flush=True)
-        if trace_stream is not None:
-            trace_stream.close()
     return 0

@@ -228,10 +228,11 @@ def create_io_cq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
     if prp1 & (ctrl.page_size - 1):
         raise _fail(Status.PRP_OFFSET_INVALID, f"CQ base {prp1:#x} not page aligned")
     try:
-        view = ctrl.memory.view(prp1, size * CQE_SIZE, write=True)
+        view, remote = ctrl.memory.window(prp1, size * CQE_SIZE, write=True)
     except GuestMemoryError as exc:
         raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
     cq = CompletionQueue(qid, size, prp1, view, cq_slot(qid, ctrl.dstrd), ien=ien, vector=vector)
+    cq.remote = remote
     ctrl.cqs[qid] = cq
     ctrl._attach_to_dbbuf(None, cq)
     return _SUCCESS
@@ -258,10 +259,11 @@ def create_io_sq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
     if prp1 & (ctrl.page_size - 1):
         raise _fail(Status.PRP_OFFSET_INVALID, f"SQ base {prp1:#x} not page aligned")
     try:
-        view = ctrl.memory.view(prp1, size * SQE_SIZE)
+        view, remote = ctrl.memory.window(prp1, size * SQE_SIZE)
     except GuestMemoryError as exc:
         raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
     new_sq = SubmissionQueue(qid, cq, size, prp1, view, sq_slot(qid, ctrl.dstrd))
+    new_sq.remote = remote
     new_sq.priority = CreateQueue.QPRIO.get(cdw11)
     cq.sqs[qid] = new_sq
     ctrl.sqs[qid] = new_sq

@@ -519,8 +519,8 @@ class Controller:
         if reason is None:
             try:
                 self._sync_memory()
-                cq_view = self.memory.view(self.acq, acqs * CQE_SIZE, write=True)
-                sq_view = self.memory.view(self.asq, asqs * SQE_SIZE)
+                cq_view, cq_remote = self.memory.window(self.acq, acqs * CQE_SIZE, write=True)
+                sq_view, sq_remote = self.memory.window(self.asq, asqs * SQE_SIZE)
             except GuestMemoryError as exc:
                 reason = f"admin queue memory: {exc}"
         if reason is not None:
@@ -533,6 +533,7 @@ class Controller:
         self.page_size = page
         cq = CompletionQueue(0, acqs, self.acq, cq_view, cq_slot(0, self.dstrd), ien=True, vector=0)
         sq = SubmissionQueue(0, cq, asqs, self.asq, sq_view, sq_slot(0, self.dstrd))
+        cq.remote, sq.remote = cq_remote, sq_remote
         cq.sqs[0] = sq
         self.cqs[0], self.sqs[0] = cq, sq
         self.csts = CSTS.RDY.put(self.csts, 1)
@@ -862,6 +863,8 @@ class Controller:
                 if cq.is_full() and not self._make_room(cq):
                     sq.blocked = True
                     return processed
+                if sq.remote and not self._fetch_remote_sqe(sq, head):
+                    return processed
                 fields = _SQE_UNPACK(view, head * SQE_SIZE)
                 head += 1
                 if head == n:
@@ -961,6 +964,8 @@ class Controller:
         view = cq.view
         _CQE_HEAD_PACK(view, offset, dw0 & 0xFFFFFFFF, 0, sq.head, sq.sqid)
         _CQE_TAIL_PACK(view, offset + 12, cid | (((status << 1) | cq.phase) << 16))
+        if cq.remote:
+            self._push_remote_cqe(cq, offset)
         tail += 1
         if tail == cq.size:
             tail = 0
@@ -971,6 +976,21 @@ class Controller:
         self._touched_cqs[cq.cqid] = cq
         if self._tracing:
             self._trace("pci_nvme_enqueue_req_completion", cid, cq.cqid, dw0 & 0xFFFFFFFF, status)
+
+    def _fetch_remote_sqe(self, sq: SubmissionQueue, head: int) -> bool:
+        offset = head * SQE_SIZE
+        try:
+            self.memory.read_into(sq.base + offset, sq.view[offset : offset + SQE_SIZE])
+        except GuestMemoryError as exc:
+            self._set_fatal(f"sqid {sq.sqid}: entry unreachable: {exc}")
+            return False
+        return True
+
+    def _push_remote_cqe(self, cq: CompletionQueue, offset: int) -> None:
+        try:
+            self.memory.write(cq.base + offset, cq.view[offset : offset + CQE_SIZE])
+        except GuestMemoryError as exc:
+            self._set_fatal(f"cqid {cq.cqid}: entry unreachable: {exc}")
 
     def _drain_backlog(self, cq: CompletionQueue) -> None:
         while cq.backlog and not cq.is_full():
@@ -1055,10 +1075,10 @@ class Controller:
         try:
             for cq in self.cqs:
                 if cq is not None:
-                    cq.view = self.memory.view(cq.base, cq.size * CQE_SIZE, write=True)
+                    cq.view, cq.remote = self.memory.window(cq.base, cq.size * CQE_SIZE, write=True)
             for sq in self.sqs:
                 if sq is not None:
-                    sq.view = self.memory.view(sq.base, sq.size * SQE_SIZE)
+                    sq.view, sq.remote = self.memory.window(sq.base, sq.size * SQE_SIZE)
             if was_active:
                 self.dbbuf.configure(self.memory, shadow_addr, eventidx_addr, page_size)
         except GuestMemoryError as exc:

@@ -8,15 +8,22 @@ memory exactly that way).
 
 from __future__ import annotations
 
-from vnvme.memory import DwordPage, GuestMemory
+from vnvme.memory import DwordPage, GuestMemory, RemoteDwordPage
+
+
+def _page(memory: GuestMemory, addr: int, size: int) -> DwordPage | RemoteDwordPage:
+    if memory.is_remote(addr):
+        memory.window(addr, size, write=True)  # checks it is all there and writable
+        return RemoteDwordPage(memory, addr)
+    return DwordPage(memory.view(addr, size, write=True))
 
 
 class DoorbellBuffers:
     __slots__ = ("shadow", "eventidx", "shadow_addr", "eventidx_addr", "page_size")
 
     def __init__(self) -> None:
-        self.shadow: DwordPage | None = None
-        self.eventidx: DwordPage | None = None
+        self.shadow: DwordPage | RemoteDwordPage | None = None
+        self.eventidx: DwordPage | RemoteDwordPage | None = None
         self.shadow_addr = 0
         self.eventidx_addr = 0
         self.page_size = 0
@@ -27,9 +34,9 @@ class DoorbellBuffers:
 
     def configure(self, memory: GuestMemory, shadow_addr: int, eventidx_addr: int, page_size: int) -> None:
         """Take both pages (raises GuestMemoryError if either is not mapped and writable)."""
-        shadow = DwordPage(memory.view(shadow_addr, page_size, write=True))
+        shadow = _page(memory, shadow_addr, page_size)
         try:
-            eventidx = DwordPage(memory.view(eventidx_addr, page_size, write=True))
+            eventidx = _page(memory, eventidx_addr, page_size)
         except BaseException:
             shadow.release()
             raise

@@ -35,6 +35,7 @@ class SubmissionQueue:
         "head",
         "tail",
         "view",
+        "remote",
         "slot",
         "shadow_mode",
         "blocked",
@@ -58,6 +59,8 @@ class SubmissionQueue:
         # The tail as last learnt (from a BAR doorbell write or the shadow slot).
         self.tail = 0
         self.view = view
+        # The ring lives in remote memory: ``view`` is a local mirror, fetched entry by entry.
+        self.remote = False
         self.slot = slot  # dword index in the shadow / EventIdx pages
         self.shadow_mode = False
         self.blocked = False  # waiting for room in its CQ
@@ -98,6 +101,7 @@ class CompletionQueue:
         "ien",
         "vector",
         "view",
+        "remote",
         "slot",
         "shadow_mode",
         "sqs",
@@ -131,6 +135,8 @@ class CompletionQueue:
         self.ien = ien
         self.vector = vector
         self.view = view
+        # The ring lives in remote memory: ``view`` is a local mirror, each CQE pushed out.
+        self.remote = False
         self.slot = slot
         self.shadow_mode = False
         self.sqs: dict[int, SubmissionQueue] = {}

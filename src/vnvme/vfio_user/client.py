@@ -58,6 +58,9 @@ class VfioUserClient:
         self._msg_id = 0
         self.server_caps: dict[str, object] = {}
         self.stats = ClientStatistics()
+        # Memory mapped without a file descriptor: the server reads and writes it by messages.
+        self._dma_windows: list[tuple[int, memoryview]] = []
+        self.dma_requests_served = 0
 
     def close(self) -> None:
         self.channel.close()
@@ -83,20 +86,70 @@ class VfioUserClient:
         return msg_id
 
     def receive_reply(self, msg_id: int, command: int) -> Message:
-        ready, _, _ = select.select([self.channel.sock], [], [], self.timeout)
-        if not ready:
-            raise TimeoutError(f"no reply to {vu.command_name(command)} within {self.timeout} s")
-        reply = self.channel.receive()
-        if not reply.is_reply or reply.msg_id != msg_id or reply.command != command:
-            reply.close_fds()
-            raise vu.ProtocolError(
-                errno.EPROTO, f"unexpected message {reply.command}/{reply.msg_id} for {command}/{msg_id}"
-            )
-        if reply.is_error:
-            reply.close_fds()
-            err = reply.error or errno.EIO
-            raise VfioUserError(err, f"{vu.command_name(command)}: {os.strerror(err)}")
-        return reply
+        """Wait for the reply to ``msg_id``, serving the server's DMA requests meanwhile."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            ready, _, _ = select.select([self.channel.sock], [], [], max(deadline - time.monotonic(), 0))
+            if not ready:
+                raise TimeoutError(f"no reply to {vu.command_name(command)} within {self.timeout} s")
+            reply = self.channel.receive()
+            if not reply.is_reply:
+                self._serve(reply)
+                continue
+            if reply.msg_id != msg_id or reply.command != command:
+                reply.close_fds()
+                raise vu.ProtocolError(
+                    errno.EPROTO, f"unexpected reply {reply.command}/{reply.msg_id} for {command}/{msg_id}"
+                )
+            if reply.is_error:
+                reply.close_fds()
+                err = reply.error or errno.EIO
+                raise VfioUserError(err, f"{vu.command_name(command)}: {os.strerror(err)}")
+            return reply
+
+    def service(self) -> int:
+        """Serve every server request already waiting on the socket; returns how many."""
+        served = 0
+        while select.select([self.channel.sock], [], [], 0)[0]:
+            message = self.channel.receive()
+            if message.is_reply:
+                message.close_fds()
+                raise vu.ProtocolError(errno.EPROTO, f"reply {message.msg_id} nobody asked for")
+            self._serve(message)
+            served += 1
+        return served
+
+    def serve_dma(self, address: int, view: memoryview) -> None:
+        """Answer DMA_READ / DMA_WRITE for [address, address + len(view)) from ``view``."""
+        self._dma_windows.append((address, view))
+
+    def _window(self, address: int, count: int) -> memoryview | None:
+        for base, view in self._dma_windows:
+            if base <= address and address + count <= base + len(view):
+                return view[address - base : address - base + count]
+        return None
+
+    def _serve(self, message: Message) -> None:
+        message.close_fds()
+        payload = message.payload
+        if message.command not in (Command.DMA_READ, Command.DMA_WRITE) or len(payload) < vu.DMA_ACCESS.size:
+            self.channel.reply_error(message, errno.EINVAL)
+            return
+        address, count = vu.DMA_ACCESS.unpack_from(payload)
+        window = self._window(address, count)
+        if window is None:
+            self.channel.reply_error(message, errno.EFAULT)
+            return
+        self.dma_requests_served += 1
+        if message.command == Command.DMA_READ:
+            self.channel.reply(message, vu.DMA_ACCESS.pack(address, count) + bytes(window))
+        else:
+            data = payload[vu.DMA_ACCESS.size :]
+            if len(data) != count:
+                self.channel.reply_error(message, errno.EINVAL)
+                return
+            window[:] = data
+            self.channel.reply(message, vu.DMA_ACCESS.pack(address, count))
 
     def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None) -> Message:
         self.stats.requests += 1
@@ -155,9 +208,13 @@ class VfioUserClient:
         flags = vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER
         self.request(Command.DEVICE_SET_IRQS, vu.IRQ_SET.pack(vu.IRQ_SET.size, flags, index, start, count))
 
-    def dma_map(self, address: int, size: int, fd: int, offset: int = 0, *, writable: bool = True) -> None:
+    def dma_map(
+        self, address: int, size: int, fd: int | None, offset: int = 0, *, writable: bool = True
+    ) -> None:
+        """Map guest memory: with ``fd`` the server mmaps it; without, it uses DMA messages."""
         flags = vu.DmaFlags.READ | (vu.DmaFlags.WRITE if writable else 0)
-        self.request(Command.DMA_MAP, vu.DMA_MAP.pack(vu.DMA_MAP.size, flags, offset, address, size), [fd])
+        payload = vu.DMA_MAP.pack(vu.DMA_MAP.size, flags, offset, address, size)
+        self.request(Command.DMA_MAP, payload, [fd] if fd is not None else None)
 
     def dma_unmap(self, address: int, size: int) -> None:
         self.request(Command.DMA_UNMAP, vu.DMA_UNMAP.pack(vu.DMA_UNMAP.size, 0, address, size))
@@ -191,6 +248,7 @@ class VfioUserTransport:
         vectors: int | None = None,
         timeout: float = 10.0,
         mapped_doorbells: bool = False,
+        share_memory: bool = True,
     ) -> None:
         self.client = VfioUserClient(path, timeout=timeout)
         self.posted_writes = posted_writes
@@ -215,7 +273,12 @@ class VfioUserTransport:
             self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
             if count:
                 self.client.set_irq_eventfds(vu.PciIrq.MSIX, 0, self.eventfds)
-            self.client.dma_map(self.memory.base, self.memory.size, self.memory.fd)
+            if share_memory:
+                self.client.dma_map(self.memory.base, self.memory.size, self.memory.fd)
+            else:
+                # As QEMU without share=on: the server reaches this memory by messages only.
+                self.client.serve_dma(self.memory.base, self.memory.view)
+                self.client.dma_map(self.memory.base, self.memory.size, None)
             # As firmware would: enable memory decoding and bus mastering.
             command = int.from_bytes(self.client.region_read(vu.PciRegion.CONFIG, PCI_COMMAND, 2), "little")
             command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
@@ -254,12 +317,15 @@ class VfioUserTransport:
         except BlockingIOError:
             pass
         deadline = time.monotonic() + timeout
+        sock = self.client.channel.sock.fileno()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if ready:
+            ready, _, _ = select.select([fd, sock], [], [], remaining)
+            if sock in ready:
+                self.client.service()  # the device asks for memory (DMA_READ / DMA_WRITE)
+            if fd in ready:
                 try:
                     os.eventfd_read(fd)
                     return True
@@ -267,7 +333,8 @@ class VfioUserTransport:
                     continue
 
     def device_idle(self) -> None:
-        os.sched_yield()  # the device runs in its own process: give it the CPU if we share one
+        if self.client.service() == 0:
+            os.sched_yield()  # the device runs in its own process: give it the CPU if we share one
 
     def close(self) -> None:
         for _, _, mapping, words in self._mapped:

@@ -7,6 +7,7 @@ gets an error reply carrying an errno and the loop carries on with the next mess
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vnvme.memory import GuestMemory
+from vnvme.memory import GuestMemory, GuestMemoryError, RemoteAccess
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Channel, Command, Message, ProtocolError
 
@@ -116,6 +117,8 @@ class ServerOptions:
     #: Keep calling Device.run while it reports work, checking the socket in between, for up to
     #: this many idle passes before blocking (0: purely event driven).
     poll_passes: int = 0
+    #: How long a DMA_READ / DMA_WRITE to the client may take before the access fails.
+    dma_timeout: float = 5.0
 
 
 @dataclass
@@ -151,6 +154,11 @@ class VfioUserServer:
             Command.DEVICE_RESET: self._device_reset,
         }
         self.version_done = False
+        self._channel: Channel | None = None
+        self._deferred: collections.deque[Message] = collections.deque()
+        self._stop_connection = False
+        self._server_msg_id = 0
+        self.dma_messages = 0
 
     @property
     def max_message(self) -> int:
@@ -171,6 +179,9 @@ class VfioUserServer:
         """Serve one client until it disconnects or :meth:`stop` is called; a second client
         connecting to ``listener`` meanwhile is refused (closed at once)."""
         channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds)
+        self._channel = channel
+        self._deferred.clear()
+        self._stop_connection = False
         self.clients_served += 1
         self.version_done = False
         poller = select.poll()
@@ -184,8 +195,13 @@ class VfioUserServer:
         passes = self.options.poll_passes
         idle_passes = 0
         try:
-            while not self._stop:
+            while not self._stop and not self._stop_connection:
+                while self._deferred:
+                    # Commands that arrived while we waited for a DMA reply, in order.
+                    self._handle_message(channel, self._deferred.popleft())
                 busy = device.run(time.monotonic())
+                if self._deferred:
+                    continue  # the pass waited for DMA replies and commands came in meanwhile
                 if busy or idle_passes < passes:
                     idle_passes = 0 if busy else idle_passes + 1
                     timeout_ms: float | None = 0
@@ -217,10 +233,16 @@ class VfioUserServer:
         except (ConnectionResetError, BrokenPipeError) as exc:
             log.info("client connection lost: %s", exc)
         finally:
+            self._channel = None
+            for message in self._deferred:
+                message.close_fds()
+            self._deferred.clear()
             self._disconnect()
 
     def _handle_one(self, channel: Channel) -> None:
-        message = channel.receive()
+        self._handle_message(channel, channel.receive())
+
+    def _handle_message(self, channel: Channel, message: Message) -> None:
         name = vu.command_name(message.command)
         self.messages[name] += 1
         try:
@@ -295,7 +317,8 @@ class VfioUserServer:
             caps = got
         max_fds = caps.get("max_msg_fds", vu.DEFAULT_MAX_MSG_FDS)
         max_xfer = caps.get("max_data_xfer_size", vu.DEFAULT_MAX_DATA_XFER_SIZE)
-        if not isinstance(max_fds, int) or not isinstance(max_xfer, int) or max_fds < 0 or max_xfer < 1:
+        # JSON true / false decode to bool, an int subclass: a count must be a plain number.
+        if type(max_fds) is not int or type(max_xfer) is not int or max_fds < 0 or max_xfer < 1:
             raise ProtocolError(errno.EINVAL, "bad max_msg_fds / max_data_xfer_size")
         self.peer_max_fds, self.peer_max_xfer = max_fds, max_xfer
         reply_caps = {
@@ -331,7 +354,8 @@ class VfioUserServer:
         try:
             if argsz < vu.DMA_MAP.size or len(fds) > 1:
                 raise ProtocolError(errno.EINVAL, "DMA_MAP argsz or fd count")
-            if flags & ~(vu.DmaFlags.READ | vu.DmaFlags.WRITE) or not flags & vu.DmaFlags.READ:
+            # ~ of an IntFlag stays inside its members (0 here): complement the plain int.
+            if flags & ~int(vu.DmaFlags.READ | vu.DmaFlags.WRITE) or not flags & vu.DmaFlags.READ:
                 raise ProtocolError(errno.EINVAL, f"DMA_MAP flags {flags:#x}")
             if size == 0 or (address | size | offset) & (PAGE_SIZE - 1) or address + size > 1 << 64:
                 raise ProtocolError(errno.EINVAL, "DMA_MAP address, size or offset not page aligned")
@@ -341,8 +365,15 @@ class VfioUserServer:
                 if address < other.address + other.size and other.address < address + size:
                     raise ProtocolError(errno.EEXIST, f"DMA_MAP overlaps the mapping at {other.address:#x}")
             if not fds:
-                # Memory reachable only through DMA_READ / DMA_WRITE messages: not implemented yet.
-                raise ProtocolError(errno.ENOTSUP, "DMA_MAP without a file descriptor")
+                # Not mappable: the device reaches it with DMA_READ / DMA_WRITE messages.
+                if offset:
+                    raise ProtocolError(errno.EINVAL, "DMA_MAP offset without a file descriptor")
+                access = RemoteAccess(self._remote_read, self._remote_write)
+                writable = bool(flags & vu.DmaFlags.WRITE)
+                self.device.memory.map_remote(address, size, access, writable=writable)
+                self.dma[address] = DmaMapping(address, size, flags, None)
+                self.device.memory_changed()
+                return b"", []
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if flags & vu.DmaFlags.WRITE else 0)
             try:
                 mapping = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
@@ -361,7 +392,7 @@ class VfioUserServer:
         argsz, flags, address, size = vu.DMA_UNMAP.unpack_from(message.payload)
         if flags & vu.DmaUnmapFlags.GET_DIRTY_BITMAP:
             raise ProtocolError(errno.ENOTSUP, "dirty page tracking is not supported")
-        if flags & ~vu.DmaUnmapFlags.ALL:
+        if flags & ~int(vu.DmaUnmapFlags.ALL):
             raise ProtocolError(errno.EINVAL, f"DMA_UNMAP flags {flags:#x}")
         if flags & vu.DmaUnmapFlags.ALL:
             if address or size:
@@ -373,6 +404,60 @@ class VfioUserServer:
                 raise ProtocolError(errno.ENOENT, f"no DMA mapping [{address:#x}, +{size:#x})")
             self._unmap(mapping)
         return vu.DMA_UNMAP.pack(vu.DMA_UNMAP.size, flags, address, size), []
+
+    # Section: DMA through messages (memory mapped without a file descriptor)
+
+    def _remote_read(self, address: int, dest: memoryview) -> None:
+        step = max(1, min(self.peer_max_xfer, self.options.max_data_xfer_size))
+        for pos in range(0, len(dest), step):
+            count = min(step, len(dest) - pos)
+            reply = self._dma_request(
+                Command.DMA_READ, vu.DMA_ACCESS.pack(address + pos, count), address + pos, count
+            )
+            if len(reply) < vu.DMA_ACCESS.size + count:
+                raise GuestMemoryError(address + pos, count, "short DMA_READ reply")
+            got_addr, got_count = vu.DMA_ACCESS.unpack_from(reply)
+            if (got_addr, got_count) != (address + pos, count):
+                raise GuestMemoryError(address + pos, count, "DMA_READ reply for another range")
+            dest[pos : pos + count] = reply[vu.DMA_ACCESS.size : vu.DMA_ACCESS.size + count]
+
+    def _remote_write(self, address: int, src: memoryview) -> None:
+        step = max(1, min(self.peer_max_xfer, self.options.max_data_xfer_size))
+        for pos in range(0, len(src), step):
+            count = min(step, len(src) - pos)
+            payload = vu.DMA_ACCESS.pack(address + pos, count) + bytes(src[pos : pos + count])
+            self._dma_request(Command.DMA_WRITE, payload, address + pos, count)
+
+    def _dma_request(self, command: Command, payload: bytes, address: int, count: int) -> bytes:
+        """Send a server-to-client request and wait for its reply; client commands arriving
+        meanwhile are kept for the main loop. Failures are the device's data transfer errors."""
+        channel = self._channel
+        if channel is None:
+            raise GuestMemoryError(address, count, "no client to reach")
+        self._server_msg_id = (self._server_msg_id + 1) & 0xFFFF
+        msg_id = self._server_msg_id
+        self.dma_messages += 1
+        try:
+            channel.send(vu.pack_message(msg_id, command, vu.TYPE_COMMAND, payload))
+            deadline = time.monotonic() + self.options.dma_timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                ready, _, _ = select.select([channel.sock], [], [], max(remaining, 0))
+                if not ready:
+                    raise GuestMemoryError(address, count, f"no reply to {command.name}")
+                message = channel.receive()
+                if message.is_reply and message.msg_id == msg_id and message.command == command:
+                    if message.is_error:
+                        raise GuestMemoryError(address, count, f"{command.name}: errno {message.error}")
+                    return message.payload
+                if message.is_reply:
+                    self.errors["stray_reply"] += 1
+                    message.close_fds()
+                    continue
+                self._deferred.append(message)
+        except (vu.Disconnected, OSError) as exc:
+            self._stop_connection = True
+            raise GuestMemoryError(address, count, f"client unreachable: {exc}") from None
 
     def _unmap(self, mapping: DmaMapping) -> None:
         del self.dma[mapping.address]
@@ -437,7 +522,7 @@ class VfioUserServer:
             argsz, flags, index, start, count = vu.IRQ_SET.unpack_from(payload)
             data_kind = flags & vu.IRQ_SET_DATA_MASK
             action = flags & vu.IRQ_SET_ACTION_MASK
-            if flags & ~(vu.IRQ_SET_DATA_MASK | vu.IRQ_SET_ACTION_MASK):
+            if flags & ~int(vu.IRQ_SET_DATA_MASK | vu.IRQ_SET_ACTION_MASK):
                 raise ProtocolError(errno.EINVAL, f"SET_IRQS flags {flags:#x}")
             if data_kind.bit_count() != 1 or action.bit_count() != 1:
                 raise ProtocolError(errno.EINVAL, "SET_IRQS needs exactly one DATA and one ACTION flag")
