@@ -607,7 +607,9 @@ class VfioUserServer:
             raise ProtocolError(
                 errno.EINVAL, f"REGION_WRITE_MULTI of {wr_cnt} writes in {len(payload)} bytes"
             )
-        done = 0
+        # Check every entry before the first write: a refused message changes nothing (only a
+        # device refusing one write can stop the rest part way).
+        writes: list[tuple[Callable[[int, bytes], None], int, bytes]] = []
         for i in range(wr_cnt):
             offset, index, count, data = entry.unpack_from(payload, 8 + i * entry.size)
             if count > 8:
@@ -615,9 +617,10 @@ class VfioUserServer:
             region = self._region(index, offset, count)
             if region.write is None:
                 raise ProtocolError(errno.EPERM, f"region {index} is read-only")
-            region.write(offset, data[:count])
-            done += 1
-        return vu.WRITE_MULTI_COUNT.pack(done), []
+            writes.append((region.write, offset, data[:count]))
+        for write, offset, data in writes:
+            write(offset, data)
+        return vu.WRITE_MULTI_COUNT.pack(len(writes)), []
 
     def _device_reset(self, message: Message) -> tuple[bytes, list[int]]:
         self.device.reset()
