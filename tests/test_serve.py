@@ -263,3 +263,31 @@ def test_memory_without_a_file_descriptor_is_reached_by_dma_messages(server: Ser
     assert code == 0, err
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["controller"]["internal_errors"] == 0
+
+
+def test_transport_trace_events(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.jsonl"
+    s = Server(tmp_path, "--namespace", "ram,size=8M", "--trace", "vfio_user_*", "--trace-file", str(trace))
+    try:
+        transport = s.transport()
+        try:
+            with pytest.raises(OSError):
+                transport.client.region_read(9, 0, 4)  # no such region: refused, traced
+            driver = _driver(transport)
+            driver.close()
+        finally:
+            transport.close()
+        code, _, err = s.stop()
+        assert code == 0, err
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.communicate(timeout=10)
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    names = [r["event"] for r in records]
+    for expected in ("vfio_user_connect", "vfio_user_version", "vfio_user_set_irqs", "vfio_user_dma_map"):
+        assert expected in names
+    assert names[-2:] == ["vfio_user_disconnect", "vfio_user_dma_unmap"]
+    refused = [r for r in records if r["event"] == "vfio_user_err_message"]
+    assert len(refused) == 1 and refused[0]["command"] == "REGION_READ" and refused[0]["errno"] == 22
+    assert not any(n.startswith("pci_nvme_") for n in names)

@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     from vnvme.serve import add_arguments
 
     add_arguments(serve)
+    bench = commands.add_parser(
+        "bench",
+        help="the shadow doorbell experiment: fio-style I/O through vfio-user, doorbells counted",
+        description="Run the shadow doorbell experiment: vnvme serve in its own process, the host "
+        "driver here over vfio-user, shadow doorbells off and on, depths 1, 2, 4, 8.",
+    )
+    from vnvme.bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
     trace = commands.add_parser("trace-events", help="list the declared trace events")
     trace.add_argument("pattern", nargs="?", default="*")
     return parser
@@ -64,6 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args)
         except (ValueError, OSError) as exc:  # bad options, namespaces, config: say so, no traceback
             print(f"vnvme serve: {exc}", file=sys.stderr)
+            return 2
+    if args.command == "bench":
+        from vnvme.bench.command import run as run_bench_command
+
+        try:
+            return run_bench_command(args)
+        except ValueError as exc:
+            print(f"vnvme bench: {exc}", file=sys.stderr)
             return 2
     if args.command == "trace-events":
         import fnmatch

@@ -28,6 +28,7 @@ from vnvme.controller.namespace import Namespace
 from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
 from vnvme.memory import GuestMemory
 from vnvme.spec import registers as regs
+from vnvme.spec.registers import Reg
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.pci import Bar, MsixConfig, PciConfig
 from vnvme.vfio_user.server import DeviceError, IrqType, Region
@@ -51,8 +52,14 @@ def _pow2_at_least(value: int, minimum: int) -> int:
 @dataclass
 class FunctionStatistics:
     interrupts_signalled: int = 0
-    interrupts_deferred: int = 0  # masked, or no eventfd yet
+    interrupts_deferred: int = 0  # masked, no eventfd yet, or bus mastering off
     interrupts_dropped: int = 0
+    #: BAR accesses while the command register's Memory Space Enable was 0 (not decoded).
+    undecoded_bar_accesses: int = 0
+
+
+# Registers a host may never write (NVMe 1.3 §3.1): REGION_WRITE there is refused with EPERM.
+_READ_ONLY_REGISTERS: frozenset[int] = frozenset({Reg.CAP, Reg.CAP + 4, Reg.VS, Reg.CMBLOC, Reg.CMBSZ})
 
 
 class NvmeFunction:
@@ -117,6 +124,22 @@ class NvmeFunction:
         self.fatal_reasons: list[str] = []
         self._polling_now = False
         self._msix_live = 0  # MSI-X vectors with an eventfd
+        self._command_changed()
+        self.pci.on_change = self._command_changed
+
+    def _command_changed(self) -> None:
+        """Cache the Command register's bits: they are tested on every access and pass."""
+        pci = self.pci
+        mastering_before = getattr(self, "_bus_master", False)
+        self._memory_enabled = pci.memory_enabled
+        self._bus_master = pci.bus_master
+        self._intx_disabled = pci.intx_disabled
+        if self._bus_master and not mastering_before:
+            # Interrupts held while bus mastering was off go out now (where a vector can take them).
+            for index, pending in self.pending.items():
+                for vector, held in enumerate(pending):
+                    if held:
+                        self._deliver_pending(index, vector)
 
     # Section: mappable doorbells
 
@@ -175,10 +198,13 @@ class NvmeFunction:
         self._reset_msix_table()
 
     def reset(self) -> None:
-        """DEVICE_RESET (function level): controller and config space; eventfds stay assigned."""
+        """DEVICE_RESET (function level): controller and config space; eventfds stay assigned,
+        pending interrupts (the PBA) are forgotten."""
         self._handle(self.controller.reset())
         self.pci.reset()
         self._reset_msix_table()
+        for index in self.pending:
+            self.pending[index] = [False] * len(self.pending[index])
 
     def memory_changed(self) -> None:
         self._handle(self.controller.memory_changed())
@@ -204,13 +230,15 @@ class NvmeFunction:
             for i, flag in enumerate(data):
                 if flag:
                     self.masked[index][start + i] = False
-                    if self.pending[index][start + i]:
-                        self.pending[index][start + i] = False
-                        self._signal(index, start + i)
+                    self._deliver_pending(index, start + i)
 
     def run(self, now: float) -> bool:
         """One pass; True when it made progress or work is pending (keep polling)."""
         ctrl = self.controller
+        if not self._bus_master:
+            # Bus Master Enable = 0: the function may not touch host memory (nor signal MSI-X,
+            # a memory write); doorbells still latch and are served once it is set.
+            return False
         before = ctrl.completions
         if self.mappable_doorbells:
             self._scan_doorbells()
@@ -249,9 +277,19 @@ class NvmeFunction:
             current[start + i] = fd
             if index == vu.PciIrq.MSIX:
                 self._msix_live += (fd >= 0) - (old >= 0)
-            if fd >= 0 and self.pending[index][start + i] and not self.masked[index][start + i]:
-                self.pending[index][start + i] = False
-                self._signal(index, start + i)
+            if fd >= 0:
+                self._deliver_pending(index, start + i)
+
+    def _deliver_pending(self, index: int, vector: int) -> None:
+        """Signal a held interrupt if the vector can take it now (eventfd, unmasked, mastering)."""
+        if (
+            self.pending[index][vector]
+            and self._bus_master
+            and self.eventfds[index][vector] >= 0
+            and not self.masked[index][vector]
+        ):
+            self.pending[index][vector] = False
+            self._signal(index, vector)
 
     def _signal(self, index: int, vector: int) -> None:
         fd = self.eventfds[index][vector]
@@ -262,16 +300,21 @@ class NvmeFunction:
         try:
             os.eventfd_write(fd, 1)
             self.stats.interrupts_signalled += 1
+            self.pending[index][vector] = False  # delivered: a stale PBA bit must not fire again
         except OSError:
             self.stats.interrupts_dropped += 1
 
     def _raise(self, vector: int) -> None:
+        if not self._bus_master and vector < self.vectors:
+            self.pending[vu.PciIrq.MSIX][vector] = True
+            self.stats.interrupts_deferred += 1
+            return
         if self._msix_live:
             if vector < self.vectors:
                 self._signal(vu.PciIrq.MSIX, vector)
             else:
                 self.stats.interrupts_dropped += 1
-        elif self.eventfds[vu.PciIrq.INTX][0] >= 0 and not self.pci.intx_disabled:
+        elif self.eventfds[vu.PciIrq.INTX][0] >= 0 and not self._intx_disabled:
             self._signal(vu.PciIrq.INTX, 0)
         elif vector < self.vectors:
             # No vector configured yet: remember it, as a PBA bit would.
@@ -291,9 +334,19 @@ class NvmeFunction:
 
     # Section: regions
 
+    def _undecoded(self) -> bool:
+        """Memory Space Enable = 0: the function does not decode its BARs (reads see all ones,
+        writes vanish), as a master abort on a real bus."""
+        if self._memory_enabled:
+            return False
+        self.stats.undecoded_bar_accesses += 1
+        return True
+
     def _bar0_read(self, offset: int, count: int) -> bytes:
         if count not in (1, 2, 4, 8) or offset % count:
             raise DeviceError(errno.EINVAL, f"BAR0 read of {count} bytes at {offset:#x}")
+        if self._undecoded():
+            return b"\xff" * count
         value = self.controller.mmio_read(offset, count)
         self._handle(self.controller.take_effects())
         return value.to_bytes(count, "little")
@@ -302,6 +355,10 @@ class NvmeFunction:
         count = len(data)
         if count not in (1, 2, 4, 8) or offset % count:
             raise DeviceError(errno.EINVAL, f"BAR0 write of {count} bytes at {offset:#x}")
+        if {offset & ~3, (offset + count - 1) & ~3} & _READ_ONLY_REGISTERS:
+            raise DeviceError(errno.EPERM, f"BAR0 write of {count} bytes at {offset:#x}: read-only register")
+        if self._undecoded():
+            return
         if (
             self.mappable_doorbells
             and count == 4
@@ -321,6 +378,8 @@ class NvmeFunction:
     def _bar4_read(self, offset: int, count: int) -> bytes:
         if count not in (4, 8) or offset % 4:
             raise DeviceError(errno.EINVAL, f"MSI-X access of {count} bytes at {offset:#x}")
+        if self._undecoded():
+            return b"\xff" * count
         if offset + count <= len(self.msix_table):
             return bytes(self.msix_table[offset : offset + count])
         if offset >= self.pba_offset:
@@ -338,6 +397,8 @@ class NvmeFunction:
             raise DeviceError(errno.EINVAL, f"MSI-X access of {count} bytes at {offset:#x}")
         if offset + count > len(self.msix_table):
             raise DeviceError(errno.EPERM, "the PBA is read-only")
+        if self._undecoded():
+            return
         self.msix_table[offset : offset + count] = data
 
     def _config_read(self, offset: int, count: int) -> bytes:

@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         idle_sleep=float(file_options.get("idle_sleep", args.idle_sleep)),
     )
     passes = int(file_options.get("poll_passes", args.poll_passes)) if poll or mappable else 0
-    server = VfioUserServer(function, ServerOptions(poll_passes=passes))
+    server = VfioUserServer(function, ServerOptions(poll_passes=passes), trace=args.trace, trace_sink=sink)
     listener = listen(args.socket)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)

@@ -135,6 +135,32 @@ TRACE_EVENTS: Final[dict[str, TraceEventSpec]] = _table(
     ("pci_nvme_err_rearm_exhausted", "sqid attempts", "sqid {sqid} lost {attempts} rearm races in a row"),
     ("pci_nvme_err_cq_full", "cqid", "cqid {cqid} full: waiting for the host to consume"),
     ("pci_nvme_err_fatal", "reason", "controller fatal status: {reason}"),
+    # vfio-user server (the transport: no NVMe in these)
+    ("vfio_user_connect", "clients", "client connected ({clients} so far)"),
+    ("vfio_user_disconnect", "reason", "client gone: {reason}"),
+    (
+        "vfio_user_version",
+        "major minor max_fds max_xfer",
+        "version {major}.{minor} max_msg_fds {max_fds} max_data_xfer_size {max_xfer}",
+    ),
+    (
+        "vfio_user_dma_map",
+        "address size flags fd",
+        "dma map [{address:#x}, +{size:#x}) flags {flags:#x} fd {fd}",
+    ),
+    ("vfio_user_dma_unmap", "address size", "dma unmap [{address:#x}, +{size:#x})"),
+    (
+        "vfio_user_set_irqs",
+        "index flags start count",
+        "set irqs index {index} flags {flags:#x} start {start} count {count}",
+    ),
+    ("vfio_user_reset", "", "device reset"),
+    ("vfio_user_dma_request", "command address count", "{command} [{address:#x}, +{count:#x}) to the client"),
+    (
+        "vfio_user_err_message",
+        "command msg_id errno reason",
+        "{command} id {msg_id} refused, errno {errno}: {reason}",
+    ),
 )
 
 

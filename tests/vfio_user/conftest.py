@@ -21,6 +21,7 @@ def peer() -> Iterator[Peer]:
 
 @pytest.fixture
 def ready(peer: Peer) -> Peer:
-    """VERSION done: every other command is accepted."""
+    """VERSION done (every other command is accepted), BARs decoded, bus mastering on."""
     peer.version()
+    peer.enable_decoding()
     return peer

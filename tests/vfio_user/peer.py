@@ -101,6 +101,10 @@ class Peer:
         parsed: dict[str, object] = json.loads(reply.payload[4:].rstrip(b"\0"))
         return parsed
 
+    def enable_decoding(self) -> None:
+        """What firmware does before a driver runs: Memory Space and Bus Master Enable."""
+        self.write_int(vu.PciRegion.CONFIG, 0x04, 2, 0x0006)
+
     def read(self, region: int, offset: int, count: int) -> bytes:
         """REGION_READ: the data, after checking the reply echoes the request."""
         reply = self.ok(Command.REGION_READ, vu.REGION_ACCESS.pack(offset, region, count))

@@ -20,6 +20,13 @@ from vnvme.vfio_user.client import VfioUserClient, VfioUserError
 from vnvme.vfio_user.protocol import Channel, Command
 from vnvme.vfio_user.server import ServerOptions
 
+CONFIG = vu.PciRegion.CONFIG
+
+
+def _enable_decoding(client: VfioUserClient) -> None:
+    """What firmware does before a driver runs: Memory Space and Bus Master Enable."""
+    client.region_write(CONFIG, 0x04, (0x0006).to_bytes(2, "little"))
+
 
 def test_client_class_round_trip() -> None:
     """VfioUserClient against the server over a real listening socket, in a thread."""
@@ -30,6 +37,8 @@ def test_client_class_round_trip() -> None:
             assert caps["max_msg_fds"] == 16
             assert client.device_info()[1:] == (9, 5)
             assert client.region_info(0).size == function.bar0_size
+            assert client.region_read(0, Reg.VS, 4) == b"\xff" * 4  # not decoded yet
+            _enable_decoding(client)
             vs = int.from_bytes(client.region_read(0, Reg.VS, 4), "little")
             assert vs == function.controller.mmio_read(Reg.VS, 4)
             with pytest.raises(VfioUserError) as info:
@@ -47,6 +56,7 @@ def test_every_command_through_the_client() -> None:
     try:
         with listening_server(function) as (path, server), VfioUserClient(path) as client:
             assert client.negotiate(max_data_xfer_size=8192) == client.server_caps
+            _enable_decoding(client)
             assert server.peer_max_fds == 16 and server.peer_max_xfer == 8192
             flags, regions, irqs = client.device_info()
             assert flags == vu.DeviceFlags.RESET | vu.DeviceFlags.PCI and (regions, irqs) == (9, 5)
@@ -95,6 +105,7 @@ def test_eventfds_go_in_chunks_of_the_servers_max_msg_fds() -> None:
         options = ServerOptions(max_msg_fds=2)
         with listening_server(function, options) as (path, server), VfioUserClient(path) as client:
             assert client.negotiate()["max_msg_fds"] == 2
+            _enable_decoding(client)
             client.set_irq_eventfds(vu.PciIrq.MSIX, 10, efds)
             assert server.messages["DEVICE_SET_IRQS"] == 3
             assert all(fd >= 0 for fd in function.eventfds[vu.PciIrq.MSIX][10:15])

@@ -17,6 +17,20 @@ CONFIG = vu.PciRegion.CONFIG
 EVENTFD_TRIGGER = vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER
 
 
+def _assert_not_decoded_until_enabled(peer: Peer) -> None:
+    """After a reset the Command register is 0: BAR reads are all ones until firmware sets it."""
+    fn = peer.function
+    assert peer.read_int(CONFIG, 0x04, 2) == 0
+    assert not fn.pci.memory_enabled and not fn.pci.bus_master
+    before = fn.stats.undecoded_bar_accesses
+    assert peer.read(BAR0, Reg.VS, 4) == b"\xff" * 4
+    assert peer.read(BAR4, 0, 8) == b"\xff" * 8
+    assert peer.read(BAR4, fn.pba_offset, 8) == b"\xff" * 8
+    assert fn.stats.undecoded_bar_accesses == before + 3
+    peer.enable_decoding()
+    assert peer.read_int(BAR0, Reg.VS, 4) == 0x00010300
+
+
 def test_device_reset_resets_the_controller(ready: Peer) -> None:
     ctrl = ready.function.controller
     ready.call(
@@ -51,13 +65,16 @@ def test_device_reset_resets_config_space(ready: Peer) -> None:
     # The identity is what it was.
     after = ready.read(CONFIG, 0, 4096)
     assert after[:4] == before_reset[:4] and after[8:12] == before_reset[8:12]
+    _assert_not_decoded_until_enabled(ready)
 
 
 def test_device_reset_masks_the_msix_table_again(ready: Peer) -> None:
     ready.write_int(BAR4, 0, 8, 0xFEE0_0000)
     ready.write_int(BAR4, 8, 4, 0x41)
     ready.write_int(BAR4, 12, 4, 0)
+    assert ready.read_int(BAR4, 0, 8) == 0xFEE0_0000 and ready.read_int(BAR4, 8, 8) == 0x41  # unmasked
     ready.ok(Command.DEVICE_RESET)
+    _assert_not_decoded_until_enabled(ready)
     assert ready.read(BAR4, 0, 8) + ready.read(BAR4, 8, 8) == b"\0" * 12 + b"\x01\0\0\0"
 
 
@@ -73,6 +90,7 @@ def test_eventfds_and_mappings_survive_a_device_reset(ready: Peer) -> None:
         assert [r.gpa for r in ready.function.memory.regions()] == [0x1_0000_0000]
         os.pwrite(fd, b"still", 0)
         assert ready.function.memory.read(0x1_0000_0000, 5) == b"still"
+        ready.enable_decoding()  # the reset cleared Bus Master Enable: set it again, as firmware would
         ready.function._raise(0)
         assert signalled(efd) == 1
     finally:
@@ -80,11 +98,38 @@ def test_eventfds_and_mappings_survive_a_device_reset(ready: Peer) -> None:
         os.close(fd)
 
 
+def test_device_reset_forgets_pending_interrupts(ready: Peer) -> None:
+    fn = ready.function
+    msix = vu.PciIrq.MSIX
+    efd = eventfd()
+    try:
+        ready.set_irqs(EVENTFD_TRIGGER, msix, 2, 1, fds=[efd])
+        ready.set_irqs(vu.IrqSetFlags.DATA_NONE | vu.IrqSetFlags.ACTION_MASK, msix, 2, 1)
+        fn._raise(1)  # no eventfd yet: pending
+        fn._raise(2)  # masked: pending
+        fn._raise(64)  # the last vector, in the second PBA QWORD
+        assert signalled(efd) == 0
+        assert ready.read_int(BAR4, fn.pba_offset, 8) == 0b110
+        assert ready.read_int(BAR4, fn.pba_offset + 8, 8) == 1
+        ready.ok(Command.DEVICE_RESET)
+        assert not any(fn.pending[msix]) and not any(fn.pending[vu.PciIrq.INTX])
+        ready.enable_decoding()
+        assert ready.read_int(BAR4, fn.pba_offset, 8) == 0
+        assert ready.read_int(BAR4, fn.pba_offset + 8, 8) == 0
+        # Forgotten, not merely hidden: neither unmasking nor a new eventfd delivers them.
+        ready.set_irqs(vu.IrqSetFlags.DATA_NONE | vu.IrqSetFlags.ACTION_UNMASK, msix, 2, 1)
+        ready.set_irqs(EVENTFD_TRIGGER, msix, 1, 1, fds=[efd])
+        assert signalled(efd) == 0
+        assert fn.stats.interrupts_signalled == 0
+    finally:
+        os.close(efd)
+
+
 def test_the_server_serves_on_after_a_reset(ready: Peer) -> None:
     for _ in range(3):
         ready.ok(Command.DEVICE_RESET)
     assert ready.server.version_done
-    assert ready.read_int(BAR0, Reg.VS, 4) == 0x00010300
+    _assert_not_decoded_until_enabled(ready)
     assert ready.server.messages["DEVICE_RESET"] == 3
 
 

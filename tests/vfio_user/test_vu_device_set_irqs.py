@@ -14,6 +14,8 @@ from vnvme.vfio_user.protocol import Command
 
 MSIX = vu.PciIrq.MSIX
 INTX = vu.PciIrq.INTX
+BAR4 = vu.PciRegion.BAR4
+CONFIG = vu.PciRegion.CONFIG
 F = vu.IrqSetFlags
 EVENTFD_TRIGGER = F.DATA_EVENTFD | F.ACTION_TRIGGER
 NONE_TRIGGER = F.DATA_NONE | F.ACTION_TRIGGER
@@ -120,6 +122,50 @@ def test_an_interrupt_raised_before_any_eventfd_is_pending_until_one_comes(
     assert ready.read_int(vu.PciRegion.BAR4, pba, 8) == 0
 
 
+def test_bus_master_disable_holds_interrupts_in_the_pba(ready: Peer, efds: list[int]) -> None:
+    fn = ready.function
+    pba = fn.pba_offset
+    ready.set_irqs(EVENTFD_TRIGGER, MSIX, 0, 2, fds=efds[:2])
+    ready.write_int(CONFIG, 0x04, 2, 0x0002)  # Memory Space Enable only: the PBA stays readable
+    fn._raise(0)
+    fn._raise(1)
+    fn._raise(1)
+    assert [signalled(fd) for fd in efds[:2]] == [0, 0]  # an MSI-X message is a memory write
+    assert (fn.stats.interrupts_signalled, fn.stats.interrupts_deferred) == (0, 3)
+    assert ready.read_int(BAR4, pba, 8) == 0b11
+    # Setting Bus Master Enable delivers what was held, once per vector (a PBA bit, not a count).
+    ready.write_int(CONFIG, 0x04, 2, 0x0006)
+    assert [signalled(fd) for fd in efds[:2]] == [1, 1]
+    assert ready.read_int(BAR4, pba, 8) == 0
+    assert fn.stats.interrupts_signalled == 2
+    # Nothing stale is left to fire again on a re-assign or an UNMASK.
+    ready.set_irqs(EVENTFD_TRIGGER, MSIX, 0, 1, fds=[efds[0]])
+    ready.set_irqs(F.DATA_NONE | F.ACTION_UNMASK, MSIX, 1, 1)
+    assert [signalled(fd) for fd in efds[:2]] == [0, 0]
+    # With mastering on, an interrupt goes straight out again.
+    fn._raise(1)
+    assert [signalled(fd) for fd in efds[:2]] == [0, 1]
+
+
+def test_assigning_an_eventfd_with_bus_mastering_off_keeps_it_held(ready: Peer, efds: list[int]) -> None:
+    fn = ready.function
+    ready.write_int(CONFIG, 0x04, 2, 0x0002)
+    fn._raise(0)  # no eventfd and no bus mastering: pending
+    ready.set_irqs(EVENTFD_TRIGGER, MSIX, 0, 1, fds=[efds[0]])
+    assert signalled(efds[0]) == 0
+    assert ready.read_int(BAR4, fn.pba_offset, 8) == 1
+
+
+def test_unmask_with_bus_mastering_off_keeps_it_held(ready: Peer, efds: list[int]) -> None:
+    fn = ready.function
+    ready.set_irqs(EVENTFD_TRIGGER, MSIX, 0, 1, fds=[efds[0]])
+    ready.write_int(CONFIG, 0x04, 2, 0x0002)
+    fn._raise(0)
+    ready.set_irqs(F.DATA_NONE | F.ACTION_UNMASK, MSIX, 0, 1)
+    assert signalled(efds[0]) == 0
+    assert ready.read_int(BAR4, fn.pba_offset, 8) == 1
+
+
 def test_trigger_with_data_bool_signals_the_vectors_set_to_one(ready: Peer, efds: list[int]) -> None:
     ready.set_irqs(EVENTFD_TRIGGER, MSIX, 0, 4, fds=efds)
     ready.set_irqs(BOOL_TRIGGER, MSIX, 0, 4, data=b"\x01\x00\x07\x00")
@@ -163,12 +209,13 @@ def test_intx(ready: Peer, efds: list[int]) -> None:
     assert signalled(efds[0]) == 2
     ready.set_irqs(NONE_TRIGGER, INTX, 0, 1)
     assert signalled(efds[0]) == 1
-    # Interrupt Disable in the config space Command register silences the line.
-    ready.write_int(vu.PciRegion.CONFIG, 0x04, 2, 1 << 10)
+    # Interrupt Disable in the config space Command register silences the line (Memory Space
+    # and Bus Master Enable stay set).
+    ready.write_int(vu.PciRegion.CONFIG, 0x04, 2, 1 << 10 | 0x0006)
     fn._raise(0)
     assert signalled(efds[0]) == 0
     assert fn.pending[MSIX][0]  # held as a pending MSI-X vector rather than lost
-    ready.write_int(vu.PciRegion.CONFIG, 0x04, 2, 0)
+    ready.write_int(vu.PciRegion.CONFIG, 0x04, 2, 0x0006)
     # Once an MSI-X vector is live, interrupts go there instead (the held one first).
     ready.set_irqs(EVENTFD_TRIGGER, MSIX, 0, 1, fds=[efds[1]])
     assert (signalled(efds[0]), signalled(efds[1])) == (0, 1)

@@ -37,6 +37,50 @@ def test_region_read_errors(ready: Peer) -> None:
         ready.expect_error(Command.REGION_READ, payload, errno.EINVAL)
 
 
+# Section: Memory Space Enable
+
+
+def test_bars_read_all_ones_until_memory_space_is_enabled(peer: Peer) -> None:
+    peer.version()  # no enable_decoding(): the Command register is 0
+    fn = peer.function
+    fn._raise(0)  # a pending vector: the PBA would read 1
+    assert fn.pending[vu.PciIrq.MSIX][0]
+    undecoded = [
+        (BAR0, Reg.CAP, 8),
+        (BAR0, Reg.VS, 4),
+        (BAR0, Reg.VS + 1, 1),
+        (BAR0, Reg.CSTS, 2),
+        (BAR4, 8, 8),  # vector 0's data and Vector Control
+        (BAR4, 12, 4),
+        (BAR4, fn.pba_offset, 8),
+    ]
+    for region, offset, count in undecoded:
+        assert peer.read(region, offset, count) == b"\xff" * count, (region, offset)
+    assert fn.stats.undecoded_bar_accesses == len(undecoded)
+    # A malformed access is still refused, before decoding: EINVAL, not counted.
+    peer.expect_error(Command.REGION_READ, vu.REGION_ACCESS.pack(1, BAR0, 4), errno.EINVAL)
+    peer.expect_error(Command.REGION_READ, vu.REGION_ACCESS.pack(0, BAR4, 2), errno.EINVAL)
+    # Config space is always decoded; Bus Master Enable alone decodes no BAR.
+    assert peer.read_int(CONFIG, 0x00, 2) == fn.controller.config.pci_vendor_id
+    peer.write_int(CONFIG, 0x04, 2, 0x0004)
+    assert peer.read(BAR0, Reg.VS, 4) == b"\xff" * 4
+    assert fn.stats.undecoded_bar_accesses == len(undecoded) + 1
+    # Memory Space Enable: the same reads see the registers, and are not counted.
+    peer.write_int(CONFIG, 0x04, 2, 0x0002)
+    assert peer.read_int(BAR0, Reg.CAP, 8) == fn.controller.cap
+    assert peer.read_int(BAR0, Reg.VS, 4) == 0x00010300
+    assert peer.read_int(BAR0, Reg.VS + 1, 1) == 0x03
+    assert peer.read_int(BAR0, Reg.CSTS, 2) == 0
+    assert peer.read_int(BAR4, 8, 8) == 1 << 32
+    assert peer.read_int(BAR4, 12, 4) == 1
+    assert peer.read_int(BAR4, fn.pba_offset, 8) == 1
+    assert fn.stats.undecoded_bar_accesses == len(undecoded) + 1
+    # And clearing it again stops decoding again.
+    peer.write_int(CONFIG, 0x04, 2, 0x0000)
+    assert peer.read(BAR0, Reg.VS, 4) == b"\xff" * 4
+    assert fn.stats.undecoded_bar_accesses == len(undecoded) + 2
+
+
 # Section: BAR0
 
 
@@ -107,17 +151,18 @@ def test_bar4_beyond_its_end(ready: Peer) -> None:
 # Section: config space
 
 
-def test_config_space_identity(ready: Peer) -> None:
-    cfg = ready.function.controller.config
-    assert ready.read_int(CONFIG, 0x00, 2) == cfg.pci_vendor_id
-    assert ready.read_int(CONFIG, 0x02, 2) == ready.function.pci.read(0x02, 2)
-    assert ready.read_int(CONFIG, 0x2C, 2) == cfg.pci_subsystem_vendor_id
-    assert ready.read_int(CONFIG, 0x08, 1) == 1  # revision
-    assert ready.read_int(CONFIG, 0x09, 4) & 0xFFFFFF == 0x010802  # a 3-byte field, a 4-byte read
-    assert ready.read_int(CONFIG, 0x0E, 1) == 0  # type 0 header
-    assert ready.read_int(CONFIG, 0x3D, 1) == 1  # INTA
-    assert ready.read_int(CONFIG, 0x04, 2) == 0  # Command: nothing enabled at power-on
-    assert ready.read_int(CONFIG, 0x06, 2) & 1 << 4  # Status: capabilities list
+def test_config_space_identity(peer: Peer) -> None:
+    peer.version()  # and no more: the Command register as the function came out of reset
+    cfg = peer.function.controller.config
+    assert peer.read_int(CONFIG, 0x00, 2) == cfg.pci_vendor_id
+    assert peer.read_int(CONFIG, 0x02, 2) == peer.function.pci.read(0x02, 2)
+    assert peer.read_int(CONFIG, 0x2C, 2) == cfg.pci_subsystem_vendor_id
+    assert peer.read_int(CONFIG, 0x08, 1) == 1  # revision
+    assert peer.read_int(CONFIG, 0x09, 4) & 0xFFFFFF == 0x010802  # a 3-byte field, a 4-byte read
+    assert peer.read_int(CONFIG, 0x0E, 1) == 0  # type 0 header
+    assert peer.read_int(CONFIG, 0x3D, 1) == 1  # INTA
+    assert peer.read_int(CONFIG, 0x04, 2) == 0  # Command: nothing enabled at power-on
+    assert peer.read_int(CONFIG, 0x06, 2) & 1 << 4  # Status: capabilities list
 
 
 def test_config_space_capability_chain(ready: Peer) -> None:

@@ -8,7 +8,7 @@ import errno
 import pytest
 
 from vfio_user.peer import Peer
-from vnvme.spec.registers import Reg
+from vnvme.spec.registers import CSTS, NSSR_MAGIC, Reg
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Command
 from vnvme.vfio_user.server import Region, ServerOptions
@@ -26,9 +26,9 @@ def test_region_write_errors(ready: Peer) -> None:
     # A write whose count disagrees with the data that came.
     ready.expect_error(Command.REGION_WRITE, vu.REGION_ACCESS.pack(0x14, 0, 4) + b"\0" * 8, errno.EINVAL)
     ready.expect_error(Command.REGION_WRITE, b"\0" * 8, errno.EINVAL)
-    # A read-only register through BAR0: the controller ignores it; CAP is unchanged.
+    # A read-only register through BAR0: refused, and CAP is unchanged.
     before = ready.call(Command.REGION_READ, vu.REGION_ACCESS.pack(Reg.CAP, 0, 8)).payload[16:]
-    ready.call(Command.REGION_WRITE, vu.REGION_ACCESS.pack(Reg.CAP, 0, 8) + b"\xff" * 8)
+    ready.expect_error(Command.REGION_WRITE, vu.REGION_ACCESS.pack(Reg.CAP, 0, 8) + b"\xff" * 8, errno.EPERM)
     assert ready.call(Command.REGION_READ, vu.REGION_ACCESS.pack(Reg.CAP, 0, 8)).payload[16:] == before
 
 
@@ -37,7 +37,7 @@ def test_posted_writes_get_no_reply_and_stay_ordered(ready: Peer) -> None:
     ready.send(Command.REGION_WRITE, payload, flags=vu.FLAG_NO_REPLY)
     reply = ready.call(Command.REGION_READ, vu.REGION_ACCESS.pack(Reg.INTMS, 0, 4))
     assert int.from_bytes(reply.payload[16:], "little") == 5  # the read did not pass the posted write
-    assert ready.server.messages["REGION_WRITE"] == 1
+    assert ready.server.messages["REGION_WRITE"] == 2  # the posted one and the fixture's Command write
 
 
 def test_a_refused_posted_write_gets_no_error_reply_either(ready: Peer) -> None:
@@ -57,7 +57,7 @@ def test_many_posted_writes_then_one_read(ready: Peer) -> None:
             Command.REGION_WRITE, _write(Reg.AQA, BAR0, value.to_bytes(4, "little")), flags=vu.FLAG_NO_REPLY
         )
     assert ready.read_int(BAR0, Reg.AQA, 4) == 100
-    assert ready.server.messages["REGION_WRITE"] == 100
+    assert ready.server.messages["REGION_WRITE"] == 100 + 1  # and the fixture's Command write
 
 
 # Section: BAR0
@@ -81,6 +81,61 @@ def test_bar0_registers(ready: Peer) -> None:
 def test_bar0_writes_that_are_not_a_register_width(ready: Peer, offset: int, count: int) -> None:
     ready.expect_error(Command.REGION_WRITE, _write(offset, BAR0, b"\xff" * count), errno.EINVAL)
     assert ready.function.controller.aqa == 0 and ready.function.controller.asq == 0
+
+
+@pytest.mark.parametrize(
+    ("offset", "count"),
+    [(Reg.CAP, 4), (Reg.CAP + 4, 4), (Reg.CAP, 8), (Reg.VS, 4), (Reg.CMBLOC, 4), (Reg.CMBSZ, 4)],
+)
+def test_a_write_to_a_read_only_register_is_eperm(ready: Peer, offset: int, count: int) -> None:
+    fn = ready.function
+    registers = range(Reg.CAP, Reg.CMBSZ + 4, 4)  # every dword from CAP through CMBSZ
+    before = [ready.read_int(BAR0, at, 4) for at in registers]
+    ready.expect_error(Command.REGION_WRITE, _write(offset, BAR0, b"\xff" * count), errno.EPERM)
+    ready.expect_error(Command.REGION_WRITE, _write(offset, BAR0, b"\0" * count), errno.EPERM)
+    assert [ready.read_int(BAR0, at, 4) for at in registers] == before
+    assert ready.read_int(BAR0, offset, count) == fn.controller.mmio_read(offset, count)
+    assert ready.server.errors["REGION_WRITE"] == 2
+
+
+def test_a_write_to_csts_is_accepted_and_clears_only_nssro(ready: Peer) -> None:
+    ctrl = ready.function.controller
+    ready.write_int(BAR0, Reg.NSSR, 4, NSSR_MAGIC)  # an NVM subsystem reset sets CSTS.NSSRO
+    assert ready.read_int(BAR0, Reg.CSTS, 4) == CSTS.NSSRO.put(0, 1)
+    ready.write_int(BAR0, Reg.CSTS, 4, 0)  # RW1C: a 0 clears nothing
+    assert ready.read_int(BAR0, Reg.CSTS, 4) == CSTS.NSSRO.put(0, 1)
+    ready.write_int(BAR0, Reg.CSTS, 4, 0xFFFF_FFEF)  # every bit but NSSRO: all read-only
+    assert ready.read_int(BAR0, Reg.CSTS, 4) == CSTS.NSSRO.put(0, 1)
+    ready.write_int(BAR0, Reg.CSTS, 4, CSTS.NSSRO.put(0, 1))
+    assert ready.read_int(BAR0, Reg.CSTS, 4) == 0 == ctrl.csts
+    assert ready.server.errors["REGION_WRITE"] == 0
+
+
+def test_bar_writes_are_dropped_while_memory_space_is_disabled(peer: Peer) -> None:
+    peer.version()  # no enable_decoding(): the Command register is 0
+    fn = peer.function
+    assert peer.read_int(CONFIG, 0x04, 2) == 0
+    peer.write_int(BAR0, Reg.INTMS, 4, 0b0101)  # accepted (a master abort is silent), not decoded
+    peer.write_int(BAR0, Reg.AQA, 4, 0x001F001F)
+    peer.write_int(BAR4, 12, 4, 0)  # vector 0's Vector Control: would unmask it
+    assert fn.stats.undecoded_bar_accesses == 3
+    assert fn.controller.intms == 0 and fn.controller.aqa == 0
+    assert bytes(fn.msix_table[12:16]) == b"\x01\0\0\0"
+    # Bus Master Enable alone decodes nothing either.
+    peer.write_int(CONFIG, 0x04, 2, 0x0004)
+    peer.write_int(BAR0, Reg.INTMS, 4, 0b0101)
+    assert fn.stats.undecoded_bar_accesses == 4 and fn.controller.intms == 0
+    # Memory Space Enable: the same accesses work and are no longer counted.
+    peer.write_int(CONFIG, 0x04, 2, 0x0002)
+    assert peer.read_int(BAR0, Reg.INTMS, 4) == 0  # the dropped writes left no trace
+    peer.write_int(BAR0, Reg.INTMS, 4, 0b0101)
+    peer.write_int(BAR0, Reg.AQA, 4, 0x001F001F)
+    peer.write_int(BAR4, 12, 4, 0)
+    assert fn.controller.intms == 0b0101 and peer.read_int(BAR0, Reg.INTMS, 4) == 0b0101
+    assert fn.controller.aqa == 0x001F001F
+    assert peer.read_int(BAR4, 12, 4) == 0 and bytes(fn.msix_table[12:16]) == b"\0" * 4
+    assert fn.stats.undecoded_bar_accesses == 4
+    assert peer.server.errors["REGION_WRITE"] == 0
 
 
 # Section: BAR4
@@ -200,8 +255,9 @@ def test_count_must_match_the_data(ready: Peer, data: bytes, count: int) -> None
 def test_a_region_that_cannot_be_written_is_eperm(ready: Peer) -> None:
     fn = ready.function
     fn.regions[CONFIG] = Region(CONFIG, 4096, fn._config_read, None)
-    ready.expect_error(Command.REGION_WRITE, _write(0x04, CONFIG, b"\x06\x00"), errno.EPERM)
-    assert ready.read_int(CONFIG, 0x04, 2) == 0
+    assert ready.read_int(CONFIG, 0x04, 2) == 0x0006  # the fixture's
+    ready.expect_error(Command.REGION_WRITE, _write(0x04, CONFIG, b"\x00\x00"), errno.EPERM)
+    assert ready.read_int(CONFIG, 0x04, 2) == 0x0006
 
 
 def test_too_short(ready: Peer) -> None:

@@ -24,6 +24,12 @@ from vnvme.vfio_user.protocol import Channel, Command, Message
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 1 << 1
 PCI_COMMAND_MASTER = 1 << 2
+PCI_BAR0 = 0x10
+PCI_CAPABILITY_LIST = 0x34
+PCI_CAP_ID_MSIX = 0x11
+MSIX_ENABLE = 1 << 15
+MSIX_FUNCTION_MASK = 1 << 14
+BAR0_ADDRESS = 0xFE00_0000  # any address aligned to BAR0's size will do
 
 
 class VfioUserError(OSError):
@@ -55,6 +61,8 @@ class VfioUserClient:
         sock.settimeout(None)
         self.timeout = timeout
         self.channel = Channel(sock, max_message=(1 << 20) + vu.MESSAGE_OVERHEAD, max_fds=max_fds)
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
         self._msg_id = 0
         self.server_caps: dict[str, object] = {}
         self.stats = ClientStatistics()
@@ -89,8 +97,7 @@ class VfioUserClient:
         """Wait for the reply to ``msg_id``, serving the server's DMA requests meanwhile."""
         deadline = time.monotonic() + self.timeout
         while True:
-            ready, _, _ = select.select([self.channel.sock], [], [], max(deadline - time.monotonic(), 0))
-            if not ready:
+            if not self._poller.poll(max(deadline - time.monotonic(), 0) * 1e3):
                 raise TimeoutError(f"no reply to {vu.command_name(command)} within {self.timeout} s")
             reply = self.channel.receive()
             if not reply.is_reply:
@@ -279,13 +286,35 @@ class VfioUserTransport:
                 # As QEMU without share=on: the server reaches this memory by messages only.
                 self.client.serve_dma(self.memory.base, self.memory.view)
                 self.client.dma_map(self.memory.base, self.memory.size, None)
-            # As firmware would: enable memory decoding and bus mastering.
-            command = int.from_bytes(self.client.region_read(vu.PciRegion.CONFIG, PCI_COMMAND, 2), "little")
-            command |= PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER
-            self.client.region_write(vu.PciRegion.CONFIG, PCI_COMMAND, command.to_bytes(2, "little"))
+            self._configure_function()
         except BaseException:
             self.close()
             raise
+
+    def _config_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.client.region_read(vu.PciRegion.CONFIG, offset, size), "little")
+
+    def _config_write(self, offset: int, size: int, value: int) -> None:
+        self.client.region_write(vu.PciRegion.CONFIG, offset, value.to_bytes(size, "little"))
+
+    def _configure_function(self) -> None:
+        """What firmware and the OS do before a driver runs: give BAR0 an address (QEMU's PCI
+        core decodes a BAR only once it has one), enable MSI-X, memory decoding, bus mastering."""
+        bar0 = self._config_read(PCI_BAR0, 4)
+        self._config_write(PCI_BAR0, 4, BAR0_ADDRESS | (bar0 & 0xF))
+        if bar0 & 0x6 == 0x4:  # 64-bit BAR: the upper half too
+            self._config_write(PCI_BAR0 + 4, 4, 0)
+        cap = self._config_read(PCI_CAPABILITY_LIST, 1) & ~3
+        for _ in range(48):  # a bounded walk: a broken list must not loop forever
+            if not cap:
+                break
+            if self._config_read(cap, 1) == PCI_CAP_ID_MSIX:
+                control = self._config_read(cap + 2, 2)
+                self._config_write(cap + 2, 2, (control | MSIX_ENABLE) & ~MSIX_FUNCTION_MASK)
+                break
+            cap = self._config_read(cap + 1, 1) & ~3
+        command = self._config_read(PCI_COMMAND, 2)
+        self._config_write(PCI_COMMAND, 2, command | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER)
 
     def _map_sparse_areas(self, info: RegionInfo) -> None:
         for area_offset, size in info.sparse:

@@ -20,7 +20,7 @@ bus mastering, MSI-X enable, BAR addresses).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
@@ -291,6 +291,8 @@ class PciConfig:
         # (PCIe r4.0 §7.6.3), and the image is already zero there.
 
         self._power_on = bytes(self._image)
+        #: Called after every write and reset: a device model caches what it tests per access.
+        self.on_change: Callable[[], None] | None = None
         self._cfg = bytearray(self._power_on)
 
     # -- construction --------------------------------------------------------------------
@@ -465,10 +467,14 @@ class PciConfig:
         # keeps D0 behaviour: it still decodes memory and may master; see power_state.
         if offset <= pmcsr < offset + size and cfg[pmcsr] & 0b11 in (1, 2):
             cfg[pmcsr] = (cfg[pmcsr] & ~0b11) | old_power_state
+        if self.on_change is not None:
+            self.on_change()
 
     def reset(self) -> None:
         """Return every register to its power-on value (a conventional reset)."""
         self._cfg[:] = self._power_on
+        if self.on_change is not None:
+            self.on_change()
 
     # -- state the device model uses -----------------------------------------------------
 

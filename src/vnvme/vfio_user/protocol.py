@@ -41,11 +41,11 @@ class Command(IntEnum):
     MIG_DATA_WRITE = 18
 
 
+_COMMAND_NAMES: Final = {int(c): c.name for c in Command}
+
+
 def command_name(command: int) -> str:
-    try:
-        return Command(command).name
-    except ValueError:
-        return f"UNKNOWN_{command}"
+    return _COMMAND_NAMES.get(command) or f"UNKNOWN_{command}"
 
 
 # Header flags: bits 0-3 type, bit 4 no reply, bit 5 error.
@@ -236,14 +236,6 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
-    def _recv_exact(self, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            n = self.sock.recv_into(view[got:])
-            if n == 0:
-                raise Disconnected("peer closed the socket mid-message")
-            got += n
-
     def _discard(self, count: int) -> None:
         scratch = bytearray(min(count, 1 << 16))
         view = memoryview(scratch)
@@ -256,39 +248,46 @@ class Channel:
     def receive(self) -> Message:
         """The next message. Never allocates more than ``max_message`` bytes for one: a longer
         one is read off the socket in small pieces and returned with ``oversized`` set."""
-        header = self._header
+        sock = self.sock
+        data, ancdata, msg_flags, _ = sock.recvmsg(HEADER_SIZE, self._ancillary)
         fds: list[int] = []
-        truncated = False
-        got = 0
-        while got < HEADER_SIZE:
-            data, ancdata, msg_flags, _ = self.sock.recvmsg(HEADER_SIZE - got, self._ancillary)
+        if ancdata:
             for level, kind, raw in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     words = array.array("i")
                     words.frombytes(raw[: len(raw) - len(raw) % 4])
                     fds.extend(words)
-            if msg_flags & socket.MSG_CTRUNC:
-                truncated = True
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                if got == 0:
-                    raise Disconnected("peer closed the socket")
-                raise Disconnected("peer closed the socket mid-header")
-            header[got : got + len(data)] = data
-            got += len(data)
-        msg_id, command, size, flags, error = HEADER.unpack(header)
+        truncated = bool(msg_flags & socket.MSG_CTRUNC)
+        if len(data) < HEADER_SIZE:
+            # The common case is one read; a header split across reads is rare but legal.
+            header = bytearray(data)
+            while len(header) < HEADER_SIZE:
+                if not data:
+                    for fd in fds:
+                        os.close(fd)
+                    raise Disconnected("peer closed the socket" if not header else "peer closed mid-header")
+                data = sock.recv(HEADER_SIZE - len(header))
+                header += data
+            data = bytes(header)
+        msg_id, command, size, flags, error = HEADER.unpack(data)
         message = Message(msg_id, command, flags, error, b"", fds, fds_truncated=truncated)
-        body = max(size - HEADER_SIZE, 0)
+        body = size - HEADER_SIZE
         if size > self.max_message:
             self._discard(body)
             message.oversized = size
             return message
-        if body:
-            payload = bytearray(body)
-            self._recv_exact(memoryview(payload))
-            message.payload = bytes(payload)
-        if size < HEADER_SIZE:
+        if body > 0:
+            payload = sock.recv(body)
+            if len(payload) < body:
+                rest = bytearray(payload)
+                while len(rest) < body:
+                    more = sock.recv(body - len(rest))
+                    if not more:
+                        raise Disconnected("peer closed the socket mid-message")
+                    rest += more
+                payload = bytes(rest)
+            message.payload = payload
+        elif body < 0:
             message.oversized = -1  # a size that cannot even hold the header
         return message
 

@@ -18,11 +18,13 @@ import select
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from vnvme.effects import TraceEvent
 from vnvme.memory import GuestMemory, GuestMemoryError, RemoteAccess
+from vnvme.trace import matching_events
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Channel, Command, Message, ProtocolError
 
@@ -130,9 +132,23 @@ class DmaMapping:
 
 
 class VfioUserServer:
-    def __init__(self, device: Device, options: ServerOptions | None = None) -> None:
+    def __init__(
+        self,
+        device: Device,
+        options: ServerOptions | None = None,
+        *,
+        trace: Sequence[str] = (),
+        trace_sink: Callable[[TraceEvent], None] | None = None,
+    ) -> None:
         self.device = device
         self.options = options or ServerOptions()
+        # Transport trace events (vfio_user_*): the same table and sinks as the controller's.
+        self._trace_set = (
+            frozenset(n for n in matching_events(trace) if n.startswith("vfio_user_"))
+            if trace
+            else frozenset()
+        )
+        self._trace_sink = trace_sink
         self.messages: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.clients_served = 0
@@ -160,6 +176,10 @@ class VfioUserServer:
         self._server_msg_id = 0
         self.dma_messages = 0
 
+    def _trace(self, name: str, *args: int | str) -> None:
+        if name in self._trace_set and self._trace_sink is not None:
+            self._trace_sink(TraceEvent(name, args))
+
     @property
     def max_message(self) -> int:
         return self.options.max_data_xfer_size + vu.MESSAGE_OVERHEAD
@@ -183,6 +203,7 @@ class VfioUserServer:
         self._deferred.clear()
         self._stop_connection = False
         self.clients_served += 1
+        self._trace("vfio_user_connect", self.clients_served)
         self.version_done = False
         poller = select.poll()
         poller.register(sock, select.POLLIN)
@@ -192,6 +213,7 @@ class VfioUserServer:
             poller.register(wakeup, select.POLLIN)
         device = self.device
         sock_fd = sock.fileno()
+        reason = ""
         passes = self.options.poll_passes
         idle_passes = 0
         try:
@@ -228,11 +250,16 @@ class VfioUserServer:
                     elif wakeup is not None and fd == wakeup:
                         with contextlib.suppress(BlockingIOError):
                             os.read(wakeup, 512)
-        except vu.Disconnected:
+        except vu.Disconnected as exc:
             log.info("client disconnected")
+            reason = str(exc)
         except (ConnectionResetError, BrokenPipeError) as exc:
             log.info("client connection lost: %s", exc)
+            reason = str(exc)
         finally:
+            if not reason:
+                reason = "server stopping" if self._stop else "client unreachable"
+            self._trace("vfio_user_disconnect", reason)
             self._channel = None
             for message in self._deferred:
                 message.close_fds()
@@ -250,6 +277,7 @@ class VfioUserServer:
         except (ProtocolError, DeviceError) as exc:
             self.errors[name] += 1
             log.debug("%s refused: %s", name, exc)
+            self._trace("vfio_user_err_message", name, message.msg_id, exc.errno, exc.reason)
             message.close_fds()
             if not message.no_reply:
                 channel.reply_error(message, exc.errno)
@@ -257,6 +285,7 @@ class VfioUserServer:
         except Exception as exc:  # a bug here must not take the server down
             self.errors[name] += 1
             log.exception("%s failed", name)
+            self._trace("vfio_user_err_message", name, message.msg_id, errno.EIO, repr(exc))
             message.close_fds()
             if not message.no_reply:
                 channel.reply_error(message, errno.EIO)
@@ -333,6 +362,7 @@ class VfioUserServer:
         if self.version_done:
             self._disconnect_state()
         self.version_done = True
+        self._trace("vfio_user_version", major, minor, max_fds, max_xfer)
         self.device.attach()
         body = json.dumps(reply_caps).encode() + b"\0"
         return (
@@ -351,6 +381,7 @@ class VfioUserServer:
             raise ProtocolError(errno.EINVAL, "DMA_MAP too short")
         argsz, flags, offset, address, size = vu.DMA_MAP.unpack_from(message.payload)
         fds = message.fds
+        fds_seen = fds[0] if fds else -1
         try:
             if argsz < vu.DMA_MAP.size or len(fds) > 1:
                 raise ProtocolError(errno.EINVAL, "DMA_MAP argsz or fd count")
@@ -372,6 +403,7 @@ class VfioUserServer:
                 writable = bool(flags & vu.DmaFlags.WRITE)
                 self.device.memory.map_remote(address, size, access, writable=writable)
                 self.dma[address] = DmaMapping(address, size, flags, None)
+                self._trace("vfio_user_dma_map", address, size, flags, -1)
                 self.device.memory_changed()
                 return b"", []
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if flags & vu.DmaFlags.WRITE else 0)
@@ -383,6 +415,7 @@ class VfioUserServer:
             message.close_fds()
         self.device.memory.map(address, mapping, writable=bool(flags & vu.DmaFlags.WRITE), owner=mapping)
         self.dma[address] = DmaMapping(address, size, flags, mapping)
+        self._trace("vfio_user_dma_map", address, size, flags, fds_seen)
         self.device.memory_changed()
         return b"", []
 
@@ -437,6 +470,7 @@ class VfioUserServer:
         self._server_msg_id = (self._server_msg_id + 1) & 0xFFFF
         msg_id = self._server_msg_id
         self.dma_messages += 1
+        self._trace("vfio_user_dma_request", command.name, address, count)
         try:
             channel.send(vu.pack_message(msg_id, command, vu.TYPE_COMMAND, payload))
             deadline = time.monotonic() + self.options.dma_timeout
@@ -460,6 +494,7 @@ class VfioUserServer:
             raise GuestMemoryError(address, count, f"client unreachable: {exc}") from None
 
     def _unmap(self, mapping: DmaMapping) -> None:
+        self._trace("vfio_user_dma_unmap", mapping.address, mapping.size)
         del self.dma[mapping.address]
         self.device.memory.unmap(mapping.address, mapping.size)
         # Release every view the device holds before the memory goes (spec: before replying).
@@ -520,6 +555,7 @@ class VfioUserServer:
             if len(payload) < vu.IRQ_SET.size:
                 raise ProtocolError(errno.EINVAL, "DEVICE_SET_IRQS too short")
             argsz, flags, index, start, count = vu.IRQ_SET.unpack_from(payload)
+            self._trace("vfio_user_set_irqs", index, flags, start, count)
             data_kind = flags & vu.IRQ_SET_DATA_MASK
             action = flags & vu.IRQ_SET_ACTION_MASK
             if flags & ~int(vu.IRQ_SET_DATA_MASK | vu.IRQ_SET_ACTION_MASK):
@@ -623,5 +659,6 @@ class VfioUserServer:
         return vu.WRITE_MULTI_COUNT.pack(len(writes)), []
 
     def _device_reset(self, message: Message) -> tuple[bytes, list[int]]:
+        self._trace("vfio_user_reset")
         self.device.reset()
         return b"", []

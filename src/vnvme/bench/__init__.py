@@ -1,0 +1,1 @@
+"""A workload engine in fio's vocabulary (jobs, rw modes, iodepth, latency percentiles, fio JSON)."""

@@ -1,0 +1,227 @@
+"""The ``vnvme bench`` command line: fio's vocabulary, variants, placement, outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import TextIO
+
+from vnvme.bench.runner import (
+    DEFAULT_VARIANTS,
+    EXTERNAL_VARIANTS,
+    VARIANTS,
+    BenchOptions,
+    Point,
+    format_tables,
+    placements,
+    plot,
+    progress_line,
+    run_bench,
+)
+from vnvme.controller.namespace import parse_size
+
+
+def _list_of_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("values must be positive")
+    return values
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    fio = parser.add_argument_group("workload (fio's names)")
+    fio.add_argument("--rw", default="randread", choices=["randread", "randwrite", "read", "write", "randrw"])
+    fio.add_argument("--rwmixread", type=int, default=50, help="percentage of reads for --rw randrw (50)")
+    fio.add_argument("--bs", type=_size, default=4096, help="block size (4k)")
+    fio.add_argument(
+        "--iodepth", type=_list_of_ints, default=[1, 2, 4, 8], help="depths to measure (1,2,4,8)"
+    )
+    fio.add_argument(
+        "--iodepth_batch_submit",
+        type=int,
+        default=1,
+        help="commands placed per SQ tail update: 1 (fio's default) rings for each, 0 for the whole batch",
+    )
+    fio.add_argument("--numjobs", type=int, default=1, help="jobs, one I/O queue pair each (1)")
+    fio.add_argument("--runtime", type=float, help="seconds per measurement (instead of --number_ios)")
+    fio.add_argument("--number_ios", type=int, default=10_000, help="I/Os per job and measurement (10000)")
+    fio.add_argument(
+        "--ramp_time", type=float, default=0.0, help="seconds of warm-up I/O before each measurement"
+    )
+    fio.add_argument("--size", type=_size, help="bytes of the namespace to use (all of it)")
+    fio.add_argument("--offset", type=_size, default=0, help="where the range starts (0)")
+    fio.add_argument("--verify", choices=["crc32c"], help="write a pattern and check it on read")
+    fio.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    fio.add_argument("--output", metavar="FILE", help="write the report (tables or JSON) to FILE")
+    exp = parser.add_argument_group("experiment")
+    exp.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help="comma-separated, or 'all': " + ", ".join(f"{n} ({v.label})" for n, v in VARIANTS.items()),
+    )
+    exp.add_argument(
+        "--cpu",
+        default="same,split",
+        help="placements to measure: same (server and client share a CPU), split (one CPU each), "
+        "any (unpinned); comma-separated (same,split)",
+    )
+    exp.add_argument("--namespace", default="null,size=1G", help="the namespace vnvme serves (null,size=1G)")
+    exp.add_argument("--queue-depth", type=int, default=64, help="entries of each I/O queue (64)")
+    exp.add_argument("--socket", help="drive a vfio-user NVMe server already listening on SOCKET instead")
+    exp.add_argument(
+        "--server-cmd",
+        help="start this server for each variant instead of vnvme serve ('{socket}' is replaced), e.g. "
+        "'../shared/tools/qemu-vfio-user-server/run.sh {socket}'",
+    )
+    exp.add_argument(
+        "--plot", metavar="PNG", help="IOPS and doorbells per I/O against depth (needs matplotlib)"
+    )
+
+
+def options_from(args: argparse.Namespace) -> BenchOptions:
+    from vnvme.bench.engine import JobSpec
+
+    names = (
+        list(VARIANTS)
+        if args.variants == "all"
+        else [v.strip() for v in args.variants.split(",") if v.strip()]
+    )
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    external = args.socket is not None or args.server_cmd is not None
+    if external:
+        names = [n for n in names if n in EXTERNAL_VARIANTS] if args.variants == "all" else names
+        bad = [n for n in names if n not in EXTERNAL_VARIANTS]
+        if bad:
+            raise ValueError(
+                f"variant(s) {', '.join(bad)} need vnvme serve; an external server takes {EXTERNAL_VARIANTS}"
+            )
+    spec = JobSpec(
+        rw=args.rw,
+        rwmixread=args.rwmixread,
+        bs=args.bs,
+        iodepth=1,
+        numjobs=args.numjobs,
+        runtime=args.runtime,
+        number_ios=None if args.runtime else args.number_ios,
+        ramp_time=0.0,
+        size=args.size,
+        offset=args.offset,
+        verify=args.verify,
+        iodepth_batch_submit=args.iodepth_batch_submit,
+    )
+    place = placements([p.strip() for p in args.cpu.split(",") if p.strip()])
+    if args.socket is not None and any(p.server_cpus is not None for p in place):
+        place = [p for p in place if p.name == "any"] or placements(["any"])
+    return BenchOptions(
+        spec=spec,
+        depths=args.iodepth,
+        variants=names,
+        placements=place,
+        namespace=args.namespace,
+        socket=args.socket,
+        server_cmd=args.server_cmd,
+        ramp_ios=0 if args.ramp_time == 0 else 200,
+        queue_depth=args.queue_depth,
+    )
+
+
+def _machine() -> str:
+    cpus = len(os.sched_getaffinity(0))
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{platform.node()}: {cpus} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    options = options_from(args)
+    started = time.time()
+    what = f"{options.spec.rw} bs={options.spec.bs} numjobs={options.spec.numjobs}"
+    amount = f"{options.spec.runtime} s" if options.spec.runtime else f"{options.spec.number_ios} I/Os"
+    target = options.socket or options.server_cmd or f"vnvme serve ({options.namespace})"
+    print(f"vnvme bench: {what}, {amount} per point, depths {options.depths}, against {target}", file=err)
+    print(f"machine: {_machine()}", file=err)
+    for p in options.placements:
+        print(f"placement {p.name}: {p.describe()}", file=err)
+
+    def progress(point: Point) -> None:
+        print(progress_line(point), file=err, flush=True)
+
+    points = run_bench(options, progress)
+    stream = open(args.output, "w") if args.output else out  # noqa: SIM115 - closed below
+    try:
+        if args.output_format == "json":
+            json.dump(json_report(points, options, started), stream, indent=2)
+            stream.write("\n")
+        else:
+            print(f"# vnvme bench: {what}, {amount} per point, against {target}", file=stream)
+            print(f"machine: {_machine()}", file=stream)
+            format_tables(points, options, stream)
+    finally:
+        if stream is not out:
+            stream.close()
+    if args.plot:
+        if plot(points, options, args.plot):
+            print(f"plot: {args.plot}", file=err)
+        else:
+            print("plot: matplotlib is not installed (pip install 'vnvme[plot]')", file=err)
+    print(f"done in {time.time() - started:.1f} s", file=err)
+    return 0
+
+
+def json_report(points: list[Point], options: BenchOptions, started: float) -> dict[str, object]:
+    from vnvme.bench.fio_json import to_fio_json
+
+    jobs = []
+    extra_points = []
+    for p in points:
+        name = f"{p.variant}/qd{p.iodepth}/{p.placement}"
+        import dataclasses
+
+        jobs.append((name, dataclasses.replace(options.spec, iodepth=p.iodepth), p.result))
+        extra_points.append(
+            {
+                "jobname": name,
+                "variant": p.variant,
+                "placement": p.placement,
+                "iodepth": p.iodepth,
+                "doorbells_per_io": {
+                    "sq": p.sq_doorbells,
+                    "cq": p.cq_doorbells,
+                    "admin": p.admin_doorbells,
+                    "mapped": p.mapped_doorbells,
+                },
+                "counted_by": p.counted_by,
+                "server_cpu_us_per_io": p.server_cpu_us,
+                "client_cpu_us_per_io": p.client_cpu_us,
+            }
+        )
+    extra = {
+        "machine": _machine(),
+        "placements": {p.name: p.describe() for p in options.placements},
+        "points": extra_points,
+        "started": started,
+    }
+    return to_fio_json(jobs, extra=extra)
