@@ -92,11 +92,13 @@ class ShadowProtocol(RuleBasedStateMachine):
     has its own test in test_shadow_doorbells.py.)
     """
 
+    POLICY = SqEventIdxPolicy.EAGER
+
     def __init__(self) -> None:
         super().__init__()
         self.rig: Rig = make_rig(
             namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
-            config=ControllerConfig(cq_eventidx=CqEventIdxPolicy.NEVER, sq_eventidx=SqEventIdxPolicy.EAGER),
+            config=ControllerConfig(cq_eventidx=CqEventIdxPolicy.NEVER, sq_eventidx=self.POLICY),
             io_queue_depth=8,
             trace=(),
         )
@@ -169,14 +171,25 @@ class ShadowProtocol(RuleBasedStateMachine):
         self._deliver_posted()
         self.rig.transport.device_idle()
 
+    @rule()
+    def time_passes(self) -> None:
+        """The controller's clock reaches its next deadline (a BATCH prediction timing out)."""
+        self._deliver_posted()
+        deadline = self.rig.controller.next_deadline()
+        if deadline is not None:
+            self.rig.transport._handle(self.rig.controller.process(now=deadline))
+
     @precondition(lambda self: self.checked and not self.posted)
     @invariant()
     def no_lost_wakeup(self) -> None:
         """Every tail the host has stored and checked is fetched, unless the controller still
-        has it marked pending (a lost rearm race it will pick up on its next pass)."""
+        has it marked pending (a lost rearm race it will pick up on its next pass) or has a
+        deadline by which it will look (policy BATCH: EventIdx published ahead of the head)."""
         sq = self.rig.controller.sqs[1]
         assert sq is not None
         if self.rig.controller.has_pending_work:
+            return
+        if self.POLICY is SqEventIdxPolicy.BATCH and sq.lookahead_until is not None:
             return
         assert sq.head == self.qp.sq_tail, f"controller idle at {sq.head}, host tail {self.qp.sq_tail}"
 
@@ -188,6 +201,7 @@ class ShadowProtocol(RuleBasedStateMachine):
             if not self.checked:
                 self._check(deliver=True)
             self.controller_runs()
+            self.time_passes()
             self.host_reaps()
             if self.completed == self.submitted:
                 break
@@ -197,3 +211,12 @@ class ShadowProtocol(RuleBasedStateMachine):
 
 
 TestShadowProtocol = ShadowProtocol.TestCase
+
+
+class BatchShadowProtocol(ShadowProtocol):
+    """The same interleavings with EventIdx published ahead of the head (policy BATCH)."""
+
+    POLICY = SqEventIdxPolicy.BATCH
+
+
+TestBatchShadowProtocol = BatchShadowProtocol.TestCase

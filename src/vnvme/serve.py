@@ -57,6 +57,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "does (one CQ doorbell per completion batch)",
     )
     parser.add_argument(
+        "--sq-eventidx",
+        choices=["eager", "batch"],
+        default="batch",
+        help="SQ EventIdx policy while event driven: 'batch' (default) publishes EventIdx = head + "
+        "k - 1 after a burst of k commands, so a closed-loop host rings once per batch it places, "
+        "and reads the shadow tail itself after --batch-timeout if the host placed fewer; 'eager' "
+        "publishes the tail just consumed (QEMU, SPDK): the host rings for the first command of "
+        "every batch",
+    )
+    parser.add_argument(
+        "--batch-timeout",
+        type=float,
+        default=100e-6,
+        help="with --sq-eventidx batch: seconds before the controller looks at a shadow tail the "
+        "host has not rung for (0.0001)",
+    )
+    parser.add_argument(
         "--poll",
         action="store_true",
         help="the controller polls the shadow SQ tails (SPDK-style) instead of waiting for doorbells; "
@@ -193,7 +210,10 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
     config = ControllerConfig(
         shadow_doorbells=shadow,
-        sq_eventidx=SqEventIdxPolicy.POLL if poll else SqEventIdxPolicy.EAGER,
+        sq_eventidx=SqEventIdxPolicy.POLL
+        if poll
+        else SqEventIdxPolicy(file_options.get("sq_eventidx", args.sq_eventidx)),
+        batch_timeout=float(file_options.get("batch_timeout", args.batch_timeout)),
         cq_eventidx=CqEventIdxPolicy(file_options.get("cq_eventidx", args.cq_eventidx)),
         max_io_queues=int(file_options.get("max_io_queues", args.max_io_queues)),
         interrupt_vectors=int(file_options.get("max_io_queues", args.max_io_queues)) + 1,
@@ -232,7 +252,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         )
         print(f"vnvme serving on {args.socket} ({ns_text})", file=out)
         print(
-            f"shadow doorbells {'on' if shadow else 'off'}, CQ EventIdx {config.cq_eventidx}, "
+            f"shadow doorbells {'on' if shadow else 'off'}, SQ EventIdx {config.sq_eventidx}, "
+            f"CQ EventIdx {config.cq_eventidx}, "
             f"{'controller polls' if poll else 'event driven'}, "
             f"{'mappable' if mappable else 'trapped'} doorbells",
             file=out,

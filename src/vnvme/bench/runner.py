@@ -43,6 +43,7 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("no-dbbuf", "no dbbuf", ("--no-shadow-doorbells",), shadow=False),
         Variant("dbbuf", "dbbuf"),
+        Variant("dbbuf-eager", "dbbuf, SQ EventIdx eager", ("--sq-eventidx", "eager")),
         Variant("dbbuf-cq-eager", "dbbuf, CQ EventIdx eager", ("--cq-eventidx", "eager")),
         Variant("dbbuf-poll", "dbbuf, controller polls", ("--poll",)),
         Variant(

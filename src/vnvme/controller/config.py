@@ -17,6 +17,13 @@ class SqEventIdxPolicy(StrEnum):
     #: cross it (one slot behind the head), so it never rings. Before the edge stops polling it
     #: calls :meth:`Controller.rearm`, which switches to EAGER values and re-checks.
     POLL = "poll"
+    #: Event-driven, and ahead of the host: when an SQ goes idle after consuming a burst of k
+    #: commands, EventIdx = head + k - 1, so a host in a closed loop (k completions reaped, k
+    #: new commands placed one at a time) rings once, for the last of them, instead of for
+    #: the first. Should the host place fewer, the controller looks at the shadow tail anyway
+    #: after ``batch_timeout``: a wrong guess costs that much latency, never a stall. A burst
+    #: of 1 publishes exactly what EAGER does.
+    BATCH = "batch"
 
 
 class CqEventIdxPolicy(StrEnum):
@@ -56,6 +63,9 @@ class ControllerConfig:
     #: Advertise Doorbell Buffer Config (OACS bit 8). Off: the command is an invalid opcode.
     shadow_doorbells: bool = True
     sq_eventidx: SqEventIdxPolicy = SqEventIdxPolicy.EAGER
+    #: With SQ policy BATCH: how long (seconds of ``now``) a predicted EventIdx may go unreached
+    #: before the controller reads the shadow tail by itself.
+    batch_timeout: float = 100e-6
     cq_eventidx: CqEventIdxPolicy = CqEventIdxPolicy.NEVER
     #: Let the admin queue follow its shadow slots after Doorbell Buffer Config, as the spec
     #: allows. Linux and SPDK hosts keep ringing MMIO for the admin queue; the controller notices

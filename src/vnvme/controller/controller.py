@@ -162,6 +162,9 @@ class Controller:
         self._memory_generation = memory.generation
         self._fatal = False
         self._polling = cfg.sq_eventidx is SqEventIdxPolicy.POLL
+        self._batch_eventidx = cfg.sq_eventidx is SqEventIdxPolicy.BATCH
+        # SQs whose EventIdx was published ahead of their head (policy BATCH), by sqid.
+        self._lookahead: dict[int, SubmissionQueue] = {}
         self._now = 0.0
         # Statistics counters.
         self._register_reads = 0
@@ -229,6 +232,8 @@ class Controller:
         """Run pending submission queues (up to ``budget`` commands) and deliver interrupts."""
         if now is not None:
             self._now = now
+        if self._lookahead:
+            self._expire_lookahead()
         try:
             self._run_pending(_DEFAULT_BUDGET if budget is None else budget)
             self._deliver_interrupts()
@@ -280,11 +285,19 @@ class Controller:
 
     def next_deadline(self) -> float | None:
         """When coalesced interrupts must be delivered at the latest (``now`` units), if any."""
+        deadline: float | None = None
+        if self._lookahead:
+            deadline = min(
+                (sq.lookahead_until for sq in self._lookahead.values() if sq.lookahead_until), default=None
+            )
         time_units = InterruptCoalescing.TIME.get(self.features.interrupt_coalescing)
         if not time_units:
-            return None
+            return deadline
         pending = [c.since for c in self._coalescing.values() if c.count]
-        return min(pending) + time_units * 100e-6 if pending else None
+        if not pending:
+            return deadline
+        coalescing = min(pending) + time_units * 100e-6
+        return coalescing if deadline is None else min(deadline, coalescing)
 
     def take_effects(self) -> list[Effect]:
         """Effects emitted outside the calls that return them (e.g. traces from reads)."""
@@ -543,6 +556,7 @@ class Controller:
     def _controller_reset(self) -> None:
         """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
         self._drop_queues()
+        self._lookahead.clear()
         self._coalescing.clear()
         self._masked_pending.clear()
         self.features.reset()
@@ -824,6 +838,19 @@ class Controller:
 
     # Section: command processing
 
+    def _expire_lookahead(self) -> None:
+        """Predicted EventIdx values the host has not reached in time: look at the shadow tail
+        ourselves (the host may have placed fewer commands than the burst suggested)."""
+        now = self._now
+        for sqid, sq in list(self._lookahead.items()):
+            if sq.lookahead_until is None or self.sqs[sqid] is not sq:
+                del self._lookahead[sqid]
+            elif now >= sq.lookahead_until:
+                del self._lookahead[sqid]
+                sq.lookahead_until = None
+                sq.burst = 0  # publish exactly (EventIdx = head) this time
+                self._pending[sqid] = sq
+
     def _run_pending(self, budget: int) -> None:
         if self._fatal or not self._ready():
             self._pending.clear()
@@ -871,6 +898,7 @@ class Controller:
                     head = 0
                 sq.head = head
                 processed += 1
+                sq.burst += 1
                 self._execute(sq, fields)
                 if self._fatal or self.sqs[sq.sqid] is not sq:
                     return processed
@@ -885,12 +913,28 @@ class Controller:
                 if self._polling:
                     self._publish_sq_eventidx(sq, (head - 1) % n)
                     return processed
-                self._publish_sq_eventidx(sq, head)
+                ahead = 0
+                if self._batch_eventidx and attempts == 0:
+                    # The host will place as many commands as it has completions to reap: this
+                    # burst's, and any it has not consumed yet (a pipelined host's bursts are 1).
+                    expected = sq.burst
+                    if cq.shadow_mode and expected < n:
+                        self._refresh_cq_head(cq)
+                        expected = max(expected, (cq.tail - cq.head) % cq.size)
+                    ahead = max(0, min(expected, n - 1) - 1)
+                self._publish_sq_eventidx(sq, (head + ahead) % n)
                 full_fence()  # store EventIdx -> load shadow tail (pairs with the host's fence)
                 again = self._read_sq_shadow(sq)
                 if again is None or again == head:
                     sq.rearms_won += 1
                     self._rearms_won += 1
+                    sq.burst = 0
+                    if ahead:
+                        sq.lookahead_until = self._now + self.config.batch_timeout
+                        self._lookahead[sq.sqid] = sq
+                    elif sq.lookahead_until is not None:
+                        sq.lookahead_until = None
+                        self._lookahead.pop(sq.sqid, None)
                     if self._tracing:
                         self._trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
                     return processed

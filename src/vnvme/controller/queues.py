@@ -45,6 +45,8 @@ class SubmissionQueue:
         "eventidx_writes",
         "rearms_won",
         "rearms_lost",
+        "burst",
+        "lookahead_until",
     )
 
     def __init__(
@@ -70,6 +72,10 @@ class SubmissionQueue:
         self.eventidx_writes = 0
         self.rearms_won = 0
         self.rearms_lost = 0
+        # SQ EventIdx policy BATCH: commands consumed since the queue was last idle, and until
+        # when a predicted EventIdx may stay unreached (None: no prediction outstanding).
+        self.burst = 0
+        self.lookahead_until: float | None = None
 
     def release(self) -> None:
         """Drop the view of guest memory (queue deleted or controller reset)."""

@@ -213,6 +213,11 @@ class VfioUserServer:
             poller.register(wakeup, select.POLLIN)
         device = self.device
         sock_fd = sock.fileno()
+        watched = (
+            [sock_fd]
+            + ([listener.fileno()] if listener is not None else [])
+            + ([wakeup] if wakeup is not None else [])
+        )
         reason = ""
         passes = self.options.poll_passes
         idle_passes = 0
@@ -234,10 +239,12 @@ class VfioUserServer:
                     idle_passes = 0
                     continue
                 if timeout_ms is not None and 0 < timeout_ms < 1:
-                    # poll() rounds a timeout up to whole milliseconds: sleep finer, then look.
-                    time.sleep(timeout_ms / 1e3)
-                    timeout_ms = 0
-                events = poller.poll(timeout_ms)
+                    # poll() rounds a timeout up to whole milliseconds; select() waits in
+                    # microseconds and still wakes for a message.
+                    ready, _, _ = select.select(watched, [], [], timeout_ms / 1e3)
+                    events = [(fd, select.POLLIN) for fd in ready]
+                else:
+                    events = poller.poll(timeout_ms)
                 for fd, _ in events:
                     if fd == sock_fd:
                         self._handle_one(channel)
