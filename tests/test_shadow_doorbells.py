@@ -383,3 +383,32 @@ def test_cc_enable_without_dbbuf_support_advertised() -> None:
         assert CC.EN.get(r.controller.mmio_read(Reg.CC, 4)) == 1
     finally:
         r.close()
+
+
+def test_a_stale_posted_doorbell_behind_the_shadow_slot_is_only_a_wake_up() -> None:
+    """Posted MMIO writes (QEMU's vfio-user default) can arrive after the controller has already
+    read a newer value from the shadow slot. Taking the old value as a tail would make the
+    controller run the whole ring again; as a CQ head it would be an invalid doorbell."""
+    r = make_rig()
+    try:
+        driver, ctrl = r.driver, r.controller
+        qp = driver.queue(1)
+        assert qp.shadow is not None
+        driver.write(1, 0, b"\x01" * 512)  # the host has stored into its slots: they are its own
+        completions = ctrl.statistics().completions_posted
+        stale_tail = qp.sq_tail
+        cids = [qp.submit(driver.io_sqe(qp, NvmOpcode.FLUSH, 1)) for _ in range(3)]
+        qp.shadow.store(qp.sq_slot, qp.sq_tail)  # stored, and the controller finds it by itself
+        r.transport._handle(ctrl.poll())
+        assert ctrl.statistics().completions_posted == completions + 3
+        # Now the old value arrives, as a late posted write.
+        r.transport.mmio_write(qp.sq_db, 4, stale_tail)
+        r.transport.mmio_write(qp.cq_db, 4, qp.cq_head)  # the CQ head before reaping: also stale
+        assert ctrl.statistics().completions_posted == completions + 3  # nothing ran twice
+        assert ctrl.statistics().invalid_doorbell_writes == 0
+        assert qp.shadow.load(qp.sq_slot) == qp.sq_tail  # the host's slot was not rewound
+        got = {cqe.cid for cqe in qp.reap()}
+        assert set(cids) <= got
+        assert driver.read(1, 0, 1) == b"\x01" * 512
+    finally:
+        r.close()

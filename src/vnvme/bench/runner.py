@@ -161,12 +161,26 @@ class ServerProcess:
         raise RuntimeError("the server did not report its statistics")
 
     def cpu_seconds(self) -> float | None:
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time of the server and every process under it (run.sh starts QEMU as a child)."""
+        total = 0.0
+        todo, seen = [self.proc.pid], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    todo += [int(child) for child in f.read().split()]
+            except OSError:
+                if pid == self.proc.pid:
+                    return None
+                continue
+            # utime + stime of the process; its threads are included.
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -242,6 +256,7 @@ def run_variant(
             transport = VfioUserTransport(
                 socket_path, posted_writes=variant.posted, mapped_doorbells=variant.mapped
             )
+            driver: NvmeDriver | None = None
             try:
                 driver = NvmeDriver(
                     transport,
@@ -267,8 +282,9 @@ def run_variant(
                     point.client_cpu_us = (client_after - client_before) / max(point.ios, 1) * 1e6
                     points.append(point)
                     progress(point)
-                driver.close()
             finally:
+                if driver is not None:
+                    driver.close()  # its queues hold views of host memory: before the memory goes
                 transport.close()
     finally:
         os.sched_setaffinity(0, old_affinity)

@@ -660,8 +660,12 @@ class Controller:
         if sq.shadow_mode:
             shadow = self._load_shadow(sq.slot)
             sq.shadow_reads += 1
-            if not (shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n):
+            if shadow != sq.shadow_last:
+                sq.slot_kept = True  # the host stores its tails there: the slot is authoritative
+                sq.shadow_last = shadow
+            if not sq.slot_kept and not (shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n):
                 self._catch_up_shadow(sq.sqid, False, sq.slot, shadow, value)
+                sq.shadow_last = value
         else:
             sq.tail = value
         if not sq.blocked:
@@ -673,18 +677,28 @@ class Controller:
             self._trace("pci_nvme_mmio_doorbell_cq", cq.cqid, value)
         n = cq.size
         used = (cq.tail - cq.head) % n
+        if cq.shadow_mode and value < n:
+            shadow = self._load_shadow(cq.slot)
+            cq.shadow_reads += 1
+            if shadow != cq.shadow_last:
+                cq.slot_kept = True
+                cq.shadow_last = shadow
+            if cq.slot_kept:
+                # The host keeps its head in the slot: this MMIO is a wake-up, and a posted one
+                # may carry a head older than the slot's; the slot decides.
+                self._refresh_cq_head(cq)
+                return
         # §4.1: the host may only consume posted entries: the new head lies in [head, tail].
         if value >= n or (value - cq.head) % n > used:
             self._invalid_doorbell(cq.cqid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return
         head = value
         if cq.shadow_mode:
-            shadow = self._load_shadow(cq.slot)
-            cq.shadow_reads += 1
             if shadow < n and (value - cq.head) % n <= (shadow - cq.head) % n <= used:
                 head = shadow
             else:
                 self._catch_up_shadow(cq.cqid, True, cq.slot, shadow, value)
+                cq.shadow_last = value
         self._set_cq_head(cq, head)
 
     def _catch_up_shadow(self, qid: int, is_cq: bool, slot: int, shadow: int, value: int) -> None:
@@ -715,6 +729,9 @@ class Controller:
                 self._trace("pci_nvme_err_shadow_invalid_value", sq.sqid, 0, value)
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return None
+        if value != sq.shadow_last:
+            sq.slot_kept = True
+            sq.shadow_last = value
         if self._tracing:
             self._trace("pci_nvme_update_sq_tail", sq.sqid, value)
         return value
@@ -725,6 +742,9 @@ class Controller:
             return
         value = self._load_shadow(cq.slot)
         cq.shadow_reads += 1
+        if value != cq.shadow_last:
+            cq.slot_kept = True
+            cq.shadow_last = value
         n = cq.size
         if value >= n or (value - cq.head) % n > (cq.tail - cq.head) % n:
             if self._tracing:
@@ -809,12 +829,14 @@ class Controller:
             if sq is None or (sq.sqid == 0 and not self.config.admin_queue_shadow):
                 continue
             shadow.store(sq.slot, sq.tail)
+            sq.shadow_last, sq.slot_kept = sq.tail, False
             sq.shadow_mode = True
             self._publish_sq_eventidx(sq, sq.tail if not self._polling else (sq.head - 1) % sq.size)
         for cq in self.cqs:
             if cq is None or (cq.cqid == 0 and not self.config.admin_queue_shadow):
                 continue
             shadow.store(cq.slot, cq.head)
+            cq.shadow_last, cq.slot_kept = cq.head, False
             cq.shadow_mode = True
             self._publish_cq_eventidx(cq)
         if self._tracing:
@@ -828,11 +850,13 @@ class Controller:
         if sq is not None:
             if self.config.zero_shadow_on_create:
                 shadow.store(sq.slot, 0)
+            sq.shadow_last, sq.slot_kept = shadow.load(sq.slot), False
             sq.shadow_mode = True
             self._publish_sq_eventidx(sq, (sq.size - 1) if self._polling else 0)
         if cq is not None:
             if self.config.zero_shadow_on_create:
                 shadow.store(cq.slot, 0)
+            cq.shadow_last, cq.slot_kept = shadow.load(cq.slot), False
             cq.shadow_mode = True
             self._publish_cq_eventidx(cq)
 

@@ -47,6 +47,8 @@ class SubmissionQueue:
         "rearms_lost",
         "burst",
         "lookahead_until",
+        "shadow_last",
+        "slot_kept",
     )
 
     def __init__(
@@ -76,6 +78,10 @@ class SubmissionQueue:
         # when a predicted EventIdx may stay unreached (None: no prediction outstanding).
         self.burst = 0
         self.lookahead_until: float | None = None
+        # The value last seen in (or put into) the shadow slot, and whether the host has been
+        # seen storing there: then MMIO values are only wake-ups (a posted one may be stale).
+        self.shadow_last = 0
+        self.slot_kept = False
 
     def release(self) -> None:
         """Drop the view of guest memory (queue deleted or controller reset)."""
@@ -118,6 +124,8 @@ class CompletionQueue:
         "waiting_for_room",
         "backlog",
         "irq_mark",
+        "shadow_last",
+        "slot_kept",
     )
 
     def __init__(
@@ -156,6 +164,9 @@ class CompletionQueue:
         self.backlog: list[tuple[SubmissionQueue, int, int, int]] = []
         # ``entries`` when interrupts were last accounted (interrupt coalescing threshold).
         self.irq_mark = 0
+        # As for SubmissionQueue: last value seen in the shadow slot, host seen storing there.
+        self.shadow_last = 0
+        self.slot_kept = False
 
     def release(self) -> None:
         self.view.release()
