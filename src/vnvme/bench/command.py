@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fio.add_argument("--verify", choices=["crc32c"], help="write a pattern and check it on read")
     fio.add_argument("--output-format", choices=["normal", "json"], default="normal")
     fio.add_argument("--output", metavar="FILE", help="write the report (tables or JSON) to FILE")
+    fio.add_argument("--json-output", metavar="FILE", help="also write the fio-format JSON report to FILE")
     exp = parser.add_argument_group("experiment")
     exp.add_argument(
         "--variants",
@@ -182,6 +183,10 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     finally:
         if stream is not out:
             stream.close()
+    if args.json_output:
+        with open(args.json_output, "w") as f:
+            json.dump(json_report(points, options, started), f, indent=2)
+            f.write("\n")
     if args.plot:
         if plot(points, options, args.plot):
             print(f"plot: {args.plot}", file=err)

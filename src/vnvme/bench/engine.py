@@ -513,7 +513,12 @@ class _Run:
         return start if measured else None
 
     def complete(self, job: _Job, cqe: Cqe, now: int) -> None:
-        slot = job.slot_of.pop(cqe.cid)
+        slot = job.slot_of.pop(cqe.cid, None)
+        if slot is None:
+            raise RuntimeError(
+                f"queue {job.qp.qid}: completion for CID {cqe.cid} (SQ head {cqe.sqhd}), which is not "
+                f"in flight (in flight: {sorted(job.slot_of)}; host SQ tail {job.qp.sq_tail})"
+            )
         write = job.op_write[slot]
         if cqe.status:
             job.free_slots.append(slot)
