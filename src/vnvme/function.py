@@ -155,12 +155,16 @@ class NvmeFunction:
         self._bar0_map = mmap.mmap(fd, self.bar0_size, flags=mmap.MAP_SHARED)
         self._db_view = memoryview(self._bar0_map)[start:end]
         self._db_words = self._db_view.cast("I")
-        self._db_last = bytearray(len(self._db_view))
+        # Per doorbell offset: the (page value, controller value) pair last acted on.
+        self._db_seen: dict[int, tuple[int, int]] = {}
         self._db_epoch = -1
         bar0.mmap_fd = fd
         bar0.sparse = [(start, length)]
 
     def _scan_doorbells(self) -> None:
+        """Compare each live queue's doorbell in the page with what the controller holds. A
+        store cannot be seen as an event, and a host may store the same value twice a lap apart,
+        so a (page value, controller value) pair not looked at yet is what counts as news."""
         ctrl = self.controller
         if not ctrl.enabled or ctrl.fatal:
             return
@@ -169,18 +173,14 @@ class NvmeFunction:
             # Safe to clear: run() follows the CC write before the host can read CSTS.RDY = 1.
             self._db_epoch = ctrl.enable_count
             self._db_view[:] = bytes(len(self._db_view))
-            self._db_last[:] = bytes(len(self._db_last))
-        if self._db_view == self._db_last:
-            return
-        words, last = self._db_words, memoryview(self._db_last).cast("I")
-        try:
-            for index in range(len(words)):
-                value = words[index]
-                if value != last[index]:
-                    last[index] = value
-                    self._handle(ctrl.mapped_doorbell(regs.DOORBELL_BASE + 4 * index, value))
-        finally:
-            last.release()
+            self._db_seen.clear()
+        words, seen = self._db_words, self._db_seen
+        for offset, held in ctrl.doorbell_values():
+            value = words[(offset - regs.DOORBELL_BASE) >> 2]
+            if seen.get(offset) != (value, held):
+                seen[offset] = (value, held)
+                if value != held:
+                    self._handle(ctrl.mapped_doorbell(offset, value))
 
     # Section: Device interface
 
@@ -364,10 +364,8 @@ class NvmeFunction:
             and count == 4
             and regs.DOORBELL_BASE <= offset < regs.DOORBELL_BASE + len(self._db_view)
         ):
-            # A trapped write into the mappable page: keep the page and our snapshot in step.
-            index = (offset - regs.DOORBELL_BASE) // 4
-            self._db_words[index] = int.from_bytes(data, "little")
-            self._db_last[index * 4 : index * 4 + 4] = data
+            # A trapped write into the mappable page: the page holds the latest value too.
+            self._db_words[(offset - regs.DOORBELL_BASE) // 4] = int.from_bytes(data, "little")
         self._handle(self.controller.mmio_write(offset, count, int.from_bytes(data, "little")))
 
     def _reset_msix_table(self) -> None:

@@ -193,12 +193,22 @@ def listen(path: str) -> socket.socket:
         finally:
             probe.close()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a temporary name and rename once listening: the path appears only when a
+    # client can connect (anyone waiting for it never meets ECONNREFUSED).
+    staging = f"{path}.{os.getpid()}.tmp"
     old_umask = os.umask(0o177)  # owner-only from the start, no window before a chmod
     try:
-        listener.bind(path)
+        listener.bind(staging)
     finally:
         os.umask(old_umask)
-    listener.listen(1)
+    try:
+        listener.listen(1)
+        os.rename(staging, path)
+    except BaseException:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
     return listener
 
 

@@ -400,6 +400,16 @@ class Controller:
         """BAR0 offset just past the last doorbell register."""
         return self._doorbell_end
 
+    def doorbell_values(self) -> list[tuple[int, int]]:
+        """(BAR0 offset, the value the controller holds) for every existing queue's doorbell: SQ
+        tails and CQ heads. An edge polling a mapped doorbell page compares against these."""
+        stride = 4 << self.dstrd
+        out = [(regs.DOORBELL_BASE + 2 * sq.sqid * stride, sq.tail) for sq in self.sqs if sq is not None]
+        out += [
+            (regs.DOORBELL_BASE + (2 * cq.cqid + 1) * stride, cq.head) for cq in self.cqs if cq is not None
+        ]
+        return out
+
     @property
     def completions(self) -> int:
         """Completions posted so far (cheap: an edge checks it after every pass for progress)."""

@@ -55,9 +55,19 @@ class ClientStatistics:
 
 class VfioUserClient:
     def __init__(self, path: str, *, timeout: float = 10.0, max_fds: int = 16) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(path)
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(path)
+                break
+            except ConnectionRefusedError:
+                # A server that bound its socket but is not listening yet: try again shortly.
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         sock.settimeout(None)
         self.timeout = timeout
         self.channel = Channel(sock, max_message=(1 << 20) + vu.MESSAGE_OVERHEAD, max_fds=max_fds)
