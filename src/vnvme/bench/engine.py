@@ -515,9 +515,13 @@ class _Run:
     def complete(self, job: _Job, cqe: Cqe, now: int) -> None:
         slot = job.slot_of.pop(cqe.cid, None)
         if slot is None:
+            qp = job.qp
+            fetched = (cqe.sqhd - 1) % qp.depth
+            sqe_cid = int.from_bytes(qp.sq_mem.view[fetched * 64 + 2 : fetched * 64 + 4], "little")
             raise RuntimeError(
-                f"queue {job.qp.qid}: completion for CID {cqe.cid} (SQ head {cqe.sqhd}), which is not "
-                f"in flight (in flight: {sorted(job.slot_of)}; host SQ tail {job.qp.sq_tail})"
+                f"queue {qp.qid}: completion for CID {cqe.cid} (SQ head {cqe.sqhd}), which is not "
+                f"in flight (in flight: {sorted(job.slot_of)}; host SQ tail {qp.sq_tail}, CQ head "
+                f"{qp.cq_head} phase {qp.cq_phase}; the host's SQE in slot {fetched} has CID {sqe_cid})"
             )
         write = job.op_write[slot]
         if cqe.status:
