@@ -40,6 +40,12 @@ class Server:
     def transport(self, **options: object) -> VfioUserTransport:
         return VfioUserTransport(self.socket, memory_size=8 << 20, **options)  # type: ignore[arg-type]
 
+    def kill(self) -> None:
+        """End the server if a test left it running (by its PID: only what we started)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=10)
+
     def stop(self, sig: int | None = signal.SIGTERM) -> tuple[int, str, str]:
         """Signal the server (unless ``sig`` is None: already signalled) and collect its output."""
         if sig is not None and self.proc.poll() is None:
@@ -54,9 +60,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     try:
         yield s
     finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.communicate(timeout=10)
+        s.kill()
 
 
 def _driver(transport: VfioUserTransport, **options: object) -> NvmeDriver:
@@ -193,9 +197,7 @@ def test_mappable_doorbells_cost_no_messages(tmp_path: Path) -> None:
         assert stats["controller"]["mapped_doorbell_updates"] > 0
         assert stats["controller"]["doorbell_sq_io"] == 0  # nothing trapped
     finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.communicate(timeout=10)
+        s.kill()
 
 
 def test_polling_controller_from_a_toml_file_with_a_trace_file(tmp_path: Path) -> None:
@@ -221,9 +223,7 @@ def test_polling_controller_from_a_toml_file_with_a_trace_file(tmp_path: Path) -
         assert [r["event"] for r in records] == ["pci_nvme_dbbuf_config"]
         assert records[0]["dbs_addr"] % 4096 == 0
     finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.communicate(timeout=10)
+        s.kill()
 
 
 def test_serve_refuses_bad_options(tmp_path: Path) -> None:
@@ -280,9 +280,7 @@ def test_transport_trace_events(tmp_path: Path) -> None:
         code, _, err = s.stop()
         assert code == 0, err
     finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.communicate(timeout=10)
+        s.kill()
     records = [json.loads(line) for line in trace.read_text().splitlines()]
     names = [r["event"] for r in records]
     for expected in ("vfio_user_connect", "vfio_user_version", "vfio_user_set_irqs", "vfio_user_dma_map"):

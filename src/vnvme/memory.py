@@ -75,15 +75,17 @@ class GuestMemory:
     def map(self, gpa: int, buffer: Buffer, *, writable: bool = True, owner: object = None) -> MemoryRegion:
         """Expose ``buffer`` at guest address ``gpa``. Overlapping an existing region is an error."""
         view = memoryview(buffer).cast("B")
-        size = len(view)
-        if gpa < 0 or size == 0 or gpa + size > 1 << 64:
+        return self._insert(MemoryRegion(gpa, len(view), view, writable, owner))
+
+    def _insert(self, region: MemoryRegion) -> MemoryRegion:
+        gpa, size = region.gpa, region.size
+        if gpa < 0 or size <= 0 or gpa + size > 1 << 64:
             raise ValueError(f"invalid region [{gpa:#x}, +{size:#x})")
         index = bisect.bisect_left(self._starts, gpa)
         if index > 0 and self._regions[index - 1].end > gpa:
             raise ValueError(f"region at {gpa:#x} overlaps {self._regions[index - 1]!r}")
         if index < len(self._regions) and self._regions[index].gpa < gpa + size:
             raise ValueError(f"region at {gpa:#x} overlaps {self._regions[index]!r}")
-        region = MemoryRegion(gpa, size, view, writable, owner)
         self._regions.insert(index, region)
         self._starts.insert(index, gpa)
         self.generation += 1
@@ -92,18 +94,7 @@ class GuestMemory:
     def map_remote(self, gpa: int, size: int, access: RemoteAccess, *, writable: bool = True) -> MemoryRegion:
         """Expose a range the controller can reach only through ``access`` (message round trips):
         :meth:`read` / :meth:`write` work there, :meth:`view` does not (see :meth:`window`)."""
-        if gpa < 0 or size <= 0 or gpa + size > 1 << 64:
-            raise ValueError(f"invalid region [{gpa:#x}, +{size:#x})")
-        index = bisect.bisect_left(self._starts, gpa)
-        if index > 0 and self._regions[index - 1].end > gpa:
-            raise ValueError(f"region at {gpa:#x} overlaps {self._regions[index - 1]!r}")
-        if index < len(self._regions) and self._regions[index].gpa < gpa + size:
-            raise ValueError(f"region at {gpa:#x} overlaps {self._regions[index]!r}")
-        region = MemoryRegion(gpa, size, memoryview(b""), writable, None, access)
-        self._regions.insert(index, region)
-        self._starts.insert(index, gpa)
-        self.generation += 1
-        return region
+        return self._insert(MemoryRegion(gpa, size, memoryview(b""), writable, None, access))
 
     def is_remote(self, addr: int) -> bool:
         region = self._region_at(addr)
