@@ -99,7 +99,13 @@ def main() -> int:
     args = parser.parse_args()
     common = ["--number_ios", args.number_ios, "--cpu", "same,split", "--iodepth", ",".join(map(str, DEPTHS))]
     started = time.time()
-    vnvme_cmd = [*common, "--variants", "all", "--plot", str((HERE / "vnvme-bench.png").relative_to(Path.cwd()))]
+    vnvme_cmd = [
+        *common,
+        "--variants",
+        "all",
+        "--plot",
+        str((HERE / "vnvme-bench.png").relative_to(Path.cwd())),
+    ]
     vnvme_text, vnvme_json = bench(vnvme_cmd, HERE / "vnvme-bench.json")
     ours = points(vnvme_json)
     qemu_text = ""
