@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -57,10 +56,8 @@ _SQE_UNPACK: Final = SQE.unpack_from
 # A CQE is stored as dwords 0-2 first, then dword 3 (CID + status with the phase tag) in one
 # 32-bit store, so a host polling the phase tag never sees a half-written entry.
 _CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
-# CQE dword 3 (CID, status, phase tag) in one native 4-byte store on little-endian hosts ("<I"
-# packs byte by byte): a host polling the phase tag from another process never sees the new
-# phase with a half-written CID or status.
-_CQE_TAIL_PACK: Final = struct.Struct("@I" if sys.byteorder == "little" else "<I").pack_into
+# CQE dword 3 on big-endian hosts only; little-endian hosts store it through CompletionQueue.dwords.
+_CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
 _DEFAULT_BUDGET: Final = 4096
 _ADMIN_QUEUE_MAX: Final = 4096
 
@@ -1041,7 +1038,12 @@ class Controller:
         offset = tail * CQE_SIZE
         view = cq.view
         _CQE_HEAD_PACK(view, offset, dw0 & 0xFFFFFFFF, 0, sq.head, sq.sqid)
-        _CQE_TAIL_PACK(view, offset + 12, cid | (((status << 1) | cq.phase) << 16))
+        dword3 = cid | (((status << 1) | cq.phase) << 16)
+        dwords = cq.dwords
+        if dwords is not None:
+            dwords[(offset >> 2) + 3] = dword3  # one store: see queues._dwords
+        else:  # pragma: no cover - big-endian hosts
+            _CQE_TAIL_PACK(view, offset + 12, dword3)
         if cq.remote:
             self._push_remote_cqe(cq, offset)
         tail += 1
@@ -1142,7 +1144,7 @@ class Controller:
         self._memory_generation = self.memory.generation
         queues = [q for q in (*self.cqs, *self.sqs) if q is not None]
         for queue in queues:
-            queue.view.release()
+            queue.drop_view()
         shadow_addr, eventidx_addr, page_size = (
             self.dbbuf.shadow_addr,
             self.dbbuf.eventidx_addr,
@@ -1153,7 +1155,8 @@ class Controller:
         try:
             for cq in self.cqs:
                 if cq is not None:
-                    cq.view, cq.remote = self.memory.window(cq.base, cq.size * CQE_SIZE, write=True)
+                    view, cq.remote = self.memory.window(cq.base, cq.size * CQE_SIZE, write=True)
+                    cq.set_view(view)
             for sq in self.sqs:
                 if sq is not None:
                     sq.view, sq.remote = self.memory.window(sq.base, sq.size * SQE_SIZE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 
@@ -87,6 +88,9 @@ class SubmissionQueue:
         """Drop the view of guest memory (queue deleted or controller reset)."""
         self.view.release()
 
+    def drop_view(self) -> None:
+        self.view.release()
+
     def statistics(self) -> QueueStatistics:
         return QueueStatistics(
             qid=self.sqid,
@@ -100,6 +104,15 @@ class SubmissionQueue:
             rearms_lost=self.rearms_lost,
             shadow_mode=self.shadow_mode,
         )
+
+
+def _dwords(view: memoryview) -> memoryview | None:
+    """The ring as native dwords, so CQE dword 3 (CID, status, phase tag) is one 4-byte store.
+    struct.pack_into zero-fills its destination before writing it: a host polling the phase tag
+    from another CPU could see that zero, a phase tag of 0 with CID 0 (seen in vnvme bench runs)."""
+    if sys.byteorder != "little" or len(view) % 4:
+        return None
+    return view.cast("I")
 
 
 class CompletionQueue:
@@ -124,6 +137,7 @@ class CompletionQueue:
         "waiting_for_room",
         "backlog",
         "irq_mark",
+        "dwords",
         "shadow_last",
         "slot_kept",
     )
@@ -149,6 +163,7 @@ class CompletionQueue:
         self.ien = ien
         self.vector = vector
         self.view = view
+        self.dwords = _dwords(view)
         # The ring lives in remote memory: ``view`` is a local mirror, each CQE pushed out.
         self.remote = False
         self.slot = slot
@@ -168,8 +183,17 @@ class CompletionQueue:
         self.shadow_last = 0
         self.slot_kept = False
 
-    def release(self) -> None:
+    def set_view(self, view: memoryview) -> None:
+        self.view = view
+        self.dwords = _dwords(view)
+
+    def drop_view(self) -> None:
+        if self.dwords is not None:
+            self.dwords.release()
         self.view.release()
+
+    def release(self) -> None:
+        self.drop_view()
         self.sqs.clear()
         self.backlog.clear()
 

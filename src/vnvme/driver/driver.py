@@ -43,6 +43,7 @@ from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg
 from vnvme.spec.status import describe
 
 _CQE_UNPACK: Final = CQE.unpack_from
+_CQE_HEAD_UNPACK: Final = struct.Struct("<IIHH").unpack_from
 # CQE dword 3 in one native 4-byte load on little-endian hosts (pairs with the controller's store).
 _DW3_UNPACK: Final = struct.Struct("@I" if sys.byteorder == "little" else "<I").unpack_from
 _SQE_PACK: Final = SQE.pack_into
@@ -193,9 +194,12 @@ class QueuePair:
         while True:
             # The phase tag first, then the rest (Linux: READ_ONCE(status), dma_rmb()): the
             # device may be writing this entry right now, and the phase bit is its last store.
-            if (_DW3_UNPACK(view, head * CQE_SIZE + 12)[0] >> 16) & 1 != phase:
+            dw3 = _DW3_UNPACK(view, head * CQE_SIZE + 12)[0]
+            if (dw3 >> 16) & 1 != phase:
                 break
-            dw0, dw1, sqhd, sqid, cid, sf = _CQE_UNPACK(view, head * CQE_SIZE)
+            # CID, status and phase all from that one load: they are one store on the device side.
+            dw0, dw1, sqhd, sqid = _CQE_HEAD_UNPACK(view, head * CQE_SIZE)
+            cid, sf = dw3 & 0xFFFF, dw3 >> 16
             out.append(Cqe(dw0, dw1, sqhd, sqid, cid, sf >> 1, sf & 1))
             head += 1
             if head == self.depth:
