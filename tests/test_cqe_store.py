@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-from host import make_rig
 
+from host import make_rig
 from vnvme.controller import controller as controller_module
 
 
