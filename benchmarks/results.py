@@ -91,6 +91,42 @@ def points(report: dict[str, object]) -> dict[tuple[str, str, int], dict[str, ob
     return out
 
 
+def where_the_time_goes(
+    ours: dict[tuple[str, str, int], dict[str, object]], theirs: dict[tuple[str, str, int], dict[str, object]]
+) -> list[str]:
+    """CPU per I/O on each side, from this run: what a miss against QEMU is made of."""
+    out = ["## Where the time goes (CPU per I/O, this run)", ""]
+    out += [
+        "| placement | depth | vnvme IOPS | vnvme controller us/IO | host driver us/IO | QEMU IOPS "
+        "| QEMU controller us/IO | host driver us/IO (QEMU) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def us(value: object) -> str:
+        return f"{value:.1f}" if isinstance(value, float | int) else "n/a"
+
+    for placement in ("same", "split"):
+        for d in DEPTHS:
+            mine = ours[(placement, "dbbuf", d)]
+            other = theirs.get((placement, "dbbuf", d), {})
+            out.append(
+                f"| {placement} | {d} | {mine['iops']:.0f} | {us(mine['server_cpu_us_per_io'])} "
+                f"| {us(mine['client_cpu_us_per_io'])} | {us(other.get('iops'))} "
+                f"| {us(other.get('server_cpu_us_per_io'))} | {us(other.get('client_cpu_us_per_io'))} |"
+            )
+    out += [
+        "",
+        "With shadow doorbells a depth-1 I/O still costs one trapped doorbell (a REGION_WRITE round "
+        "trip) plus an interrupt; vnvme's controller is Python, so each message and each command "
+        "costs it more CPU than QEMU's C controller spends (the table above), and on one shared CPU "
+        "that time is the client's time too. vnvme wins where it saves traps (deeper queues, two CPUs) and loses "
+        "where there are none left to save (depth 1 on one CPU). Server CPU is sampled from "
+        "/proc (10 ms ticks), so small values are coarse.",
+        "",
+    ]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--number_ios", default="10000")
@@ -171,6 +207,7 @@ def main() -> int:
                     )
             lines.append("")
     lines += targets(ours, theirs)
+    lines += where_the_time_goes(ours, theirs)
     lines += ["## vnvme, every variant", "", vnvme_text.strip(), ""]
     if qemu_text:
         lines += ["## QEMU hw/nvme over vfio-user, same client", "", qemu_text.strip(), ""]

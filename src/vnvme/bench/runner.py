@@ -428,17 +428,25 @@ def plot(points: Sequence[Point], options: BenchOptions, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax_iops, ax_db) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for placement in options.placements:
-        for name in options.variants:
+    fig, (ax_iops, ax_db) = plt.subplots(1, 2, figsize=(12, 4.6))
+    palette = plt.get_cmap("tab10")
+    styles = ("-", "--", ":")
+    for p_index, placement in enumerate(options.placements):
+        for v_index, name in enumerate(options.variants):
             row = [p for p in points if p.placement == placement.name and p.variant == name]
             if not row:
                 continue
-            label = f"{VARIANTS[name].label} ({placement.name})"
+            # One colour per variant, one line style per placement.
+            style = {
+                "color": palette(v_index % 10),
+                "linestyle": styles[p_index % len(styles)],
+                "marker": "o",
+                "label": f"{VARIANTS[name].label} ({placement.name})",
+            }
             depths = [p.iodepth for p in row]
-            ax_iops.plot(depths, [p.iops for p in row], marker="o", label=label)
+            ax_iops.plot(depths, [p.iops for p in row], **style)
             values = [p.mapped_doorbells if VARIANTS[name].mapped else p.doorbells for p in row]
-            ax_db.plot(depths, values, marker="o", label=label)
+            ax_db.plot(depths, values, **style)
     for ax, title in ((ax_iops, "IOPS"), (ax_db, "doorbells per I/O")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(options.depths, [str(d) for d in options.depths])
@@ -447,7 +455,7 @@ def plot(points: Sequence[Point], options: BenchOptions, path: str) -> bool:
         ax.grid(True, alpha=0.3)
     ax_iops.set_ylim(bottom=0)
     ax_db.set_ylim(bottom=0)
-    ax_db.legend(fontsize=7)
+    ax_db.legend(fontsize=6.5, loc="upper right", ncol=1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
