@@ -500,6 +500,7 @@ def test_two_jobs_use_two_queue_pairs() -> None:
         queues = [q for q in r.controller.queue_statistics() if q.qid]
         # Completions posted per I/O CQ, and one SQ doorbell per batch of 4 on each SQ.
         assert {q.qid: q.entries for q in queues if q.is_cq} == {1: ios, 2: ios}
+        assert {q.qid: q.entries for q in queues if not q.is_cq} == {1: ios, 2: ios}  # fetched
         assert {q.qid: q.mmio_doorbell_writes for q in queues if not q.is_cq} == {1: ios // 4, 2: ios // 4}
         reads = expected_reads(seed, 60, ios, 0) + expected_reads(seed, 60, ios, 1)
         assert (result.read.ios, result.write.ios) == (reads, 2 * ios - reads)

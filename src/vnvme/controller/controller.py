@@ -930,6 +930,7 @@ class Controller:
                 sq.head = head
                 processed += 1
                 sq.burst += 1
+                sq.entries += 1
                 self._execute(sq, fields)
                 if self._fatal or self.sqs[sq.sqid] is not sq:
                     return processed
