@@ -343,7 +343,8 @@ class VfioUserServer:
         if text:
             try:
                 parsed = json.loads(text)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                # RecursionError: nesting deeper than the decoder follows ("[[[[...").
                 raise ProtocolError(errno.EINVAL, "VERSION capabilities are not JSON") from None
             if not isinstance(parsed, dict):
                 raise ProtocolError(errno.EINVAL, "VERSION data is not an object")
