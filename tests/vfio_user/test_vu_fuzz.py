@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import select
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -50,6 +51,15 @@ T = TypeVar("T")
 # Section: settings
 
 _CAMPAIGN: Final = os.environ.get("VNVME_FUZZ_EXAMPLES")
+
+
+def _settles(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Assert a condition the server thread makes true on its own time (it closes descriptors
+    when it gets to them, not in step with our reads of /proc/self/fd)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "descriptor count did not settle"
+        time.sleep(0.002)
 
 
 def _examples() -> Callable[[T], T]:
@@ -578,7 +588,7 @@ def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) ->
                 mapping = dma[region.gpa]
                 assert region.writable == bool(mapping.flags & vu.DmaFlags.WRITE)
                 assert (region.remote is None) == (mapping.map is not None)
-            assert fd_count() == base + _connected_fds(peer)
+            _settles(lambda: fd_count() == base + _connected_fds(peer))
             if hangup is not None:
                 message, cut = hangup
                 fds = [_make_fd(kind) for kind in message.fds]
@@ -592,7 +602,7 @@ def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) ->
             peer.close()
         assert not peer.thread.is_alive()
         assert peer.function.memory.regions() == () and peer.server.dma == {}
-        assert fd_count() == base
+        _settles(lambda: fd_count() == base)
         assert not internal.records, internal.records
 
 
@@ -890,13 +900,13 @@ def test_dma_map_unmap_interleaving(ops: list[Map | Unmap]) -> None:
                     for gpa, mapped in model.items():
                         if mapped.backed:  # the right part of the file, shared
                             assert peer.function.memory.read(gpa, 8) == _page_pattern(mapped.offset // PAGE)
-                    assert fd_count() == connected + sum(m.backed for m in model.values())
+                    _settles(lambda: fd_count() == connected + sum(m.backed for m in model.values()))
                 assert peer.thread.is_alive()
                 _in_sync(peer)
             finally:
                 peer.close()
             assert peer.function.memory.regions() == () and peer.server.dma == {}
-            assert fd_count() == base
+            _settles(lambda: fd_count() == base)
             assert not internal.records, internal.records
     finally:
         os.close(fd)

@@ -258,24 +258,43 @@ class Channel:
                     words.frombytes(raw[: len(raw) - len(raw) % 4])
                     fds.extend(words)
         truncated = bool(msg_flags & socket.MSG_CTRUNC)
+        try:
+            return self._receive_rest(data, fds, truncated)
+        except BaseException:
+            # The peer hung up (or the socket failed) before the message was whole: the
+            # descriptors that came with its first bytes are nobody's.
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+
+    def _receive_rest(self, data: bytes, fds: list[int], truncated: bool) -> Message:
+        sock = self.sock
         if len(data) < HEADER_SIZE:
             # The common case is one read; a header split across reads is rare but legal.
             header = bytearray(data)
             while len(header) < HEADER_SIZE:
                 if not data:
-                    for fd in fds:
-                        os.close(fd)
                     raise Disconnected("peer closed the socket" if not header else "peer closed mid-header")
                 data = sock.recv(HEADER_SIZE - len(header))
                 header += data
             data = bytes(header)
         msg_id, command, size, flags, error = HEADER.unpack(data)
         message = Message(msg_id, command, flags, error, b"", fds, fds_truncated=truncated)
+        try:
+            self._receive_body(message, size)
+        except BaseException:
+            message.close_fds()  # a peer hanging up mid-message must not leave its fds with us
+            raise
+        return message
+
+    def _receive_body(self, message: Message, size: int) -> None:
+        sock = self.sock
         body = size - HEADER_SIZE
         if size > self.max_message:
             self._discard(body)
             message.oversized = size
-            return message
+            return
         if body > 0:
             payload = sock.recv(body)
             if len(payload) < body:
@@ -289,7 +308,6 @@ class Channel:
             message.payload = payload
         elif body < 0:
             message.oversized = -1  # a size that cannot even hold the header
-        return message
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         if fds:
