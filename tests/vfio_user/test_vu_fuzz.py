@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Final, TypeVar
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -67,6 +68,12 @@ def _examples() -> Callable[[T], T]:
     if _CAMPAIGN:
         return settings(max_examples=int(_CAMPAIGN))
     return settings()
+
+
+if _CAMPAIGN:
+    # A campaign runs for many minutes: no whole-test timeout (pyproject's is 120 s). A hang
+    # still fails: every wait for a reply is bounded.
+    pytestmark = pytest.mark.timeout(0)
 
 
 # Section: the device as the fuzzer sees it
