@@ -7,7 +7,6 @@ import json
 import math
 import random
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -138,16 +137,6 @@ def test_crc32c_chains_and_takes_every_buffer_kind() -> None:
     assert crc32c(bytearray(data)) == whole
     assert crc32c(memoryview(data)) == whole
     assert crc32c(memoryview(data[:4096]).cast("I")) == crc32c(data[:4096])
-
-
-def test_crc32c_of_a_4k_block_is_fast() -> None:
-    block = memoryview(bytearray(4096))
-    runs = 20
-    started = time.perf_counter()
-    for _ in range(runs):
-        crc32c(block)
-    per_block = (time.perf_counter() - started) / runs
-    assert per_block < 0.005  # typically ~0.3 ms; loose so a loaded machine cannot flake it
 
 
 # Section: statistics
