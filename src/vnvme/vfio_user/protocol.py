@@ -281,11 +281,7 @@ class Channel:
             data = bytes(header)
         msg_id, command, size, flags, error = HEADER.unpack(data)
         message = Message(msg_id, command, flags, error, b"", fds, fds_truncated=truncated)
-        try:
-            self._receive_body(message, size)
-        except BaseException:
-            message.close_fds()  # a peer hanging up mid-message must not leave its fds with us
-            raise
+        self._receive_body(message, size)  # receive() closes the fds if this raises
         return message
 
     def _receive_body(self, message: Message, size: int) -> None:
