@@ -50,6 +50,9 @@ from vnvme.spec.log_pages import (
     FIRMWARE_SLOT,
     IO_EFFECTS_OFFSET,
     SMART_HEALTH,
+    VNVME_COUNTERS,
+    VNVME_COUNTERS_LID,
+    VNVME_COUNTERS_SIGNATURE,
     CommandEffects,
     CriticalWarning,
 )
@@ -855,11 +858,29 @@ def test_commands_supported_and_effects(shadow_doorbells: bool) -> None:
         r.close()
 
 
-@pytest.mark.parametrize("lid", [0x00, 0x04, 0x06, 0x07, 0x0D, 0x70, 0x80, 0x81, 0xC0, 0xFF])
+@pytest.mark.parametrize("lid", [0x00, 0x04, 0x06, 0x07, 0x0D, 0x70, 0x80, 0x81, 0xC1, 0xFF])
 def test_unsupported_log_page(rig: Rig, lid: int) -> None:
     cqe, data = _log_page(rig, lid, 512)
     assert cqe.status == Status.INVALID_LOG_PAGE | DNR
     assert data == bytes([_SENTINEL]) * 512
+
+
+def test_vnvme_counters_log_page(rig: Rig) -> None:
+    """The vendor-specific page C0h carries the controller's doorbell counters, live."""
+    rig.driver.write(1, 0, b"\x05" * 4096)
+    cqe, data = _log_page(rig, VNVME_COUNTERS_LID, 512)
+    assert cqe.status == Status.SUCCESS
+    page = VNVME_COUNTERS.unpack(data)
+    stats = rig.controller.statistics()
+    assert page["signature"] == VNVME_COUNTERS_SIGNATURE
+    assert page["enables"] == rig.controller.enable_count == 1
+    # The snapshot is taken after the SQ doorbell of the Get Log Page itself, before its CQ doorbell.
+    assert page["doorbell_sq_admin"] == stats.doorbell_sq_admin > 0
+    assert page["doorbell_cq_admin"] <= stats.doorbell_cq_admin
+    assert page["doorbell_sq_io"] == stats.doorbell_sq_io > 0
+    assert page["completions_posted"] >= 2
+    assert page["internal_errors"] == 0
+    assert page["io_commands"] == 1  # the write
 
 
 def test_log_page_offset_and_length(rig: Rig) -> None:

@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     from vnvme.bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
+    vm = commands.add_parser(
+        "vm",
+        help="a real Linux guest (QEMU vfio-user-pci, the nvme driver, fio, nvme-cli) against vnvme",
+        description="Provision, boot and judge Linux guests against vnvme serve; compare with QEMU's nvme.",
+    )
+    from vnvme.vm.command import add_arguments as add_vm_arguments
+
+    add_vm_arguments(vm)
     trace = commands.add_parser("trace-events", help="list the declared trace events")
     trace.add_argument("pattern", nargs="?", default="*")
     return parser
@@ -82,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:
             print(f"vnvme bench: {exc}", file=sys.stderr)
             return 2
+    if args.command == "vm":
+        from vnvme.vm.command import main as vm_main
+
+        return vm_main(args)
     if args.command == "trace-events":
         import fnmatch
 

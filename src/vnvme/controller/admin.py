@@ -54,6 +54,9 @@ from vnvme.spec.log_pages import (
     FIRMWARE_SLOT,
     IO_EFFECTS_OFFSET,
     SMART_HEALTH,
+    VNVME_COUNTERS,
+    VNVME_COUNTERS_LID,
+    VNVME_COUNTERS_SIGNATURE,
     CommandEffects,
 )
 from vnvme.spec.registers import CC
@@ -595,6 +598,17 @@ def _effects_page(ctrl: Controller) -> bytes:
     return bytes(page)
 
 
+def _counters_page(ctrl: Controller) -> bytes:
+    stats = ctrl.statistics()
+    values: dict[str, int | bytes] = {
+        name: getattr(stats, name) for name in VNVME_COUNTERS.fields if hasattr(stats, name)
+    }
+    values["signature"] = VNVME_COUNTERS_SIGNATURE
+    values["enables"] = ctrl.enable_count
+    values["io_commands"] = sum(stats.io_commands.values())
+    return bytes(VNVME_COUNTERS.pack(values))
+
+
 def get_log_page(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     cdw10, cdw11 = f[CDW10], f[CDW11]
     lid = GetLogPage.LID.get(cdw10)
@@ -618,6 +632,8 @@ def get_log_page(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
         data = _firmware_slot_page(ctrl)
     elif lid == LogPageId.COMMANDS_SUPPORTED_AND_EFFECTS:
         data = _effects_page(ctrl)
+    elif lid == VNVME_COUNTERS_LID:
+        data = _counters_page(ctrl)
     else:
         raise _fail(Status.INVALID_LOG_PAGE, f"log page {lid:#x}")
     if offset & 3 or offset >= len(data):

@@ -81,3 +81,34 @@ class CommandEffects(IntFlag):
     CCC = 1 << 4  # Controller Capability Change
     CSE_SINGLE_NAMESPACE = 1 << 16  # Command Submission and Execution, bits 18:16
     CSE_ANY_NAMESPACE = 2 << 16
+
+
+#: vnvme's own log page (§5.14.1: identifiers C0h-FFh are vendor specific): the controller's
+#: doorbell and shadow doorbell counters, so that a guest (``nvme get-log -i 0xc0``) can read
+#: exactly what its I/O cost in trapped doorbells, without tracing.
+VNVME_COUNTERS_LID: Final = 0xC0
+VNVME_COUNTERS: Final = Layout(
+    "VnvmeCounters",
+    512,
+    [
+        ("signature", 0, "8s"),  # b"vnvmectr"
+        ("doorbell_sq_admin", 8, "Q"),
+        ("doorbell_sq_io", 16, "Q"),
+        ("doorbell_cq_admin", 24, "Q"),
+        ("doorbell_cq_io", 32, "Q"),
+        ("shadow_reads", 40, "Q"),
+        ("eventidx_writes", 48, "Q"),
+        ("dbbuf_configs", 56, "Q"),
+        ("completions_posted", 64, "Q"),
+        ("interrupts_raised", 72, "Q"),
+        ("enables", 80, "Q"),  # CC.EN 0 -> 1 transitions
+        ("rearms_won", 88, "Q"),
+        ("rearms_lost", 96, "Q"),
+        ("shadow_catchups", 104, "Q"),
+        ("invalid_doorbell_writes", 112, "Q"),
+        ("mapped_doorbell_updates", 120, "Q"),
+        ("internal_errors", 128, "Q"),
+        ("io_commands", 136, "Q"),  # I/O commands fetched, every opcode
+    ],
+)
+VNVME_COUNTERS_SIGNATURE: Final = b"vnvmectr"
