@@ -39,9 +39,13 @@ def _rig() -> Rig:
     return r
 
 
-def _submit(r: Rig, opcode: int, slba: int = 0, nlb: int = 8) -> tuple[QueuePair, int, DmaBuffer]:
+def _submit(
+    r: Rig, opcode: int, slba: int = 0, nlb: int = 8, fill: int = 0
+) -> tuple[QueuePair, int, DmaBuffer]:
+    """Submit and ring; the data buffer holds ``fill`` bytes before the command runs."""
     qp = r.driver.queue(1)
     buf = r.host_memory.alloc(4096)
+    buf.view[:] = bytes([fill]) * 4096
     length = nlb * 512 if opcode in (NvmOpcode.READ, NvmOpcode.WRITE, NvmOpcode.COMPARE) else 0
     cid = qp.submit(r.driver.io_sqe(qp, opcode, 1, slba, nlb, buf, length=length))
     qp.ring_sq()
@@ -94,11 +98,8 @@ def test_media_error_is_reported_with_an_error_log_entry_and_corrupts_nothing(
     try:
         set_fault_hook(r.controller, 1, lambda c: MediaError(lba=c.slba + 3) if c.covers(2) else None)
         before = _media_errors(r)
-        qp, cid, buf = _submit(r, opcode, slba=0, nlb=8)
-        if opcode == NvmOpcode.WRITE:
-            buf.view[:] = b"\xee" * 4096  # what a write that went through would leave
-        else:
-            buf.view[:] = b"\xcc" * 4096
+        # A write that went through would leave 0xcc on the namespace; a read, in the buffer.
+        qp, cid, buf = _submit(r, opcode, slba=0, nlb=8, fill=0xCC)
         cqe = r.driver._wait_cid(qp, cid)
         assert cqe.status == status  # retryable: no DNR
         assert _media_errors(r) == before + 1
@@ -161,7 +162,6 @@ def test_delay_then_media_error_and_a_reset_drops_held_completions() -> None:
     try:
         set_fault_hook(ctrl, 1, lambda c: Delay(50.0, MediaError()) if c.is_read else None)
         qp, cid, buf = _submit(r, NvmOpcode.READ, slba=4, nlb=2)
-        buf.view[:] = bytes(4096)
         deadline = ctrl.next_deadline()
         assert deadline is not None
         r.transport._handle(ctrl.process(now=deadline))
