@@ -2,7 +2,8 @@
 
 Oracle everywhere: no exception leaves the controller, no internal error turns into CFS, every
 submitted command completes (or the controller reports CFS for a guest-caused fatal condition),
-and afterwards a reset and a fresh probe bring a working controller back.
+and afterwards a reset and a fresh probe bring a working controller back. Long campaigns:
+``python scripts/fuzz.py`` (see tests/fuzzing.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzing import CAMPAIGN, campaign, counted
 from host import Rig, make_rig
 from vnvme.driver.transport import PAGE_SIZE
 from vnvme.memory import GuestMemoryError
@@ -20,6 +22,9 @@ from vnvme.spec.registers import CSTS, Reg
 from vnvme.spec.status import DNR, Status
 
 _HOST_MEMORY = 4 << 20
+
+if CAMPAIGN:  # long campaigns (scripts/fuzz.py): no whole-test timeout
+    pytestmark = pytest.mark.timeout(0)
 _UNMAPPED = 0x7_0000_0000
 
 
@@ -53,7 +58,9 @@ _register_values = st.one_of(
 _access = st.tuples(st.booleans(), _register_offsets, st.sampled_from([1, 2, 4, 8]), _register_values)
 
 
+@campaign()
 @given(st.lists(_access, max_size=40))
+@counted
 def test_random_register_accesses_never_break_the_controller(
     accesses: list[tuple[bool, int, int, int]],
 ) -> None:
@@ -123,7 +130,9 @@ def _submit_all(r: Rig, qid: int, sqes: list[Sqe]) -> None:
 _NEVER_COMPLETES = {int(AdminOpcode.ASYNC_EVENT_REQUEST)}
 
 
+@campaign()
 @given(st.data())
+@counted
 def test_random_admin_commands(data: st.DataObject) -> None:
     r = _small_rig(async_events=False)
     try:
@@ -137,7 +146,9 @@ def test_random_admin_commands(data: st.DataObject) -> None:
         r.close()
 
 
+@campaign()
 @given(st.data())
+@counted
 def test_random_io_commands(data: st.DataObject) -> None:
     r = _small_rig()
     try:
@@ -149,7 +160,9 @@ def test_random_io_commands(data: st.DataObject) -> None:
         r.close()
 
 
+@campaign()
 @given(st.lists(st.tuples(st.integers(0, 1023), st.integers(0, 0xFFFF_FFFF)), max_size=30))
+@counted
 def test_scribbled_shadow_and_eventidx_pages(scribbles: list[tuple[int, int]]) -> None:
     """The host writes garbage over both pages between I/Os: commands may fail, nothing breaks."""
     r = _small_rig()

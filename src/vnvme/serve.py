@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
+from vnvme.controller.faults import apply_rules, parse_fault_rule
 from vnvme.controller.namespace import Namespace, NullBackend, parse_namespace_spec
 from vnvme.effects import TraceEvent
 from vnvme.function import NvmeFunction
@@ -43,6 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"None given: the reference device, one '{REFERENCE_NAMESPACE}' namespace reading zeroes",
     )
     parser.add_argument("--config", metavar="TOML", help="namespaces and options from a TOML file")
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="inject a fault into matching I/O commands, repeatable: "
+        "'nsid=1,op=read,lba=100-199,media-error' (Unrecovered Read Error, data untouched), "
+        "'op=write,status=0x4002' (fail with that status: (SCT << 8) | SC, 0x4000 = DNR), "
+        "'nsid=2,op=flush,delay=0.05' (complete 50 ms late); 'after=N' and 'count=N' pick "
+        "which matches; see vnvme.controller.faults",
+    )
     parser.add_argument(
         "--no-shadow-doorbells",
         action="store_true",
@@ -116,10 +128,15 @@ def _load_config(path: str) -> dict[str, Any]:
         data = tomllib.load(f)
     known = {
         "namespace",
+        "fault",
         "shadow_doorbells",
+        "sq_eventidx",
         "cq_eventidx",
+        "batch_timeout",
         "poll",
         "poll_passes",
+        "mappable_doorbells",
+        "idle_sleep",
         "max_io_queues",
         "queue_entries",
     }
@@ -129,17 +146,26 @@ def _load_config(path: str) -> dict[str, Any]:
     return data
 
 
-def build_namespaces(specs: Sequence[str]) -> list[Namespace]:
+def build_namespaces(specs: Sequence[str], faults: Sequence[str] = ()) -> list[Namespace]:
+    """Namespaces from their specs (NSIDs 1, 2, ... in order), with fault rules attached."""
+    rules = [parse_fault_rule(text) for text in faults]  # bad rules fail before a file is opened
     if not specs:
-        return [Namespace(1, NullBackend(1 << 30), 512)]
-    namespaces: list[Namespace] = []
-    try:
-        for nsid, spec in enumerate(specs, start=1):
-            namespaces.append(parse_namespace_spec(spec, nsid))
-    except BaseException:
+        namespaces = [Namespace(1, NullBackend(1 << 30), 512)]
+    else:
+        namespaces = []
+        try:
+            for nsid, spec in enumerate(specs, start=1):
+                namespaces.append(parse_namespace_spec(spec, nsid))
+        except BaseException:
+            for ns in namespaces:
+                ns.backend.close()
+            raise
+    missing = {rule.nsid for rule in rules if rule.nsid is not None} - {ns.nsid for ns in namespaces}
+    if missing:
         for ns in namespaces:
             ns.backend.close()
-        raise
+        raise ValueError(f"fault rule for a namespace that does not exist: nsid {min(missing)}")
+    apply_rules(namespaces, rules)
     return namespaces
 
 
@@ -215,6 +241,7 @@ def listen(path: str) -> socket.socket:
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     file_options: dict[str, Any] = _load_config(args.config) if args.config else {}
     specs = list(file_options.get("namespace", [])) + list(args.namespace)
+    fault_specs = list(file_options.get("fault", [])) + list(args.fault)
     shadow = file_options.get("shadow_doorbells", True) and not args.no_shadow_doorbells
     poll = bool(file_options.get("poll", False) or args.poll)
     mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
@@ -233,7 +260,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         matching_events(args.trace)  # unknown patterns fail before anything starts
     sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
     function = NvmeFunction(
-        build_namespaces(specs),
+        build_namespaces(specs, fault_specs),
         config,
         controller_polls=poll,
         trace=args.trace,

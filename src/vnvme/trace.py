@@ -104,6 +104,11 @@ TRACE_EVENTS: Final[dict[str, TraceEventSpec]] = _table(
         "cid {cid} {opname} nsid {nsid} nlb {nlb} len {len} lba {lba:#x}",
     ),
     ("pci_nvme_flush", "cid nsid", "cid {cid} nsid {nsid}"),
+    (
+        "pci_nvme_fault_injected",
+        "cid sqid nsid fault",
+        "cid {cid} sqid {sqid} nsid {nsid}: fault hook gave {fault}",
+    ),
     ("pci_nvme_dsm", "cid nsid nr attr", "cid {cid} nsid {nsid} nr {nr} attr {attr:#x}"),
     # error conditions
     (

@@ -15,8 +15,13 @@ thread), does VERSION, sends the fuzzed input and then checks the oracle:
 2. :func:`test_region_accesses`: REGION_READ / REGION_WRITE at any region, offset and count.
 3. :func:`test_dma_map_unmap_interleaving`: DMA_MAP / DMA_UNMAP against a model of the mappings.
 
+Descriptor counts are exact, with no waiting: the server closes every descriptor a message
+brought before it sends that message's reply (and, when the peer hangs up, before its thread
+ends), so once the reply is in, /proc/self/fd shows the final state.
+
 In CI (the ``ci`` profile in tests/conftest.py) each property runs a fixed, derandomized series
-of examples. For a long campaign set VNVME_FUZZ_EXAMPLES: every property then runs that many::
+of examples. For a long campaign, ``python scripts/fuzz.py --examples 20000`` (it prints how many
+inputs each property executed), or set VNVME_FUZZ_EXAMPLES: every property then runs that many::
 
     VNVME_FUZZ_EXAMPLES=20000 python -m pytest tests/vfio_user/test_vu_fuzz.py -q
 
@@ -31,46 +36,25 @@ import json
 import logging
 import os
 import select
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Final, TypeVar
+from typing import Final
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from fuzzing import CAMPAIGN, campaign, counted
 from vfio_user.peer import PAGE, Peer, eventfd, fd_count, memfd
 from vnvme.controller.config import ControllerConfig
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Command
 from vnvme.vfio_user.server import ServerOptions
 
-T = TypeVar("T")
+# Section: settings (tests/fuzzing.py: example counts, inputs executed)
 
-# Section: settings
-
-_CAMPAIGN: Final = os.environ.get("VNVME_FUZZ_EXAMPLES")
-
-
-def _settles(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Assert a condition the server thread makes true on its own time (it closes descriptors
-    when it gets to them, not in step with our reads of /proc/self/fd)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "descriptor count did not settle"
-        time.sleep(0.002)
-
-
-def _examples() -> Callable[[T], T]:
-    """The profile's example count, or VNVME_FUZZ_EXAMPLES for a long campaign."""
-    if _CAMPAIGN:
-        return settings(max_examples=int(_CAMPAIGN))
-    return settings()
-
-
-if _CAMPAIGN:
+if CAMPAIGN:
     # A campaign runs for many minutes: no whole-test timeout (pyproject's is 120 s). A hang
     # still fails: every wait for a reply is bounded.
     pytestmark = pytest.mark.timeout(0)
@@ -532,7 +516,7 @@ def _exact(msg_id: int, command: int, payload: bytes) -> Raw:
     return Raw(msg_id, command, vu.HEADER_SIZE + len(payload), vu.TYPE_COMMAND, 0, payload, 0, ())
 
 
-@_examples()
+@campaign()
 @given(
     messages=st.lists(_message(), min_size=1, max_size=8),
     hangup=st.one_of(st.none(), st.none(), st.none(), _hangup()),
@@ -546,6 +530,7 @@ def _exact(msg_id: int, command: int, payload: bytes) -> Raw:
     messages=[_exact(8, Command.DEVICE_RESET, b"")],
     hangup=(replace(_exact(9, 2, b"\0" * 32), fds=("memfd",)), 20),
 )
+@counted
 def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) -> None:
     """``hangup``: after the oracle, the client sends part of one more message (with
     descriptors) and hangs up; the server must notice, and keep none of them."""
@@ -595,7 +580,7 @@ def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) ->
                 mapping = dma[region.gpa]
                 assert region.writable == bool(mapping.flags & vu.DmaFlags.WRITE)
                 assert (region.remote is None) == (mapping.map is not None)
-            _settles(lambda: fd_count() == base + _connected_fds(peer))
+            assert fd_count() == base + _connected_fds(peer)
             if hangup is not None:
                 message, cut = hangup
                 fds = [_make_fd(kind) for kind in message.fds]
@@ -609,7 +594,7 @@ def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) ->
             peer.close()
         assert not peer.thread.is_alive()
         assert peer.function.memory.regions() == () and peer.server.dma == {}
-        _settles(lambda: fd_count() == base)
+        assert fd_count() == base
         assert not internal.records, internal.records
 
 
@@ -686,8 +671,9 @@ def _device_refuses(access: Access) -> set[int]:
     return set()  # config space: every access inside it, of any length, is served
 
 
-@_examples()
+@campaign()
 @given(decode=st.booleans(), accesses=st.lists(_access(), min_size=1, max_size=24))
+@counted
 def test_region_accesses(decode: bool, accesses: list[Access]) -> None:
     with _internal_errors() as internal:
         peer = Peer(_options())
@@ -854,8 +840,9 @@ def _page_pattern(page: int) -> bytes:
     return page.to_bytes(8, "little")
 
 
-@_examples()
+@campaign()
 @given(ops=st.lists(st.one_of(_map_op, _map_op, _unmap_op), min_size=8, max_size=50))
+@counted
 def test_dma_map_unmap_interleaving(ops: list[Map | Unmap]) -> None:
     fd = memfd(MEMFD_SIZE)
     # Each page of the file starts with its index, so a mapping shows which file offset it has.
@@ -907,13 +894,13 @@ def test_dma_map_unmap_interleaving(ops: list[Map | Unmap]) -> None:
                     for gpa, mapped in model.items():
                         if mapped.backed:  # the right part of the file, shared
                             assert peer.function.memory.read(gpa, 8) == _page_pattern(mapped.offset // PAGE)
-                    _settles(lambda: fd_count() == connected + sum(m.backed for m in model.values()))
+                    assert fd_count() == connected + sum(m.backed for m in model.values())
                 assert peer.thread.is_alive()
                 _in_sync(peer)
             finally:
                 peer.close()
             assert peer.function.memory.regions() == () and peer.server.dma == {}
-            _settles(lambda: fd_count() == base)
+            assert fd_count() == base
             assert not internal.records, internal.records
     finally:
         os.close(fd)

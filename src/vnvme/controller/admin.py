@@ -175,7 +175,7 @@ class ErrorLog:
         self.error_count = 0
         self.entries: list[bytes] = []
 
-    def record(self, sqid: int, cid: int, status: int, nsid: int) -> None:
+    def record(self, sqid: int, cid: int, status: int, nsid: int, *, lba: int = 0) -> None:
         self.error_count += 1
         entry = ERROR_INFORMATION_ENTRY.pack(
             {
@@ -184,6 +184,7 @@ class ErrorLog:
                 "cid": cid,
                 "status_field": (status << 1) & 0xFFFF,
                 "parameter_error_location": 0xFFFF,  # not reported
+                "lba": lba,  # the first LBA in error, where it applies (media errors)
                 "nsid": nsid,
             }
         )

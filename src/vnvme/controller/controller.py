@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from vnvme.controller import admin, nvm
+from vnvme.controller import admin, faults
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 from vnvme.controller.doorbells import DoorbellBuffers
 from vnvme.controller.errors import CommandFailed
@@ -189,7 +189,9 @@ class Controller:
         self.async_events = admin.AsyncEvents(self)
         self.error_log = admin.ErrorLog(cfg.error_log_entries)
         self.smart = admin.SmartCounters()
-        self.io_handlers = nvm.IO_HANDLERS
+        self.io_handlers = faults.io_handlers(self.namespaces.values())
+        # Completions a fault hook delays (faults.py): deadlines for next_deadline() / process().
+        self.delayed = faults.DelayedCompletions()
         self.admin_handlers = admin.admin_handlers(self)
         self.identify_controller = admin.identify_controller_data(self)
         # MDTS is in units of CAP.MPSMIN pages.
@@ -232,6 +234,8 @@ class Controller:
         if self._lookahead:
             self._expire_lookahead()
         try:
+            if self.delayed:
+                self.delayed.post_due(self, self._now)
             self._run_pending(_DEFAULT_BUDGET if budget is None else budget)
             self._deliver_interrupts()
         except Exception as exc:
@@ -281,7 +285,13 @@ class Controller:
         return bool(self._pending) and not self._fatal
 
     def next_deadline(self) -> float | None:
-        """When coalesced interrupts must be delivered at the latest (``now`` units), if any."""
+        """When :meth:`process` must run next at the latest (``now`` units), if ever: coalesced
+        interrupts, a BATCH EventIdx prediction, a completion a fault hook delays."""
+        deadline = self._next_deadline()
+        held = self.delayed.earliest()
+        return held if deadline is None or (held is not None and held < deadline) else deadline
+
+    def _next_deadline(self) -> float | None:
         deadline: float | None = None
         if self._lookahead:
             deadline = min(
@@ -564,6 +574,7 @@ class Controller:
         """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
         self._drop_queues()
         self._lookahead.clear()
+        self.delayed.clear()
         self._coalescing.clear()
         self._masked_pending.clear()
         self.features.reset()

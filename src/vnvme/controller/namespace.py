@@ -15,7 +15,10 @@ import os
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from vnvme.controller.faults import FaultHook
 
 _ZERO_CHUNK_SIZE: Final = 1 << 20
 _ZEROES: Final = bytes(_ZERO_CHUNK_SIZE)
@@ -168,11 +171,16 @@ class FileBackend(Backend):
 
 @dataclass
 class Namespace:
-    """One namespace: an NSID, an LBA format and a backend sized in whole LBAs."""
+    """One namespace: an NSID, an LBA format and a backend sized in whole LBAs.
+
+    ``fault_hook``: called with every I/O command for this namespace before it runs; it may
+    delay, fail or media-error it (:mod:`vnvme.controller.faults`).
+    """
 
     nsid: int
     backend: Backend
     lba_size: int = 512
+    fault_hook: FaultHook | None = None
     nlba: int = field(init=False)
     lba_shift: int = field(init=False)
     nguid: bytes = field(init=False)
