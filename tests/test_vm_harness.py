@@ -72,7 +72,7 @@ def test_parse_results_blocks_notes_and_unfinished() -> None:
     text = (
         "@@note boot kernel=6.1 phase=main\r\n"
         "@@begin probe\nstate live\nmodel x\n@@end probe 0\n"
-        "@@begin fio\n{\"a\": 1}\n@@end fio 3\n"
+        '@@begin fio\n{"a": 1}\n@@end fio 3\n'
         "@@note boot kernel=6.1 phase=main\n"
         "@@begin probe\nstate live\n@@end probe 0\n"
         "@@begin cut\npartial"
@@ -143,7 +143,9 @@ def test_trace_cut_at_get_features_marks() -> None:
 
 
 def test_counters_page_from_od_output() -> None:
-    page = VNVME_COUNTERS.pack({"signature": VNVME_COUNTERS_SIGNATURE, "doorbell_sq_io": 300, "io_commands": 7})
+    page = VNVME_COUNTERS.pack(
+        {"signature": VNVME_COUNTERS_SIGNATURE, "doorbell_sq_io": 300, "io_commands": 7}
+    )
     od = "\n".join(" " + " ".join(f"{b:02x}" for b in page[i : i + 16]) for i in range(0, len(page), 16))
     counters = parse_counters(od)
     assert counters is not None
@@ -154,7 +156,9 @@ def test_counters_page_from_od_output() -> None:
 
 def test_format_columns() -> None:
     columns = [
-        DeviceColumn("a", "", [DepthResult(1, 3200.0, 100, 0.5, 0.25), DepthResult(8, 5500.0, 100, None, None)]),
+        DeviceColumn(
+            "a", "", [DepthResult(1, 3200.0, 100, 0.5, 0.25), DepthResult(8, 5500.0, 100, None, None)]
+        ),
     ]
     table = format_columns(columns, [1, 8])
     assert "| a: IOPS | 3.20k | 5.50k |" in table
