@@ -128,14 +128,15 @@ class ServerProcess:
     ) -> None:
         self.socket = socket_path
         self.ours = ours
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._stderr_buffer = b""
         if cpus is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setaffinity(self.proc.pid, cpus)
         deadline = time.monotonic() + 60
         while not os.path.exists(socket_path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read() if self.proc.stderr else ""
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 self.stop()
                 raise RuntimeError(f"server did not start: {' '.join(command)}\n{err}")
             time.sleep(0.01)
@@ -146,18 +147,23 @@ class ServerProcess:
             return None
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout
+        # Raw reads with our own line buffer: a buffered readline() may swallow the statistics
+        # line along with an earlier one, and select() would then wait for data already read.
         fd = self.proc.stderr.fileno()
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+            while b"\n" in self._stderr_buffer:
+                line, _, self._stderr_buffer = self._stderr_buffer.partition(b"\n")
+                with contextlib.suppress(ValueError):
+                    data = json.loads(line)
+                    if isinstance(data, dict) and "controller" in data:
+                        return data
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
                 break
-            line = self.proc.stderr.readline()
-            if not line:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
                 break
-            with contextlib.suppress(ValueError):
-                data = json.loads(line)
-                if isinstance(data, dict) and "controller" in data:
-                    return data
+            self._stderr_buffer += chunk
         raise RuntimeError("the server did not report its statistics")
 
     def cpu_seconds(self) -> float | None:
