@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,10 @@ from vnvme.workload import run_random_io
 class Server:
     def __init__(self, tmp: Path, *args: str) -> None:
         self.socket = str(tmp / "vnvme.sock")
+        # A server killed with SIGKILL leaves its socket behind: without this, the wait below
+        # would see the old file and connect while the new server is still replacing it.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vnvme", "serve", "--socket", self.socket, *args],
             stdout=subprocess.PIPE,

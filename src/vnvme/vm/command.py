@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vnvme.vm.provision import DEFAULT_KERNEL, KERNELS, MIRROR, Provisioner, ProvisionError, cache_dir
 from vnvme.vm.scenarios import (
+    DeviceColumn,
     VmOptions,
     compare,
     format_columns,
@@ -119,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
                         {
                             "name": c.name,
                             "description": c.description,
+                            "server_cpu_us": c.server_cpu_us,
                             "results": [r.__dict__ for r in c.results],
                         }
                         for c in columns
@@ -137,7 +139,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _markdown(kernel: str, qemu: str, options: VmOptions, columns: list, table: str, argv: str) -> str:  # type: ignore[type-arg]
+def _markdown(
+    kernel: str, qemu: str, options: VmOptions, columns: list[DeviceColumn], table: str, argv: str
+) -> str:
     lines = [
         "# vnvme in a real Linux guest: side by side",
         "",

@@ -457,7 +457,8 @@ class DeviceColumn:
     name: str
     description: str
     results: list[DepthResult]
-    notes: list[str] = field(default_factory=list)
+    #: CPU time of the server process tree over the whole boot, per I/O of the fio jobs.
+    server_cpu_us: float | None = None
 
 
 def _bench_boot(
@@ -484,6 +485,7 @@ def compare(image: Image, options: VmOptions, *, include_qemu_vfio_user: bool = 
         for label, extra, description in (
             ("vnvme dbbuf", [], "vnvme serve (defaults: shadow doorbells, SQ EventIdx batch)"),
             ("vnvme no dbbuf", ["--no-shadow-doorbells"], "vnvme serve --no-shadow-doorbells"),
+            ("vnvme dbbuf poll", ["--poll"], "vnvme serve --poll (the controller polls the shadow tails)"),
         ):
             socket_path = str(run_dir / "vnvme.sock")
             server = ServerProcess(vnvme_serve_command(socket_path, *extra), socket_path, None, ours=True)
@@ -497,9 +499,11 @@ def compare(image: Image, options: VmOptions, *, include_qemu_vfio_user: bool = 
                     _scenario_env(options, "bench"),
                     options,
                 )
+                cpu = server.cpu_seconds()
             finally:
                 server.stop()
-            columns.append(DeviceColumn(label, description, depth_results(boot, options.depths)))
+            results = depth_results(boot, options.depths)
+            columns.append(DeviceColumn(label, description, results, _per_io_us(cpu, results)))
 
         untraced = _bench_boot(
             image,
@@ -538,8 +542,14 @@ def compare(image: Image, options: VmOptions, *, include_qemu_vfio_user: bool = 
     return columns
 
 
+def _per_io_us(cpu_seconds: float | None, results: Sequence[DepthResult]) -> float | None:
+    ios = sum(r.ios for r in results)
+    return cpu_seconds * 1e6 / ios if cpu_seconds is not None and ios else None
+
+
 def _qemu_vfio_user_column(image: Image, run_dir: Path, script: Path, options: VmOptions) -> DeviceColumn:
     boots: list[BootResult] = []
+    cpu: float | None = None
     for traced in (False, True):
         socket_path = str(run_dir / f"qemu-vfu-{int(traced)}.sock")
         trace_file = run_dir / "qemu-vfu-trace.log"
@@ -565,10 +575,12 @@ def _qemu_vfio_user_column(image: Image, run_dir: Path, script: Path, options: V
         if traced:
             boot.trace = trace_file.read_text(errors="replace") if trace_file.exists() else ""
         boots.append(boot)
+    results = depth_results(boots[0], options.depths, traced=boots[1])
     return DeviceColumn(
         "QEMU nvme over vfio-user",
         "QEMU's hw/nvme as a vfio-user server (shared/tools/qemu-vfio-user-server); doorbells from a traced pass",
-        depth_results(boots[0], options.depths, traced=boots[1]),
+        results,
+        _per_io_us(cpu, results),
     )
 
 
@@ -588,6 +600,12 @@ def format_columns(columns: Sequence[DeviceColumn], depths: Sequence[int]) -> st
             else:
                 cells.append(f"{r.doorbells:.3f} ({r.sq_doorbells:.3f} + {r.cq_doorbells:.3f})")
         rows.append(f"| {column.name}: doorbells/IO (SQ + CQ) | " + " | ".join(cells) + " |")
+    rows += [
+        f"| {column.name}: server CPU per I/O | {column.server_cpu_us:.0f} us (all depths) |"
+        + " |" * (len(depths) - 1)
+        for column in columns
+        if column.server_cpu_us is not None
+    ]
     return "\n".join(rows)
 
 
