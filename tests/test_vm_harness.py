@@ -13,7 +13,15 @@ from vnvme.spec.log_pages import VNVME_COUNTERS, VNVME_COUNTERS_SIGNATURE
 from vnvme.vm.cpio import CpioWriter
 from vnvme.vm.guest import parse_results, scenario_archive, trace_doorbells_between_marks
 from vnvme.vm.provision import ProvisionError, module_depends, module_key, module_load_order, rooted
-from vnvme.vm.scenarios import DepthResult, DeviceColumn, format_columns, parse_counters
+from vnvme.vm.scenarios import (
+    FIO_VERIFY_MAGIC,
+    DepthResult,
+    DeviceColumn,
+    fio_verify_blocks,
+    format_columns,
+    parse_counters,
+    parse_size_text,
+)
 
 
 def _read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -163,3 +171,15 @@ def test_format_columns() -> None:
     table = format_columns(columns, [1, 8])
     assert "| a: IOPS | 3.20k | 5.50k |" in table
     assert "| a: doorbells/IO (SQ + CQ) | 0.750 (0.500 + 0.250) | n/a |" in table
+
+
+def test_fio_verify_blocks_counts_headers_on_disk(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    data = bytearray(8 * 4096)
+    for block in (0, 3, 7):
+        data[block * 4096 : block * 4096 + 2] = FIO_VERIFY_MAGIC
+    data[5 * 4096 + 1 : 5 * 4096 + 3] = FIO_VERIFY_MAGIC  # not at a block start
+    disk.write_bytes(bytes(data))
+    assert fio_verify_blocks(disk, 8 * 4096) == 3
+    assert fio_verify_blocks(disk, 4 * 4096) == 2
+    assert parse_size_text("16M") == 16 << 20 and parse_size_text("4096") == 4096

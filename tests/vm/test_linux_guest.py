@@ -29,9 +29,10 @@ SCENARIOS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def report() -> ScenarioReport:
-    image = Provisioner(say=lambda line: print(line, flush=True)).image()
+@pytest.fixture(scope="module", params=["6.1", "6.12"])
+def report(request: pytest.FixtureRequest) -> ScenarioReport:
+    """Debian 12's kernel and Debian 13's: they name and probe namespaces differently."""
+    image = Provisioner(say=lambda line: print(line, flush=True)).image(request.param)
     return run_scenarios(image, VmOptions(runtime=2, ramp=1, boot_timeout=900))
 
 

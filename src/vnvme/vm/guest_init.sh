@@ -50,12 +50,25 @@ wait_live() {  # the controller is back after a reset
     [ "$(cat /sys/class/nvme/nvme0/state)" = live ]
 }
 
+# Block device names follow the order namespaces were probed in (asynchronous since Linux 6.x),
+# not their NSIDs: find a namespace's device through sysfs.
+dev_for_nsid() {
+    i=0
+    while [ $i -lt 300 ]; do
+        for b in /sys/block/nvme0n*; do
+            if [ "$(cat "$b/nsid" 2>/dev/null)" = "$1" ]; then echo "/dev/${b##*/}"; return 0; fi
+        done
+        usleep 100000; i=$((i + 1))
+    done
+    return 1
+}
+
 probe() {
     wait_for /dev/nvme0n1 ${PROBE_TIMEOUT:-60}
     echo "state $(cat /sys/class/nvme/nvme0/state)"
     echo "model $(cat /sys/class/nvme/nvme0/model)"
     echo "queues $(ls /sys/block/nvme0n1/mq | wc -l)"
-    ls /dev | grep nvme
+    for b in /sys/block/nvme0n*; do echo "${b##*/} nsid $(cat $b/nsid)"; done
     dmesg | grep -i nvme
     [ -e /dev/nvme0n1 ]
 }
@@ -70,7 +83,7 @@ mark() {
 }
 
 fio_read() {  # fio_read NAME DEPTH RUNTIME
-    fio --name="$1" --filename=/dev/nvme0n1 --rw=randread --bs=4k --ioengine=libaio --direct=1 \
+    fio --name="$1" --filename="$READ_DEV" --rw=randread --bs=4k --ioengine=libaio --direct=1 \
         --iodepth="$2" --runtime="$3" --ramp_time="${RAMP:-1}" --time_based --size="${READ_SIZE:-1G}" \
         --randrepeat=0 --output-format=json
 }
@@ -85,7 +98,7 @@ reads() {
 
 nvme_cli() {
     run id-ctrl nvme id-ctrl /dev/nvme0 --output-format=json
-    run id-ns nvme id-ns /dev/nvme0n1 --namespace-id=1 --output-format=json
+    run id-ns nvme id-ns /dev/nvme0 --namespace-id=1 --output-format=json
     run smart-log nvme smart-log /dev/nvme0 --output-format=json
     run error-log nvme error-log /dev/nvme0 --log-entries=4 --output-format=json
     run get-feature-queues nvme get-feature /dev/nvme0 --feature-id=7 --human-readable
@@ -95,11 +108,11 @@ nvme_cli() {
 reset_idle() {
     echo 1 > /sys/class/nvme/nvme0/reset_controller || return 1
     wait_live || return 1
-    dd if=/dev/nvme0n1 of=/dev/null bs=4k count=64
+    dd if="$READ_DEV" of=/dev/null bs=4k count=64
 }
 
 reset_under_io() {
-    fio --name=reset-io --filename=/dev/nvme0n1 --rw=randread --bs=4k --ioengine=libaio --direct=1 \
+    fio --name=reset-io --filename="$READ_DEV" --rw=randread --bs=4k --ioengine=libaio --direct=1 \
         --iodepth=4 --runtime="${RESET_IO_RUNTIME:-6}" --time_based --output-format=json \
         --output=/tmp/reset-io.json &
     pid=$!
@@ -142,6 +155,12 @@ read_back() {
 }
 
 run probe probe || { note "no nvme device"; poweroff -f; }
+READ_DEV=$(dev_for_nsid "${READ_NSID:-1}") || note "no block device for nsid ${READ_NSID:-1}"
+VERIFY_DEV=""
+if [ -n "$VERIFY_NSID" ]; then
+    VERIFY_DEV=$(dev_for_nsid "$VERIFY_NSID") || note "no block device for nsid $VERIFY_NSID"
+fi
+note "read device $READ_DEV (nsid ${READ_NSID:-1}), verify device ${VERIFY_DEV:-none}"
 if [ -n "$VERIFY_DEV" ] && [ "$(phase_marker)" = $PHASE_MAGIC ]; then
     PHASE=read-back
 fi

@@ -293,9 +293,18 @@ class Provisioner:
         )
         shutil.rmtree(self.root / download.lstrip("/"), ignore_errors=True)
 
+    def _module_trees(self, name: str) -> Path:
+        """The folder that holds ``<version>/kernel/...``: lib/modules, or usr/lib/modules
+        (trixie's packages, merged /usr)."""
+        kernel_root = self.root / "opt" / "vnvme" / f"kernel-{name}"
+        for inner in ("lib/modules", "usr/lib/modules"):
+            if (kernel_root / inner).is_dir():
+                return kernel_root / inner
+        raise ProvisionError(f"kernel {name}: no lib/modules or usr/lib/modules under {kernel_root}")
+
     def _kernel_version(self, name: str) -> str:
-        modules = self.root / "opt" / "vnvme" / f"kernel-{name}" / "lib" / "modules"
-        versions = sorted(p.name for p in modules.iterdir()) if modules.is_dir() else []
+        modules = self._module_trees(name)
+        versions = sorted(p.name for p in modules.iterdir())
         if len(versions) != 1:
             raise ProvisionError(f"kernel {name}: expected one module tree under {modules}, found {versions}")
         return versions[0]
@@ -314,8 +323,7 @@ class Provisioner:
 
     def _initrd(self, name: str) -> None:
         version = self._kernel_version(name)
-        kernel_root = self.root / "opt" / "vnvme" / f"kernel-{name}"
-        order = module_load_order(kernel_root / "lib" / "modules" / version, GUEST_MODULES)
+        order = module_load_order(self._module_trees(name) / version, GUEST_MODULES)
         out = self.root / "opt" / "vnvme" / f"initrd-{name}.cpio.gz"
         partial = out.with_suffix(".partial")
         with (

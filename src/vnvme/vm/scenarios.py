@@ -152,6 +152,22 @@ def depth_results(
     return out
 
 
+def parse_size_text(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+#: fio's verify header starts with its magic, 0xacca, little-endian.
+FIO_VERIFY_MAGIC = b"\xca\xac"
+
+
+def fio_verify_blocks(path: Path, length: int, block_size: int = 4096) -> int:
+    """Blocks of the first ``length`` bytes of ``path`` that start with fio's verify header."""
+    with open(path, "rb") as f:
+        data = f.read(length)
+    return sum(1 for at in range(0, len(data), block_size) if data[at : at + 2] == FIO_VERIFY_MAGIC)
+
+
 def _boot_summary(boot: BootResult) -> dict[str, Any]:
     return {
         "name": boot.name,
@@ -247,6 +263,7 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
     )
     first: BootResult | None = None
     second: BootResult | None = None
+    blocks_on_disk = -1
     stats_after_first: dict[str, Any] | None = None
     final_stats: dict[str, Any] | None = None
     server_alive = False
@@ -254,7 +271,7 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
         main_env = _scenario_env(
             options,
             "main",
-            VERIFY_DEV="/dev/nvme0n2",
+            VERIFY_NSID="2",
             VERIFY_SIZE=VERIFY_WRITE,
             VERIFY_BLOCKS=str(VERIFY_NAMESPACE_BYTES // 4096),
         )
@@ -262,8 +279,9 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
         guest = Guest(image, run_dir, "guest1", vfio_user_device(socket_path), main_env, allow_reboot=True)
         first = guest.boot(options.boot_timeout, _progress(say, "guest1"))
         stats_after_first = server.counters()
+        blocks_on_disk = fio_verify_blocks(disk, parse_size_text(VERIFY_WRITE))
         say("[vm] guest 2: a second boot against the same server process ...")
-        quick_env = _scenario_env(options, "quick", DEPTHS="4", VERIFY_DEV="")
+        quick_env = _scenario_env(options, "quick", DEPTHS="4", VERIFY_NSID="")
         guest2 = Guest(image, run_dir, "guest2", vfio_user_device(socket_path), quick_env)
         second = guest2.boot(options.boot_timeout, _progress(say, "guest2"))
         final_stats = server.counters()
@@ -391,7 +409,11 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
                 f"write {wjob['write']['io_bytes']} B err {wjob['error']}, read back "
                 f"{bjob['read']['io_bytes']} B err {bjob['error']}"
             )
+        expected = parse_size_text(VERIFY_WRITE) // 4096
+        if blocks_on_disk != expected:
+            raise AssertionError(f"the server's file holds {blocks_on_disk} of {expected} blocks fio wrote")
         return (
+            f"{blocks_on_disk}/{expected} blocks in the server's file carry fio's verify header; "
             f"wrote {wjob['write']['io_bytes'] >> 20} MiB with crc32c headers on the file namespace "
             f"(fsync at the end), rebooted ({first.boots} boots), read back and verified "
             f"{bjob['read']['io_bytes'] >> 20} MiB"
