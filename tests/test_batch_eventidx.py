@@ -57,7 +57,41 @@ def test_a_host_placing_fewer_than_predicted_is_served_after_the_timeout() -> No
         assert ctrl.statistics().completions_posted == posted + 1
         assert driver._wait_cid(qp, cid).status == 0
         assert ctrl.statistics().doorbell_sq_io == rung  # no doorbell was ever rung for it
-        assert ctrl.next_deadline() is None  # an exact EventIdx is published again
+        # The host is placing commands slower than the timeout: the prediction is kept...
+        renewed = ctrl.next_deadline()
+        assert renewed is not None and renewed > deadline
+        sq = ctrl.sqs[1]
+        assert sq is not None and sq.predicted > 0
+        # ...and the first look that finds nothing publishes an exact EventIdx again.
+        ctrl.process(now=renewed)
+        assert ctrl.next_deadline() is None
+        assert sq.predicted == 0
+        assert ctrl.statistics().completions_posted == posted + 1
+    finally:
+        r.close()
+
+
+def test_a_host_slower_than_the_timeout_is_served_without_doorbells() -> None:
+    """A guest under emulation places one command per timeout or slower: each look finds one,
+    keeps the prediction, and the host never reaches EventIdx (no MMIO at all)."""
+    r = _rig(SqEventIdxPolicy.BATCH, timeout=1e-3)
+    try:
+        driver, ctrl = r.driver, r.controller
+        qp = driver.queue(1)
+        run_job(driver, JobSpec(rw="randread", iodepth=4, number_ios=64, iodepth_batch_submit=0))
+        rung = ctrl.statistics().doorbell_sq_io
+        for _ in range(20):
+            deadline = ctrl.next_deadline()
+            assert deadline is not None
+            cid = qp.submit(driver.io_sqe(qp, NvmOpcode.FLUSH, 1))
+            qp.ring_sq()  # stores the shadow tail; EventIdx stays ahead, so no MMIO
+            ctrl.process(now=deadline)
+            assert driver._wait_cid(qp, cid).status == 0
+        assert ctrl.statistics().doorbell_sq_io == rung
+        last = ctrl.next_deadline()
+        assert last is not None
+        ctrl.process(now=last)  # the host stopped: exact again, nothing outstanding
+        assert ctrl.next_deadline() is None
     finally:
         r.close()
 

@@ -22,7 +22,10 @@ class SqEventIdxPolicy(StrEnum):
     #: new commands placed one at a time) rings once, for the last of them, instead of for
     #: the first. Should the host place fewer, the controller looks at the shadow tail anyway
     #: after ``batch_timeout``: a wrong guess costs that much latency, never a stall. A burst
-    #: of 1 publishes exactly what EAGER does.
+    #: of 1 publishes exactly what EAGER does. If the controller then finds commands the host
+    #: placed without ringing (a host slower than the timeout, e.g. a guest under emulation),
+    #: the host is still working towards the prediction: it is kept, and the controller looks
+    #: again after the next timeout; the first look that finds nothing publishes exactly.
     BATCH = "batch"
 
 

@@ -890,7 +890,8 @@ class Controller:
             elif now >= sq.lookahead_until:
                 del self._lookahead[sqid]
                 sq.lookahead_until = None
-                sq.burst = 0  # publish exactly (EventIdx = head) this time
+                sq.burst = 0  # publish exactly (EventIdx = head), unless this look finds commands
+                sq.renewing = True
                 self._pending[sqid] = sq
 
     def _run_pending(self, budget: int) -> None:
@@ -965,6 +966,12 @@ class Controller:
                         self._refresh_cq_head(cq)
                         expected = max(expected, (cq.tail - cq.head) % cq.size)
                     ahead = max(0, min(expected, n - 1) - 1)
+                    if sq.renewing:
+                        # Woken by an expired prediction: commands found means the host is
+                        # still placing them, slower than the timeout; keep predicting.
+                        sq.renewing = False
+                        if processed:
+                            ahead = max(ahead, sq.predicted)
                 self._publish_sq_eventidx(sq, (head + ahead) % n)
                 full_fence()  # store EventIdx -> load shadow tail (pairs with the host's fence)
                 again = self._read_sq_shadow(sq)
@@ -972,6 +979,7 @@ class Controller:
                     sq.rearms_won += 1
                     self._rearms_won += 1
                     sq.burst = 0
+                    sq.predicted = ahead
                     if ahead:
                         sq.lookahead_until = self._now + self.config.batch_timeout
                         self._lookahead[sq.sqid] = sq

@@ -48,6 +48,8 @@ class SubmissionQueue:
         "rearms_lost",
         "burst",
         "lookahead_until",
+        "predicted",
+        "renewing",
         "shadow_last",
         "slot_kept",
     )
@@ -79,6 +81,10 @@ class SubmissionQueue:
         # when a predicted EventIdx may stay unreached (None: no prediction outstanding).
         self.burst = 0
         self.lookahead_until: float | None = None
+        # How far ahead of the head the outstanding prediction lies, and whether this pass was
+        # started by that prediction expiring (see Controller._expire_lookahead).
+        self.predicted = 0
+        self.renewing = False
         # The value last seen in (or put into) the shadow slot, and whether the host has been
         # seen storing there: then MMIO values are only wake-ups (a posted one may be stale).
         self.shadow_last = 0
