@@ -84,6 +84,8 @@ class NvmeFunction:
             self.controller.enable_trace(trace)
         self.trace_sink = trace_sink
         self.controller_polls = controller_polls
+        # Passes that look for doorbells themselves (polling, mapped doorbell page) report progress.
+        self._polls = controller_polls or mappable_doorbells
         self.vectors = cfg.interrupt_vectors
         self.bar0_size = _pow2_at_least(self.controller.bar0_size, 0x4000)
         table_bytes = self.vectors * MSIX_ENTRY
@@ -233,12 +235,19 @@ class NvmeFunction:
                     self._deliver_pending(index, start + i)
 
     def run(self, now: float) -> bool:
-        """One pass; True when it made progress or work is pending (keep polling)."""
+        """One pass; True when work is pending, or (polling passes) when it made progress."""
         ctrl = self.controller
         if not self._bus_master:
             # Bus Master Enable = 0: the function may not touch host memory (nor signal MSI-X,
             # a memory write); doorbells still latch and are served once it is set.
             return False
+        if not self._polls:
+            # Event driven: a doorbell or a deadline brings us back, so one pass is enough
+            # unless it left work pending (a budget cut, a rearm that lost the race).
+            effects = ctrl.process(now)
+            if effects:
+                self._handle(effects)
+            return ctrl.has_pending_work
         before = ctrl.completions
         if self.mappable_doorbells:
             self._scan_doorbells()
