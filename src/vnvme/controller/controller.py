@@ -58,6 +58,10 @@ _SQE_UNPACK: Final = SQE.unpack_from
 _CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
 # CQE dword 3 on big-endian hosts only; little-endian hosts store it through CompletionQueue.dwords.
 _CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
+_FUSE_MASK: Final = FLAGS_FUSE.mask
+# Effects are immutable: one RaiseInterrupt per vector, made once.
+_RAISE_CACHED: Final = 2048
+_RAISE: Final = tuple(RaiseInterrupt(vector) for vector in range(_RAISE_CACHED))
 _DEFAULT_BUDGET: Final = 4096
 _ADMIN_QUEUE_MAX: Final = 4096
 
@@ -229,6 +233,14 @@ class Controller:
         """Run pending submission queues (up to ``budget`` commands) and deliver interrupts."""
         if now is not None:
             self._now = now
+        if not (
+            self._pending
+            or self._touched_cqs
+            or self._lookahead
+            or self._coalescing
+            or self.memory.generation != self._memory_generation
+        ):
+            return self._take_effects()  # nothing pending, nothing to deliver or expire
         if self._lookahead:
             self._expire_lookahead()
         try:
@@ -904,6 +916,7 @@ class Controller:
         cq = sq.cq
         n = sq.size
         view = sq.view
+        execute = self._execute
         processed = 0
         attempts = 0
         while True:
@@ -918,7 +931,10 @@ class Controller:
                 if processed >= budget:
                     self._pending[sq.sqid] = sq
                     return processed
-                if cq.is_full() and not self._make_room(cq):
+                room = cq.tail + 1  # cq.is_full(), inlined: once per command
+                if room == cq.size:
+                    room = 0
+                if room == cq.head and not self._make_room(cq):
                     sq.blocked = True
                     return processed
                 if sq.remote and not self._fetch_remote_sqe(sq, head):
@@ -931,7 +947,7 @@ class Controller:
                 processed += 1
                 sq.burst += 1
                 sq.entries += 1
-                self._execute(sq, fields)
+                execute(sq, fields)
                 if self._fatal or self.sqs[sq.sqid] is not sq:
                     return processed
                 # A command may have switched this queue onto the shadow page (Doorbell
@@ -1000,7 +1016,7 @@ class Controller:
                 handler = self.io_handlers.get(opcode)
             if handler is None:
                 raise CommandFailed(Status.INVALID_OPCODE | DNR, "invalid opcode")
-            if FLAGS_FUSE.get(fields[1]):
+            if fields[1] & _FUSE_MASK:
                 raise CommandFailed(Status.INVALID_FIELD | DNR, "fused operations are not supported")
             result = handler(self, sq, fields)
             if result is None:
@@ -1023,7 +1039,14 @@ class Controller:
         if status:
             self._error_completions += 1
             self.error_log.record(sq.sqid, cid, status, fields[3])
-        self.post_completion(sq, cid, status, dw0)
+        cq = sq.cq
+        room = cq.tail + 1  # post_completion, inlined
+        if room == cq.size:
+            room = 0
+        if room == cq.head or cq.backlog:
+            cq.backlog.append((sq, cid, status, dw0))
+        else:
+            self._write_cqe(cq, sq, cid, status, dw0)
 
     def post_completion(self, sq: SubmissionQueue, cid: int, status: int, dw0: int) -> None:
         """Post a CQE for a command of ``sq`` (the CQ has room: checked before fetching)."""
@@ -1083,13 +1106,24 @@ class Controller:
     def _deliver_interrupts(self) -> None:
         touched = self._touched_cqs
         coalesce_value = self.features.interrupt_coalescing
-        threshold = InterruptCoalescing.THR.get(coalesce_value) + 1
+        if touched:
+            eager = self.config.cq_eventidx is CqEventIdxPolicy.EAGER
+            if not coalesce_value and not eager and len(touched) == 1:
+                # The common pass: one CQ, no coalescing, nothing to publish.
+                cq = next(iter(touched.values()))
+                touched.clear()
+                if cq.ien:
+                    cq.irq_mark = cq.entries
+                    self._raise(cq.vector)
+                if self._coalescing:
+                    self._deliver_coalesced(coalesce_value)
+                return
         time_units = InterruptCoalescing.TIME.get(coalesce_value)
         # vector -> (entries posted, carries the admin CQ)
         vectors: dict[int, tuple[int, bool]] = {}
         if touched:
             for cq in touched.values():
-                if cq.shadow_mode and self.config.cq_eventidx is CqEventIdxPolicy.EAGER:
+                if cq.shadow_mode and eager:
                     self._refresh_cq_head(cq)
                     self._publish_cq_eventidx(cq)
                 if not cq.ien:
@@ -1109,11 +1143,16 @@ class Controller:
                 state.since = self._now
             state.count += count
         if self._coalescing:
-            deadline = time_units * 100e-6
-            for vector, state in self._coalescing.items():
-                if state.count and (state.count >= threshold or self._now - state.since >= deadline):
-                    state.count = 0
-                    self._raise(vector)
+            self._deliver_coalesced(coalesce_value)
+
+    def _deliver_coalesced(self, coalesce_value: int) -> None:
+        """Raise every coalesced vector whose threshold or aggregation time is reached."""
+        threshold = InterruptCoalescing.THR.get(coalesce_value) + 1
+        deadline = InterruptCoalescing.TIME.get(coalesce_value) * 100e-6
+        for vector, state in self._coalescing.items():
+            if state.count and (state.count >= threshold or self._now - state.since >= deadline):
+                state.count = 0
+                self._raise(vector)
 
     def _raise(self, vector: int) -> None:
         if vector < 32 and self.intms >> vector & 1:
@@ -1122,7 +1161,8 @@ class Controller:
                 self._trace("pci_nvme_irq_masked", vector)
             return
         self._interrupts += 1
-        self._effects.append(RaiseInterrupt(vector))
+        effect = _RAISE[vector] if vector < _RAISE_CACHED else RaiseInterrupt(vector)
+        self._effects.append(effect)
         if self._tracing:
             self._trace("pci_nvme_irq_msix", vector)
 
