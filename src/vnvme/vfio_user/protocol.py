@@ -55,6 +55,9 @@ TYPE_REPLY: Final = 1
 FLAG_NO_REPLY: Final = 1 << 4
 FLAG_ERROR: Final = 1 << 5
 
+# A plain int: socket.MSG_CTRUNC is an IntFlag, whose & costs a Python-level call per message.
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+
 HEADER: Final = struct.Struct("<HHIII")
 HEADER_SIZE: Final = HEADER.size
 assert HEADER_SIZE == 16
@@ -257,7 +260,7 @@ class Channel:
                     words = array.array("i")
                     words.frombytes(raw[: len(raw) - len(raw) % 4])
                     fds.extend(words)
-        truncated = bool(msg_flags & socket.MSG_CTRUNC)
+        truncated = bool(msg_flags & _MSG_CTRUNC)
         try:
             return self._receive_rest(data, fds, truncated)
         except BaseException:
