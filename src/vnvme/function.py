@@ -364,7 +364,7 @@ class NvmeFunction:
         count = len(data)
         if count not in (1, 2, 4, 8) or offset % count:
             raise DeviceError(errno.EINVAL, f"BAR0 write of {count} bytes at {offset:#x}")
-        if {offset & ~3, (offset + count - 1) & ~3} & _READ_ONLY_REGISTERS:
+        if offset < regs.DOORBELL_BASE and {offset & ~3, (offset + count - 1) & ~3} & _READ_ONLY_REGISTERS:
             raise DeviceError(errno.EPERM, f"BAR0 write of {count} bytes at {offset:#x}: read-only register")
         if self._undecoded():
             return
