@@ -40,6 +40,8 @@ DEFAULT_DEVICE_ID = 0x5D0B
 MSIX_BAR = 4
 MSIX_ENTRY = 16
 PAGE = 4096
+# Plain ints: an IntEnum member costs a class attribute lookup each time (per interrupt here).
+_MSIX = int(vu.PciIrq.MSIX)
 
 
 def _pow2_at_least(value: int, minimum: int) -> int:
@@ -315,12 +317,12 @@ class NvmeFunction:
 
     def _raise(self, vector: int) -> None:
         if not self._bus_master and vector < self.vectors:
-            self.pending[vu.PciIrq.MSIX][vector] = True
+            self.pending[_MSIX][vector] = True
             self.stats.interrupts_deferred += 1
             return
         if self._msix_live:
             if vector < self.vectors:
-                self._signal(vu.PciIrq.MSIX, vector)
+                self._signal(_MSIX, vector)
             else:
                 self.stats.interrupts_dropped += 1
         elif self.eventfds[vu.PciIrq.INTX][0] >= 0 and not self._intx_disabled:
@@ -366,7 +368,7 @@ class NvmeFunction:
             raise DeviceError(errno.EINVAL, f"BAR0 write of {count} bytes at {offset:#x}")
         if offset < regs.DOORBELL_BASE and {offset & ~3, (offset + count - 1) & ~3} & _READ_ONLY_REGISTERS:
             raise DeviceError(errno.EPERM, f"BAR0 write of {count} bytes at {offset:#x}: read-only register")
-        if self._undecoded():
+        if not self._memory_enabled and self._undecoded():
             return
         if (
             self.mappable_doorbells
@@ -375,7 +377,9 @@ class NvmeFunction:
         ):
             # A trapped write into the mappable page: the page holds the latest value too.
             self._db_words[(offset - regs.DOORBELL_BASE) // 4] = int.from_bytes(data, "little")
-        self._handle(self.controller.mmio_write(offset, count, int.from_bytes(data, "little")))
+        effects = self.controller.mmio_write(offset, count, int.from_bytes(data, "little"))
+        if effects:
+            self._handle(effects)
 
     def _reset_msix_table(self) -> None:
         for vector in range(self.vectors):

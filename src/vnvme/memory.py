@@ -143,7 +143,7 @@ class GuestMemory:
         if index < 0:
             return None
         region = self._regions[index]
-        return region if addr < region.end else None
+        return region if addr < region.gpa + region.size else None  # region.end, without a call
 
     def is_mapped(self, addr: int, length: int) -> bool:
         try:
@@ -185,7 +185,7 @@ class GuestMemory:
     def view(self, addr: int, length: int, *, write: bool = False) -> memoryview:
         """A zero-copy view of a range that lies inside one region."""
         region = self._region_at(addr)
-        if region is None or addr < 0 or length < 0 or addr + length > region.end:
+        if region is None or addr < 0 or length < 0 or addr + length > region.gpa + region.size:
             raise GuestMemoryError(addr, length, "not mapped in one region")
         if region.remote is not None:
             raise GuestMemoryError(addr, length, "reachable only through DMA messages")

@@ -164,6 +164,7 @@ class Controller:
         self._fatal = False
         self._polling = cfg.sq_eventidx is SqEventIdxPolicy.POLL
         self._batch_eventidx = cfg.sq_eventidx is SqEventIdxPolicy.BATCH
+        self._cq_eager = cfg.cq_eventidx is CqEventIdxPolicy.EAGER
         # SQs whose EventIdx was published ahead of their head (policy BATCH), by sqid.
         self._lookahead: dict[int, SubmissionQueue] = {}
         self._now = 0.0
@@ -222,7 +223,10 @@ class Controller:
     def mmio_write(self, offset: int, size: int, value: int) -> list[Effect]:
         """Write ``size`` (4 or 8) bytes of BAR0 at ``offset``. Never raises for guest input."""
         try:
-            self._mmio_write(offset, size, value)
+            if offset >= regs.DOORBELL_BASE and size == 4:
+                self._doorbell_write(offset, value & 0xFFFFFFFF)  # the common case
+            else:
+                self._mmio_write(offset, size, value)
         except Exception as exc:  # an emulator bug must not take the process down
             log.exception("mmio_write(%#x, %d, %#x) failed", offset, size, value)
             self._internal_errors += 1
@@ -622,13 +626,16 @@ class Controller:
         return self._take_effects()
 
     def _doorbell_write(self, offset: int, value: int, *, trapped: bool = True) -> None:
-        decoded = regs.decode_doorbell(offset, self.dstrd)
-        if decoded is None or offset >= self._doorbell_end:
+        # regs.decode_doorbell, inlined: once per doorbell.
+        stride = 4 << self.dstrd
+        rel = offset - regs.DOORBELL_BASE
+        if rel < 0 or rel % stride or offset >= self._doorbell_end:
             self._trace_err_mmio(offset, 4, value, "not a doorbell register")
             self._invalid_doorbell(-1, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
             return
-        qid, is_cq = decoded
-        if not self._ready():
+        index = rel // stride
+        qid, is_cq = index >> 1, index & 1
+        if not self.csts & 1 or self._fatal:  # not self._ready()
             self._trace_err_mmio(offset, 4, value, "doorbell write while not ready")
             return
         if is_cq:
@@ -741,7 +748,10 @@ class Controller:
 
     def _read_sq_shadow(self, sq: SubmissionQueue) -> int | None:
         """The SQ tail from its shadow slot, or None if the value is not a valid tail."""
-        value = self._load_shadow(sq.slot)
+        page = self.dbbuf.shadow
+        assert page is not None
+        self._shadow_reads += 1  # _load_shadow, inlined: twice per batch
+        value = page.load(sq.slot)
         sq.shadow_reads += 1
         if value >= sq.size:
             if self._tracing:
@@ -759,7 +769,10 @@ class Controller:
         """Learn how far the host has consumed, from the shadow slot."""
         if not cq.shadow_mode:
             return
-        value = self._load_shadow(cq.slot)
+        page = self.dbbuf.shadow
+        assert page is not None
+        self._shadow_reads += 1  # _load_shadow, inlined
+        value = page.load(cq.slot)
         cq.shadow_reads += 1
         if value != cq.shadow_last:
             cq.slot_kept = True
@@ -798,13 +811,10 @@ class Controller:
             self._trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
 
     def _publish_cq_eventidx(self, cq: CompletionQueue) -> None:
-        if cq.waiting_for_room or self.config.cq_eventidx is CqEventIdxPolicy.EAGER:
-            # Ask for a doorbell on any progress: the host's next move starts at the head.
-            value = cq.head
-        else:
-            # NEVER: the host stops at our tail, which stays behind head - 1 until we learn a
-            # newer head, so EventIdx = head - 1 is never inside a crossed interval.
-            value = (cq.head - 1) % cq.size
+        # EAGER (or waiting for room): ask for a doorbell on any progress, the host's next move
+        # starts at the head. NEVER: the host stops at our tail, which stays behind head - 1
+        # until we learn a newer head, so EventIdx = head - 1 is never inside a crossed interval.
+        value = cq.head if cq.waiting_for_room or self._cq_eager else (cq.head - 1) % cq.size
         page = self.dbbuf.eventidx
         assert page is not None
         page.store(cq.slot, value)
@@ -999,7 +1009,7 @@ class Controller:
     def _execute(self, sq: SubmissionQueue, fields: tuple[int, ...]) -> None:
         opcode = fields[0]
         cid = fields[2]
-        status: int = Status.SUCCESS
+        status = 0  # Status.SUCCESS
         dw0 = 0
         try:
             if sq.sqid == 0:
@@ -1107,7 +1117,7 @@ class Controller:
         touched = self._touched_cqs
         coalesce_value = self.features.interrupt_coalescing
         if touched:
-            eager = self.config.cq_eventidx is CqEventIdxPolicy.EAGER
+            eager = self._cq_eager
             if not coalesce_value and not eager and len(touched) == 1:
                 # The common pass: one CQ, no coalescing, nothing to publish.
                 cq = next(iter(touched.values()))
