@@ -60,6 +60,8 @@ _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 
 HEADER: Final = struct.Struct("<HHIII")
 HEADER_SIZE: Final = HEADER.size
+_HEADER_PACK: Final = HEADER.pack
+_HEADER_UNPACK: Final = HEADER.unpack
 assert HEADER_SIZE == 16
 
 # Payload layouts (all little-endian: x86 and arm64 hosts; the spec says host order).
@@ -253,6 +255,16 @@ class Channel:
         one is read off the socket in small pieces and returned with ``oversized`` set."""
         sock = self.sock
         data, ancdata, msg_flags, _ = sock.recvmsg(HEADER_SIZE, self._ancillary)
+        if not ancdata and not msg_flags & _MSG_CTRUNC and len(data) == HEADER_SIZE:
+            # The common case, without the general path's calls: a whole header, no descriptors.
+            msg_id, command, size, flags, error = _HEADER_UNPACK(data)
+            if HEADER_SIZE < size <= self.max_message:
+                body = size - HEADER_SIZE
+                payload = sock.recv(body)
+                if len(payload) < body:
+                    payload = self._receive_remaining(payload, body)
+                return Message(msg_id, command, flags, error, payload, [])
+            return self._receive_rest(data, [], False)
         fds: list[int] = []
         if ancdata:
             for level, kind, raw in ancdata:
@@ -297,16 +309,20 @@ class Channel:
         if body > 0:
             payload = sock.recv(body)
             if len(payload) < body:
-                rest = bytearray(payload)
-                while len(rest) < body:
-                    more = sock.recv(body - len(rest))
-                    if not more:
-                        raise Disconnected("peer closed the socket mid-message")
-                    rest += more
-                payload = bytes(rest)
+                payload = self._receive_remaining(payload, body)
             message.payload = payload
         elif body < 0:
             message.oversized = -1  # a size that cannot even hold the header
+
+    def _receive_remaining(self, payload: bytes, body: int) -> bytes:
+        """The rest of a payload that did not come in one read."""
+        rest = bytearray(payload)
+        while len(rest) < body:
+            more = self.sock.recv(body - len(rest))
+            if not more:
+                raise Disconnected("peer closed the socket mid-message")
+            rest += more
+        return bytes(rest)
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         if fds:
@@ -319,7 +335,14 @@ class Channel:
             self.sock.sendall(data)
 
     def reply(self, request: Message, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        self.send(pack_message(request.msg_id, request.command, TYPE_REPLY, payload), fds)
+        # pack_message, inlined: a reply goes out per command.
+        data = _HEADER_PACK(
+            request.msg_id & 0xFFFF, request.command, HEADER_SIZE + len(payload), TYPE_REPLY, 0
+        )
+        if fds:
+            self.send(data + payload, fds)
+        else:
+            self.sock.sendall(data + payload)
 
     def reply_error(self, request: Message, err: int) -> None:
         self.send(pack_message(request.msg_id, request.command, TYPE_REPLY | FLAG_ERROR, b"", err))
