@@ -298,6 +298,8 @@ class Controller:
 
     def next_deadline(self) -> float | None:
         """When coalesced interrupts must be delivered at the latest (``now`` units), if any."""
+        if not self._lookahead and not self.features.interrupt_coalescing:
+            return None  # asked before every wait: the common answer without the work
         deadline: float | None = None
         if self._lookahead:
             deadline = min(

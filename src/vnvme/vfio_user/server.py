@@ -247,7 +247,7 @@ class VfioUserServer:
                     events = poller.poll(timeout_ms)
                 for fd, _ in events:
                     if fd == sock_fd:
-                        self._handle_one(channel)
+                        self._handle_message(channel, channel.receive())  # _handle_one
                         idle_passes = 0
                     elif listener is not None and fd == listener.fileno():
                         extra, _ = listener.accept()
@@ -298,12 +298,22 @@ class VfioUserServer:
                 channel.reply_error(message, errno.EIO)
             del exc
             return
-        if result is None or message.no_reply:
+        if result is None or message.flags & vu.FLAG_NO_REPLY:
             return
         payload, fds = result
         channel.reply(message, payload, fds)
 
     def _dispatch(self, message: Message) -> tuple[bytes, list[int]] | None:
+        if (
+            message.flags & vu.TYPE_MASK == vu.TYPE_COMMAND
+            and self.version_done
+            and not (message.oversized or message.fds_truncated or message.fds)
+        ):
+            # A well-formed command without descriptors (every one on the I/O path): only
+            # the handler is left to check; anything else meets the checks below in order.
+            handler = self._handlers.get(message.command)
+            if handler is not None:
+                return handler(message)
         if message.oversized:
             if message.oversized < 0:
                 raise ProtocolError(errno.EINVAL, "message size smaller than the header")
