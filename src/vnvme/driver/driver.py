@@ -49,6 +49,7 @@ _DW3_UNPACK: Final = struct.Struct("@I" if sys.byteorder == "little" else "<I").
 _SQE_PACK: Final = SQE.pack_into
 _CID_PACK: Final = struct.Struct("<H").pack_into
 _NEW_CQE: Final = tuple.__new__  # Cqe(...) without the Python-level namedtuple __new__
+_NEW_SQE: Final = tuple.__new__
 _FUA: Final = 1 << 30
 
 
@@ -200,17 +201,24 @@ class QueuePair:
         view = self.cq_mem.view
         head, phase = self.cq_head, self.cq_phase
         depth = self.depth
+        inflight = self.inflight
+        free_cids = self.free_cids
+        sqhd = 0
         while True:
             # The phase tag first, then the rest (Linux: READ_ONCE(status), dma_rmb()): the
             # device may be writing this entry right now, and the phase bit is its last store.
             offset = head * CQE_SIZE
             dw3 = _DW3_UNPACK(view, offset + 12)[0]
-            if (dw3 >> 16) & 1 != phase:
+            sf = dw3 >> 16
+            if sf & 1 != phase:
                 break
             # CID, status and phase all from that one load: they are one store on the device side.
             dw0, dw1, sqhd, sqid = _CQE_HEAD_UNPACK(view, offset)
-            sf = dw3 >> 16
-            out.append(_NEW_CQE(Cqe, (dw0, dw1, sqhd, sqid, dw3 & 0xFFFF, sf >> 1, sf & 1)))
+            cid = dw3 & 0xFFFF
+            out.append(_NEW_CQE(Cqe, (dw0, dw1, sqhd, sqid, cid, sf >> 1, sf & 1)))
+            if cid in inflight:  # a CQE for a CID not in flight is the controller's bug
+                inflight.discard(cid)
+                free_cids.append(cid)
             head += 1
             if head == depth:
                 head = 0
@@ -218,12 +226,7 @@ class QueuePair:
         if not out:
             return out
         self.cq_head, self.cq_phase = head, phase
-        self.sq_head = out[-1].sqhd
-        inflight = self.inflight
-        for cqe in out:
-            if cqe.cid in inflight:  # a CQE for a CID not in flight is the controller's bug
-                inflight.discard(cqe.cid)
-                self.free_cids.append(cqe.cid)
+        self.sq_head = sqhd
         self.driver.stats.completions += len(out)
         self.ring_cq()
         return out
@@ -636,21 +639,30 @@ class NvmeDriver:
         """Build an NVM command; PRPs for ``length`` bytes of ``buf`` are set up for the next CID."""
         prp1 = prp2 = 0
         if buf is not None and length:
-            cid = qp.free_cids[-1] if cid_hint is None else cid_hint
-            prp1, prp2 = qp.prp_for(cid, buf, offset, length)
-        return Sqe(
-            opcode,
-            0,
-            0,
-            nsid,
-            0,
-            0,
-            0,
-            prp1,
-            prp2,
-            slba & 0xFFFFFFFF,
-            slba >> 32,
-            ((nlb - 1) & 0xFFFF) | cdw12_flags,
+            prp1 = buf.addr + offset
+            if length > PAGE_SIZE - (prp1 & (PAGE_SIZE - 1)):  # more than PRP1's page holds
+                cid = qp.free_cids[-1] if cid_hint is None else cid_hint
+                prp1, prp2 = qp.prp_for(cid, buf, offset, length)
+        # Sqe(...) through tuple.__new__: no Python-level namedtuple __new__ per command.
+        return _NEW_SQE(
+            Sqe,
+            (
+                opcode,
+                0,
+                0,
+                nsid,
+                0,
+                0,
+                0,
+                prp1,
+                prp2,
+                slba & 0xFFFFFFFF,
+                slba >> 32,
+                ((nlb - 1) & 0xFFFF) | cdw12_flags,
+                0,
+                0,
+                0,
+            ),
         )
 
     def io_command(self, qp: QueuePair, sqe: Sqe, *, check: bool = True) -> Cqe:
