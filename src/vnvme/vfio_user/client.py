@@ -33,6 +33,13 @@ MSIX_FUNCTION_MASK = 1 << 14
 BAR0_ADDRESS = 0xFE00_0000  # any address aligned to BAR0's size will do
 
 
+# REGION_WRITE's header and access fields in one layout (see region_write).
+_REGION_WRITE_HEAD = struct.Struct("<" + vu.HEADER.format.lstrip("<") + vu.REGION_ACCESS.format.lstrip("<"))
+_REGION_WRITE_SIZE = _REGION_WRITE_HEAD.size
+_REGION_WRITE = int(Command.REGION_WRITE)
+_BAR0 = int(vu.PciRegion.BAR0)
+
+
 class VfioUserError(OSError):
     """The server answered with an error reply."""
 
@@ -255,12 +262,19 @@ class VfioUserClient:
         return reply.payload[vu.REGION_ACCESS.size : vu.REGION_ACCESS.size + got]
 
     def region_write(self, index: int, offset: int, data: bytes, *, posted: bool = False) -> None:
-        payload = vu.REGION_ACCESS.pack(offset, index, len(data)) + data
+        # Header and access packed together (a doorbell write is this, once per I/O or batch).
+        msg_id = self._msg_id = (self._msg_id + 1) & 0xFFFF
+        count = len(data)
+        flags = vu.TYPE_COMMAND | (vu.FLAG_NO_REPLY if posted else 0)
+        head = _REGION_WRITE_HEAD.pack(
+            msg_id, _REGION_WRITE, _REGION_WRITE_SIZE + count, flags, 0, offset, index, count
+        )
+        self.channel.send(head + data)
         if posted:
             self.stats.posted_writes += 1
-            self.send(Command.REGION_WRITE, payload, no_reply=True)
         else:
-            self.request(Command.REGION_WRITE, payload)
+            self.stats.requests += 1
+            self.receive_reply(msg_id, _REGION_WRITE)
 
     def reset(self) -> None:
         self.request(Command.DEVICE_RESET)
@@ -350,16 +364,14 @@ class VfioUserTransport:
         return int.from_bytes(self.client.region_read(vu.PciRegion.BAR0, offset, size), "little")
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
-        if size == 4:
+        if size == 4 and self._mapped:
             for start, end, _, words in self._mapped:
                 if start <= offset < end:
                     # A store into the mapped doorbell page: no message, the device polls it.
                     words[(offset - start) >> 2] = value
                     self.mapped_doorbell_writes += 1
                     return
-        self.client.region_write(
-            vu.PciRegion.BAR0, offset, value.to_bytes(size, "little"), posted=self.posted_writes
-        )
+        self.client.region_write(_BAR0, offset, value.to_bytes(size, "little"), posted=self.posted_writes)
 
     def wait_for_interrupt(self, vector: int, timeout: float) -> bool:
         fd = self.eventfds[vector]
