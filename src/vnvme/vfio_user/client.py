@@ -85,7 +85,9 @@ class VfioUserClient:
             micros = 1  # a zero SO_RCVTIMEO means no timeout at all
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", seconds, micros))
         self.timeout = timeout
-        self.channel = Channel(sock, max_message=(1 << 20) + vu.MESSAGE_OVERHEAD, max_fds=max_fds)
+        self.channel = Channel(
+            sock, max_message=(1 << 20) + vu.MESSAGE_OVERHEAD, max_fds=max_fds, buffered=True
+        )
         self._msg_id = 0
         self.server_caps: dict[str, object] = {}
         self.stats = ClientStatistics()
@@ -130,7 +132,10 @@ class VfioUserClient:
                 self._serve(reply)
                 # What follows a served request may only take until the deadline.
                 remaining = max(deadline - time.monotonic(), 0)
-                if not select.select([self.channel.sock], [], [], remaining)[0]:
+                if (
+                    not self.channel.buffered_header()
+                    and not select.select([self.channel.sock], [], [], remaining)[0]
+                ):
                     raise TimeoutError(f"no reply to {vu.command_name(command)} within {self.timeout} s")
                 continue
             if reply.msg_id != msg_id or reply.command != command:
@@ -147,7 +152,8 @@ class VfioUserClient:
     def service(self) -> int:
         """Serve every server request already waiting on the socket; returns how many."""
         served = 0
-        while select.select([self.channel.sock], [], [], 0)[0]:
+        channel = self.channel
+        while channel.buffered_header() or select.select([channel.sock], [], [], 0)[0]:
             message = self.channel.receive()
             if message.is_reply:
                 message.close_fds()
@@ -382,7 +388,10 @@ class VfioUserTransport:
             pass
         deadline = time.monotonic() + timeout
         sock = self.client.channel.sock.fileno()
+        channel = self.client.channel
         while True:
+            if channel.buffered_header():
+                self.client.service()  # requests already read: select() cannot see them
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False

@@ -198,7 +198,7 @@ class VfioUserServer:
     ) -> None:
         """Serve one client until it disconnects or :meth:`stop` is called; a second client
         connecting to ``listener`` meanwhile is refused (closed at once)."""
-        channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds)
+        channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds, buffered=True)
         self._channel = channel
         self._deferred.clear()
         self._stop_connection = False
@@ -238,7 +238,10 @@ class VfioUserServer:
                 else:
                     idle_passes = 0
                     continue
-                if timeout_ms is not None and 0 < timeout_ms < 1:
+                if channel.buffered_header():
+                    # A message came in with the last read: poll() cannot see it.
+                    events = [(sock_fd, select.POLLIN)]
+                elif timeout_ms is not None and 0 < timeout_ms < 1:
                     # poll() rounds a timeout up to whole milliseconds; select() waits in
                     # microseconds and still wakes for a message.
                     ready, _, _ = select.select(watched, [], [], timeout_ms / 1e3)
@@ -268,6 +271,7 @@ class VfioUserServer:
                 reason = "server stopping" if self._stop else "client unreachable"
             self._trace("vfio_user_disconnect", reason)
             self._channel = None
+            channel.drop_pending()
             for message in self._deferred:
                 message.close_fds()
             self._deferred.clear()
@@ -494,8 +498,10 @@ class VfioUserServer:
             deadline = time.monotonic() + self.options.dma_timeout
             while True:
                 remaining = deadline - time.monotonic()
-                ready, _, _ = select.select([channel.sock], [], [], max(remaining, 0))
-                if not ready:
+                if (
+                    not channel.buffered_header()
+                    and not select.select([channel.sock], [], [], max(remaining, 0))[0]
+                ):
                     raise GuestMemoryError(address, count, f"no reply to {command.name}")
                 message = channel.receive()
                 if message.is_reply and message.msg_id == msg_id and message.command == command:
