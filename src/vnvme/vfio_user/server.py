@@ -16,6 +16,7 @@ import mmap
 import os
 import select
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -30,8 +31,22 @@ from vnvme.vfio_user.protocol import Channel, Command, Message, ProtocolError
 
 log = logging.getLogger("vnvme.vfio_user")
 
-# Writes the device gets to act on before they are answered (see _handle_message).
+# Writes the device may act on before they are answered (see _act_before_reply).
 _DEVICE_WRITES = frozenset({int(Command.REGION_WRITE), int(Command.REGION_WRITE_MULTI)})
+_AFFINITY_CHECK_INTERVAL = 1024
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _shares_one_cpu_with_peer(sock: socket.socket) -> bool:
+    """The process at the other end of a UNIX socket and this one may run on one CPU only,
+    the same one (both pinned there)."""
+    try:
+        pid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+        mine = os.sched_getaffinity(0)
+        return len(mine) == 1 and pid > 0 and os.sched_getaffinity(pid) == mine
+    except (OSError, AttributeError):  # not a UNIX socket, the peer gone, not Linux
+        return False
+
 
 PAGE_SIZE = 4096
 
@@ -157,6 +172,8 @@ class VfioUserServer:
         self.clients_served = 0
         self.dma: dict[int, DmaMapping] = {}
         self._remote_mappings = 0  # mappings without a descriptor (DMA_READ / DMA_WRITE messages)
+        self._same_cpu = False  # see _act_before_reply
+        self._writes_until_check = 0
         self.peer_max_fds = vu.DEFAULT_MAX_MSG_FDS
         self.peer_max_xfer = vu.DEFAULT_MAX_DATA_XFER_SIZE
         self._stop = False
@@ -204,6 +221,7 @@ class VfioUserServer:
         connecting to ``listener`` meanwhile is refused (closed at once)."""
         channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds, buffered=True)
         self._channel = channel
+        self._writes_until_check = 0  # a new client: look at its CPU affinity again
         self._deferred.clear()
         self._stop_connection = False
         self.clients_served += 1
@@ -308,15 +326,28 @@ class VfioUserServer:
             return
         if result is None or message.flags & vu.FLAG_NO_REPLY:
             return
-        if message.command in _DEVICE_WRITES and not self._remote_mappings:
-            # Let the device act on the write (a doorbell) before the client hears back. A
-            # client sharing our CPU is woken by the reply and may run at once: it then finds
-            # the completions there, instead of waiting again for the interrupt and taking
-            # the CPU back and forth twice per doorbell. Not with memory reached through DMA
-            # messages: then the write is answered first and the work follows.
+        if message.command in _DEVICE_WRITES and self._act_before_reply(channel):
             self.device.run(time.monotonic())  # the loop runs it again right after: cheap
         payload, fds = result
         channel.reply(message, payload, fds)
+
+    def _act_before_reply(self, channel: Channel) -> bool:
+        """Whether the device should act on a write (a doorbell) before it is answered.
+
+        Yes when the client can only run on the one CPU we run on: the reply wakes it and it
+        may take the CPU at once; it then finds the completions with the reply, instead of
+        waiting again for the interrupt (the CPU going back and forth twice per doorbell).
+        On another CPU the client is better off hearing back at once: its wake-up overlaps
+        the device's work. Never with memory reached through DMA messages: the write is
+        answered first and the work follows. Affinities are looked at again every so often.
+        """
+        if self._remote_mappings:
+            return False
+        self._writes_until_check -= 1
+        if self._writes_until_check <= 0:
+            self._writes_until_check = _AFFINITY_CHECK_INTERVAL
+            self._same_cpu = _shares_one_cpu_with_peer(channel.sock)
+        return self._same_cpu
 
     def _dispatch(self, message: Message) -> tuple[bytes, list[int]] | None:
         if (
