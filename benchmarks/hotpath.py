@@ -1,6 +1,6 @@
 """Instructions per I/O on the vfio-user hot path, counted by callgrind (deterministic, unlike
 wall-clock time on a shared machine). 4 KiB random reads, null namespace, one queue pair, shadow
-doorbells, the same server defaults as ``vnvme serve``.
+doorbells, the same server defaults as ``vnvme serve``, both processes pinned to one CPU.
 
     PYTHONPATH=src python benchmarks/hotpath.py server --depth 1 --ios 2000
     PYTHONPATH=src python benchmarks/hotpath.py client --depth 1 --ios 2000
@@ -37,6 +37,11 @@ from vnvme.vfio_user.client import VfioUserTransport
 
 HERE = os.path.abspath(__file__)
 VALGRIND = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-line=no"]
+
+
+def _pin(pid: int) -> None:
+    """Both processes on one CPU (the placement the hot path is tuned for), like bench --cpu same."""
+    os.sched_setaffinity(pid, {min(os.sched_getaffinity(0))})
 
 
 def _env() -> dict[str, str]:
@@ -137,6 +142,7 @@ def measure_server(depth: int, ios: int) -> None:
     workdir = tempfile.mkdtemp()
     path = os.path.join(workdir, "vnvme.sock")
     out = os.path.join(workdir, "callgrind.out")
+    _pin(0)
     proc = subprocess.Popen(
         [*VALGRIND, f"--callgrind-out-file={out}", sys.executable, HERE, "_serve", path], env=_env()
     )
@@ -168,6 +174,7 @@ def measure_client(depth: int, ios: int) -> None:
     workdir = tempfile.mkdtemp()
     path = os.path.join(workdir, "vnvme.sock")
     out = os.path.join(workdir, "callgrind.out")
+    _pin(0)
     server = subprocess.Popen(
         [sys.executable, "-m", "vnvme", "serve", "--socket", path, "--quiet", "--namespace", "null,size=1G"],
         env=_env(),
