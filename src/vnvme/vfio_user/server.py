@@ -173,6 +173,8 @@ class VfioUserServer:
         self.dma: dict[int, DmaMapping] = {}
         self._remote_mappings = 0  # mappings without a descriptor (DMA_READ / DMA_WRITE messages)
         self._same_cpu = False  # see _act_before_reply
+        # What Device.run said when a write ran it before its reply; None: the loop runs it.
+        self._ran_early: bool | None = None
         self._writes_until_check = 0
         self.peer_max_fds = vu.DEFAULT_MAX_MSG_FDS
         self.peer_max_xfer = vu.DEFAULT_MAX_DATA_XFER_SIZE
@@ -222,6 +224,7 @@ class VfioUserServer:
         channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds, buffered=True)
         self._channel = channel
         self._writes_until_check = 0  # a new client: look at its CPU affinity again
+        self._ran_early = None
         self._deferred.clear()
         self._stop_connection = False
         self.clients_served += 1
@@ -248,7 +251,11 @@ class VfioUserServer:
                 while self._deferred:
                     # Commands that arrived while we waited for a DMA reply, in order.
                     self._handle_message(channel, self._deferred.popleft())
-                busy = device.run(time.monotonic())
+                busy = self._ran_early
+                if busy is None:
+                    busy = device.run(time.monotonic())
+                else:
+                    self._ran_early = None  # the pass the last message's write ran is this one
                 if self._deferred:
                     continue  # the pass waited for DMA replies and commands came in meanwhile
                 if busy or idle_passes < passes:
@@ -303,6 +310,7 @@ class VfioUserServer:
         self._handle_message(channel, channel.receive())
 
     def _handle_message(self, channel: Channel, message: Message) -> None:
+        self._ran_early = None
         name = vu.command_name(message.command)
         self.messages[name] += 1
         try:
@@ -327,7 +335,7 @@ class VfioUserServer:
         if result is None or message.flags & vu.FLAG_NO_REPLY:
             return
         if message.command in _DEVICE_WRITES and self._act_before_reply(channel):
-            self.device.run(time.monotonic())  # the loop runs it again right after: cheap
+            self._ran_early = self.device.run(time.monotonic())
         payload, fds = result
         channel.reply(message, payload, fds)
 
