@@ -46,7 +46,9 @@ def _namespace(ctrl: Controller, nsid: int) -> Namespace:
 
 def _range(ctrl: Controller, fields: tuple[int, ...], *, data: bool) -> tuple[Namespace, int, int]:
     """Namespace, byte offset and byte length of a Read / Write / Compare / Write Zeroes."""
-    ns = _namespace(ctrl, fields[NSID])
+    ns = ctrl.namespaces.get(fields[NSID])
+    if ns is None:  # _namespace, inlined: once per I/O
+        raise CommandFailed(Status.INVALID_NAMESPACE | DNR, f"NSID {fields[NSID]} is not active")
     slba = fields[CDW10] | (fields[CDW11] << 32)
     nlb = (fields[CDW12] & 0xFFFF) + 1
     if slba + nlb > ns.nlba:
