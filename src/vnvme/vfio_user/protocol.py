@@ -297,7 +297,16 @@ class Channel:
 
     # Section: buffered receiving
 
-    def _fill(self) -> None:
+    def read_ahead(self) -> bool:
+        """Buffered channels: take what the socket holds already, without waiting; True if
+        anything came (then :meth:`receive` has a message, or the start of one)."""
+        try:
+            self._fill(socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _fill(self, flags: int = 0) -> None:
         """One read into the buffer (moving the unread part to the front when it is full)."""
         if self._rpos == self._rend:
             self._rbase += self._rpos
@@ -308,7 +317,7 @@ class Channel:
             self._rbase += self._rpos
             self._rpos, self._rend = 0, len(unread)
         start = self._rend
-        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into([self._rview[start:]], self._ancillary)
+        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into([self._rview[start:]], self._ancillary, flags)
         self._filled(start, nbytes, ancdata, msg_flags)
 
     def _filled(self, start: int, nbytes: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> None:
