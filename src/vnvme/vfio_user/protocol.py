@@ -297,14 +297,30 @@ class Channel:
 
     # Section: buffered receiving
 
-    def read_ahead(self) -> bool:
-        """Buffered channels: take what the socket holds already, without waiting; True if
-        anything came (then :meth:`receive` has a message, or the start of one)."""
+    def receive_nowait(self) -> Message | None:
+        """Buffered channels: the next message if the socket holds (the start of) one already,
+        else None at once. Reading the rest of a message that has begun may still wait."""
         try:
+            if self._rpos == self._rend:
+                return self._receive_fresh(socket.MSG_DONTWAIT)
             self._fill(socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return False
-        return True
+            return None
+        return self._receive_buffered()
+
+    def _receive_fresh(self, flags: int = 0) -> Message:
+        """Nothing read ahead (the usual case): one read, and if it brought exactly one whole
+        message without descriptors, that is the message."""
+        self._rbase += self._rend
+        self._rpos = self._rend = 0
+        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(self._rviews, self._ancillary, flags)
+        if nbytes >= HEADER_SIZE and not ancdata and not msg_flags & _MSG_CTRUNC:
+            msg_id, command, size, flags, error = _HEADER_UNPACK_FROM(self._rbuf)
+            if size == nbytes and size <= self.max_message:
+                self._rbase += size
+                return Message(msg_id, command, flags, error, self._rview[HEADER_SIZE:size].tobytes(), [])
+        self._filled(0, nbytes, ancdata, msg_flags)
+        return self._receive_buffered()
 
     def _fill(self, flags: int = 0) -> None:
         """One read into the buffer (moving the unread part to the front when it is full)."""
@@ -427,18 +443,7 @@ class Channel:
         if self._buffered:
             if self._rpos != self._rend:
                 return self._receive_buffered()
-            # Nothing read ahead (the usual case): one read, and if it brought exactly one whole
-            # message without descriptors, that is the message.
-            self._rbase += self._rend
-            self._rpos = self._rend = 0
-            nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(self._rviews, self._ancillary)
-            if nbytes >= HEADER_SIZE and not ancdata and not msg_flags & _MSG_CTRUNC:
-                msg_id, command, size, flags, error = _HEADER_UNPACK_FROM(self._rbuf)
-                if size == nbytes and size <= self.max_message:
-                    self._rbase += size
-                    return Message(msg_id, command, flags, error, self._rview[HEADER_SIZE:size].tobytes(), [])
-            self._filled(0, nbytes, ancdata, msg_flags)
-            return self._receive_buffered()
+            return self._receive_fresh()
         sock = self.sock
         data, ancdata, msg_flags, _ = sock.recvmsg(HEADER_SIZE, self._ancillary)
         if not ancdata and not msg_flags & _MSG_CTRUNC and len(data) == HEADER_SIZE:

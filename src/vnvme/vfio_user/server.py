@@ -267,11 +267,15 @@ class VfioUserServer:
                 else:
                     idle_passes = 0
                     continue
-                if channel.buffered_header() or (self._same_cpu and channel.read_ahead()):
-                    # A message came in with the last read: poll() cannot see it. A client on
-                    # our CPU has usually sent its next message by the time we get here (it
-                    # ran when our reply woke it): then one read without a poll() first.
+                if channel.buffered_header():
+                    # A message came in with the last read: poll() cannot see it.
                     events = [(sock_fd, select.POLLIN)]
+                elif self._same_cpu and (early := channel.receive_nowait()) is not None:
+                    # A client on our CPU has usually sent its next message by the time we get
+                    # here (it ran when our reply woke it): one read, no poll() first.
+                    self._handle_message(channel, early)
+                    idle_passes = 0
+                    continue
                 elif timeout_ms is not None and 0 < timeout_ms < 1:
                     # poll() rounds a timeout up to whole milliseconds; select() waits in
                     # microseconds and still wakes for a message.
