@@ -308,12 +308,12 @@ class Channel:
             return None
         return self._receive_buffered()
 
-    def _receive_fresh(self, flags: int = 0) -> Message:
+    def _receive_fresh(self, recv_flags: int = 0) -> Message:
         """Nothing read ahead (the usual case): one read, and if it brought exactly one whole
         message without descriptors, that is the message."""
         self._rbase += self._rend
         self._rpos = self._rend = 0
-        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(self._rviews, self._ancillary, flags)
+        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(self._rviews, self._ancillary, recv_flags)
         if nbytes >= HEADER_SIZE and not ancdata and not msg_flags & _MSG_CTRUNC:
             msg_id, command, size, flags, error = _HEADER_UNPACK_FROM(self._rbuf)
             if size == nbytes and size <= self.max_message:
@@ -322,7 +322,7 @@ class Channel:
         self._filled(0, nbytes, ancdata, msg_flags)
         return self._receive_buffered()
 
-    def _fill(self, flags: int = 0) -> None:
+    def _fill(self, recv_flags: int = 0) -> None:
         """One read into the buffer (moving the unread part to the front when it is full)."""
         if self._rpos == self._rend:
             self._rbase += self._rpos
@@ -333,7 +333,9 @@ class Channel:
             self._rbase += self._rpos
             self._rpos, self._rend = 0, len(unread)
         start = self._rend
-        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into([self._rview[start:]], self._ancillary, flags)
+        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(
+            [self._rview[start:]], self._ancillary, recv_flags
+        )
         self._filled(start, nbytes, ancdata, msg_flags)
 
     def _filled(self, start: int, nbytes: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> None:
