@@ -270,9 +270,10 @@ class VfioUserServer:
                 if channel.buffered_header():
                     # A message came in with the last read: poll() cannot see it.
                     events = [(sock_fd, select.POLLIN)]
-                elif self._same_cpu and (early := channel.receive_nowait()) is not None:
-                    # A client on our CPU has usually sent its next message by the time we get
-                    # here (it ran when our reply woke it): one read, no poll() first.
+                elif timeout_ms != 0 and self._same_cpu and (early := channel.receive_nowait()) is not None:
+                    # About to wait, but a client on our CPU has usually sent its next message
+                    # by now (it ran when our reply woke it): one read, no poll() first. (Not
+                    # in polling passes: poll(0) there is cheaper than a failed read.)
                     self._handle_message(channel, early)
                     idle_passes = 0
                     continue
