@@ -165,6 +165,7 @@ class Controller:
         self._polling = cfg.sq_eventidx is SqEventIdxPolicy.POLL
         self._batch_eventidx = cfg.sq_eventidx is SqEventIdxPolicy.BATCH
         self._cq_eager = cfg.cq_eventidx is CqEventIdxPolicy.EAGER
+        self._arbitration_burst = cfg.arbitration_burst
         # SQs whose EventIdx was published ahead of their head (policy BATCH), by sqid.
         self._lookahead: dict[int, SubmissionQueue] = {}
         self._now = 0.0
@@ -910,7 +911,7 @@ class Controller:
                 self._pending[sqid] = sq
 
     def _run_pending(self, budget: int) -> None:
-        if self._fatal or not self._ready():
+        if self._fatal or not self.csts & 1:  # not self._ready()
             self._pending.clear()
             return
         if self.memory.generation != self._memory_generation:
@@ -918,7 +919,7 @@ class Controller:
             if self._fatal:
                 return
         pending = self._pending
-        burst = self.config.arbitration_burst
+        burst = self._arbitration_burst
         while pending and budget > 0 and not self._fatal:
             sqid = next(iter(pending))
             sq = pending.pop(sqid)

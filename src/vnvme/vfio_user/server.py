@@ -34,6 +34,8 @@ log = logging.getLogger("vnvme.vfio_user")
 # Writes the device may act on before they are answered (see _act_before_reply).
 _DEVICE_WRITES = frozenset({int(Command.REGION_WRITE), int(Command.REGION_WRITE_MULTI)})
 _AFFINITY_CHECK_INTERVAL = 1024
+_ACCESS_SIZE = vu.REGION_ACCESS.size
+_ACCESS_UNPACK_FROM = vu.REGION_ACCESS.unpack_from
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -704,18 +706,19 @@ class VfioUserServer:
 
     def _region_write(self, message: Message) -> tuple[bytes, list[int]]:
         payload = message.payload
-        if len(payload) < vu.REGION_ACCESS.size:
+        if len(payload) < _ACCESS_SIZE:
             raise ProtocolError(errno.EINVAL, "REGION_WRITE too short")
-        offset, index, count = vu.REGION_ACCESS.unpack_from(payload)
+        offset, index, count = _ACCESS_UNPACK_FROM(payload)
         region = self._region(index, offset, count)
-        if len(payload) - vu.REGION_ACCESS.size != count:
+        if len(payload) - _ACCESS_SIZE != count:
             raise ProtocolError(
                 errno.EINVAL, f"REGION_WRITE count {count} but {len(payload) - 16} data bytes"
             )
         if region.write is None:
             raise ProtocolError(errno.EPERM, f"region {index} is read-only")
-        region.write(offset, payload[vu.REGION_ACCESS.size :])
-        return vu.REGION_ACCESS.pack(offset, index, count), []
+        region.write(offset, payload[_ACCESS_SIZE:])
+        # The reply echoes offset, region and count: the request's own first 16 bytes.
+        return payload[:_ACCESS_SIZE], []
 
     def _region_write_multi(self, message: Message) -> tuple[bytes, list[int]]:
         payload = message.payload
