@@ -177,6 +177,8 @@ class VfioUserServer:
         self._same_cpu = False  # see _act_before_reply
         # What Device.run said when a write ran it before its reply; None: the loop runs it.
         self._ran_early: bool | None = None
+        # The last message was a write acted on before its reply (see serve_connection).
+        self._replied_early = False
         self._writes_until_check = 0
         self.peer_max_fds = vu.DEFAULT_MAX_MSG_FDS
         self.peer_max_xfer = vu.DEFAULT_MAX_DATA_XFER_SIZE
@@ -227,6 +229,7 @@ class VfioUserServer:
         self._channel = channel
         self._writes_until_check = 0  # a new client: look at its CPU affinity again
         self._ran_early = None
+        self._replied_early = False
         self._deferred.clear()
         self._stop_connection = False
         self.clients_served += 1
@@ -272,10 +275,16 @@ class VfioUserServer:
                 if channel.buffered_header():
                     # A message came in with the last read: poll() cannot see it.
                     events = [(sock_fd, select.POLLIN)]
-                elif timeout_ms != 0 and self._same_cpu and (early := channel.receive_nowait()) is not None:
-                    # About to wait, but a client on our CPU has usually sent its next message
-                    # by now (it ran when our reply woke it): one read, no poll() first. (Not
-                    # in polling passes: poll(0) there is cheaper than a failed read.)
+                elif (
+                    timeout_ms != 0
+                    and self._replied_early
+                    and (early := self._early_message(channel)) is not None
+                ):
+                    # About to wait, but a client on our CPU that we answered after acting on
+                    # its write has usually sent its next message by now (it ran when the reply
+                    # woke it): one read, no poll() first. (Not in polling passes, where poll(0)
+                    # is cheaper than a failed read, nor after posted writes, which no reply
+                    # paces.)
                     self._handle_message(channel, early)
                     idle_passes = 0
                     continue
@@ -320,6 +329,7 @@ class VfioUserServer:
 
     def _handle_message(self, channel: Channel, message: Message) -> None:
         self._ran_early = None
+        self._replied_early = False
         name = vu.command_name(message.command)
         self.messages[name] += 1
         try:
@@ -345,8 +355,14 @@ class VfioUserServer:
             return
         if message.command in _DEVICE_WRITES and self._act_before_reply(channel):
             self._ran_early = self.device.run(time.monotonic())
+            self._replied_early = True
         payload, fds = result
         channel.reply(message, payload, fds)
+
+    def _early_message(self, channel: Channel) -> Message | None:
+        """The client's next message if it is there already (one try after each early reply)."""
+        self._replied_early = False
+        return channel.receive_nowait()
 
     def _act_before_reply(self, channel: Channel) -> bool:
         """Whether the device should act on a write (a doorbell) before it is answered.
