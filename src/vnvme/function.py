@@ -40,6 +40,8 @@ DEFAULT_DEVICE_ID = 0x5D0B
 MSIX_BAR = 4
 MSIX_ENTRY = 16
 PAGE = 4096
+# Plain ints: an IntEnum member costs a class attribute lookup each time (per interrupt here).
+_MSIX = int(vu.PciIrq.MSIX)
 
 
 def _pow2_at_least(value: int, minimum: int) -> int:
@@ -84,6 +86,8 @@ class NvmeFunction:
             self.controller.enable_trace(trace)
         self.trace_sink = trace_sink
         self.controller_polls = controller_polls
+        # Passes that look for doorbells themselves (polling, mapped doorbell page) report progress.
+        self._polls = controller_polls or mappable_doorbells
         self.vectors = cfg.interrupt_vectors
         self.bar0_size = _pow2_at_least(self.controller.bar0_size, 0x4000)
         table_bytes = self.vectors * MSIX_ENTRY
@@ -233,12 +237,19 @@ class NvmeFunction:
                     self._deliver_pending(index, start + i)
 
     def run(self, now: float) -> bool:
-        """One pass; True when it made progress or work is pending (keep polling)."""
+        """One pass; True when work is pending, or (polling passes) when it made progress."""
         ctrl = self.controller
         if not self._bus_master:
             # Bus Master Enable = 0: the function may not touch host memory (nor signal MSI-X,
             # a memory write); doorbells still latch and are served once it is set.
             return False
+        if not self._polls:
+            # Event driven: a doorbell or a deadline brings us back, so one pass is enough
+            # unless it left work pending (a budget cut, a rearm that lost the race).
+            effects = ctrl.process(now)
+            if effects:
+                self._handle(effects)
+            return ctrl.has_pending_work
         before = ctrl.completions
         if self.mappable_doorbells:
             self._scan_doorbells()
@@ -306,12 +317,12 @@ class NvmeFunction:
 
     def _raise(self, vector: int) -> None:
         if not self._bus_master and vector < self.vectors:
-            self.pending[vu.PciIrq.MSIX][vector] = True
+            self.pending[_MSIX][vector] = True
             self.stats.interrupts_deferred += 1
             return
         if self._msix_live:
             if vector < self.vectors:
-                self._signal(vu.PciIrq.MSIX, vector)
+                self._signal(_MSIX, vector)
             else:
                 self.stats.interrupts_dropped += 1
         elif self.eventfds[vu.PciIrq.INTX][0] >= 0 and not self._intx_disabled:
@@ -355,9 +366,9 @@ class NvmeFunction:
         count = len(data)
         if count not in (1, 2, 4, 8) or offset % count:
             raise DeviceError(errno.EINVAL, f"BAR0 write of {count} bytes at {offset:#x}")
-        if {offset & ~3, (offset + count - 1) & ~3} & _READ_ONLY_REGISTERS:
+        if offset < regs.DOORBELL_BASE and {offset & ~3, (offset + count - 1) & ~3} & _READ_ONLY_REGISTERS:
             raise DeviceError(errno.EPERM, f"BAR0 write of {count} bytes at {offset:#x}: read-only register")
-        if self._undecoded():
+        if not self._memory_enabled and self._undecoded():
             return
         if (
             self.mappable_doorbells
@@ -366,7 +377,9 @@ class NvmeFunction:
         ):
             # A trapped write into the mappable page: the page holds the latest value too.
             self._db_words[(offset - regs.DOORBELL_BASE) // 4] = int.from_bytes(data, "little")
-        self._handle(self.controller.mmio_write(offset, count, int.from_bytes(data, "little")))
+        effects = self.controller.mmio_write(offset, count, int.from_bytes(data, "little"))
+        if effects:
+            self._handle(effects)
 
     def _reset_msix_table(self) -> None:
         for vector in range(self.vectors):

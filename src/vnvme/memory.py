@@ -69,6 +69,7 @@ class GuestMemory:
         self._starts: list[int] = []
         # Bumped on every map/unmap, so holders of cached views know to look them up again.
         self.generation = 0
+        self._last_view: MemoryRegion | None = None  # the region view() found last
 
     # Section: mapping
 
@@ -88,6 +89,7 @@ class GuestMemory:
             raise ValueError(f"region at {gpa:#x} overlaps {self._regions[index]!r}")
         self._regions.insert(index, region)
         self._starts.insert(index, gpa)
+        self._last_view = None
         self.generation += 1
         return region
 
@@ -123,6 +125,7 @@ class GuestMemory:
             raise KeyError(f"region at {gpa:#x} has size {region.size:#x}, not {size:#x}")
         del self._regions[index]
         del self._starts[index]
+        self._last_view = None
         self.generation += 1
         region.view.release()
         return region
@@ -143,7 +146,7 @@ class GuestMemory:
         if index < 0:
             return None
         region = self._regions[index]
-        return region if addr < region.end else None
+        return region if addr < region.gpa + region.size else None  # region.end, without a call
 
     def is_mapped(self, addr: int, length: int) -> bool:
         try:
@@ -184,8 +187,14 @@ class GuestMemory:
 
     def view(self, addr: int, length: int, *, write: bool = False) -> memoryview:
         """A zero-copy view of a range that lies inside one region."""
-        region = self._region_at(addr)
-        if region is None or addr < 0 or length < 0 or addr + length > region.end:
+        region = self._last_view
+        if region is None or not region.gpa <= addr < region.gpa + region.size:
+            # Not the region of the last view (I/O buffers mostly share one): look it up.
+            region = self._region_at(addr)
+            if region is None:
+                raise GuestMemoryError(addr, length, "not mapped in one region")
+            self._last_view = region
+        if addr < 0 or length < 0 or addr + length > region.gpa + region.size:
             raise GuestMemoryError(addr, length, "not mapped in one region")
         if region.remote is not None:
             raise GuestMemoryError(addr, length, "reachable only through DMA messages")

@@ -85,6 +85,8 @@ VERIFY_HEADER_SIZE: Final = _HEADER.size
 _CRC: Final = struct.Struct("<I")
 _WORD: Final = struct.Struct("<Q")
 _MASK64: Final = (1 << 64) - 1
+_READ: Final = int(NvmOpcode.READ)
+_WRITE: Final = int(NvmOpcode.WRITE)
 
 
 def _is_int(value: object) -> bool:
@@ -432,6 +434,10 @@ class _Run:
                 f"({spec.numjobs} x {spec.iodepth})"
             )
         self.bs = spec.bs
+        # The spec's per-command questions, answered once.
+        self.randrw = spec.rw == "randrw"
+        self.write_only = spec.rw in ("write", "randwrite")
+        self.random = spec.is_random
         self.jobs: list[_Job] = []
         self.busy: set[int] = set()
         self.written: dict[int, int] = {}  # block -> generation of its last completed write
@@ -498,17 +504,21 @@ class _Run:
                 self.next_generation = generation + 1
                 fill_verify_block(buf.view, slba, generation)
                 job.op_generation[slot] = generation
-        opcode = NvmOpcode.WRITE if write else NvmOpcode.READ
+        opcode = _WRITE if write else _READ
         sqe = self.driver.io_sqe(
             qp, opcode, self.spec.nsid, slba, self.nlb, buf, length=self.bs, cid_hint=cid
         )
-        start = self.clock() if measure_from is not None else 0
+        if measure_from is None:
+            start = 0
+            measured = False
+        else:
+            start = self.clock()
+            measured = start >= measure_from
         qp.submit(sqe)
         job.slot_of[cid] = slot
         job.op_write[slot] = write
         job.op_block[slot] = block
         job.op_start[slot] = start
-        measured = measure_from is not None and start >= measure_from
         job.op_measured[slot] = measured
         return start if measured else None
 
@@ -547,18 +557,15 @@ class _Run:
         """The next command of a job in the measured phase: (write, block)."""
         spec = self.spec
         blocks = self.blocks
-        if spec.rw == "randrw":
-            write = job.rng_rw.randrange(100) >= spec.rwmixread
-        else:
-            write = spec.rw in ("write", "randwrite")
+        write = job.rng_rw.randrange(100) >= spec.rwmixread if self.randrw else self.write_only
         if not self.verify:
-            if spec.is_random:
+            if self.random:
                 return write, job.rng_offset.randrange(blocks)
             block = job.cursor
             job.cursor = block + 1 if block + 1 < blocks else 0
             return write, block
         busy = self.busy
-        if spec.rw == "randrw" and not write:
+        if self.randrw and not write:
             candidates = self.written_list
             if candidates:
                 for _ in range(16):
@@ -566,7 +573,7 @@ class _Run:
                     if block not in busy:
                         return False, block
             write = True  # nothing written (and idle) to read yet
-        if spec.is_random:
+        if self.random:
             while True:
                 block = job.rng_offset.randrange(blocks)
                 if block not in busy:
@@ -646,9 +653,10 @@ class _Run:
         last_reap = start
         stopping = False
         batch = spec.iodepth_batch_submit or iodepth
+        jobs = self.jobs
         while True:
             if not stopping:
-                for job in self.jobs:
+                for job in jobs:
                     submitted = 0
                     for _ in range(iodepth - len(job.slot_of)):
                         if number_ios is not None and job.measured_issued >= number_ios:
@@ -670,7 +678,10 @@ class _Run:
                         job.measured_issued += 1
                     if submitted:
                         job.qp.ring_sq()
-            if not any(job.slot_of for job in self.jobs):
+            for job in jobs:  # any(job.slot_of for job in jobs), without a generator per round
+                if job.slot_of:
+                    break
+            else:
                 break
             last_reap, _ = self.reap()
             if deadline is not None and last_reap >= deadline:

@@ -58,6 +58,10 @@ _SQE_UNPACK: Final = SQE.unpack_from
 _CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
 # CQE dword 3 on big-endian hosts only; little-endian hosts store it through CompletionQueue.dwords.
 _CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
+_FUSE_MASK: Final = FLAGS_FUSE.mask
+# Effects are immutable: one RaiseInterrupt per vector, made once.
+_RAISE_CACHED: Final = 2048
+_RAISE: Final = tuple(RaiseInterrupt(vector) for vector in range(_RAISE_CACHED))
 _DEFAULT_BUDGET: Final = 4096
 _ADMIN_QUEUE_MAX: Final = 4096
 
@@ -160,6 +164,8 @@ class Controller:
         self._fatal = False
         self._polling = cfg.sq_eventidx is SqEventIdxPolicy.POLL
         self._batch_eventidx = cfg.sq_eventidx is SqEventIdxPolicy.BATCH
+        self._cq_eager = cfg.cq_eventidx is CqEventIdxPolicy.EAGER
+        self._arbitration_burst = cfg.arbitration_burst
         # SQs whose EventIdx was published ahead of their head (policy BATCH), by sqid.
         self._lookahead: dict[int, SubmissionQueue] = {}
         self._now = 0.0
@@ -220,7 +226,10 @@ class Controller:
     def mmio_write(self, offset: int, size: int, value: int) -> list[Effect]:
         """Write ``size`` (4 or 8) bytes of BAR0 at ``offset``. Never raises for guest input."""
         try:
-            self._mmio_write(offset, size, value)
+            if offset >= regs.DOORBELL_BASE and size == 4:
+                self._doorbell_write(offset, value & 0xFFFFFFFF)  # the common case
+            else:
+                self._mmio_write(offset, size, value)
         except Exception as exc:  # an emulator bug must not take the process down
             log.exception("mmio_write(%#x, %d, %#x) failed", offset, size, value)
             self._internal_errors += 1
@@ -231,6 +240,15 @@ class Controller:
         """Run pending submission queues (up to ``budget`` commands) and deliver interrupts."""
         if now is not None:
             self._now = now
+        if not (
+            self._pending
+            or self._touched_cqs
+            or self._lookahead
+            or self._coalescing
+            or self.delayed
+            or self.memory.generation != self._memory_generation
+        ):
+            return self._take_effects()  # nothing pending, nothing to deliver or expire
         if self._lookahead:
             self._expire_lookahead()
         try:
@@ -287,6 +305,8 @@ class Controller:
     def next_deadline(self) -> float | None:
         """When :meth:`process` must run next at the latest (``now`` units), if ever: coalesced
         interrupts, a BATCH EventIdx prediction, a completion a fault hook delays."""
+        if not self._lookahead and not self.features.interrupt_coalescing and not self.delayed:
+            return None  # asked before every wait: the common answer without the work
         deadline = self._next_deadline()
         held = self.delayed.earliest()
         return held if deadline is None or (held is not None and held < deadline) else deadline
@@ -621,13 +641,16 @@ class Controller:
         return self._take_effects()
 
     def _doorbell_write(self, offset: int, value: int, *, trapped: bool = True) -> None:
-        decoded = regs.decode_doorbell(offset, self.dstrd)
-        if decoded is None or offset >= self._doorbell_end:
+        # regs.decode_doorbell, inlined: once per doorbell.
+        stride = 4 << self.dstrd
+        rel = offset - regs.DOORBELL_BASE
+        if rel < 0 or rel % stride or offset >= self._doorbell_end:
             self._trace_err_mmio(offset, 4, value, "not a doorbell register")
             self._invalid_doorbell(-1, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
             return
-        qid, is_cq = decoded
-        if not self._ready():
+        index = rel // stride
+        qid, is_cq = index >> 1, index & 1
+        if not self.csts & 1 or self._fatal:  # not self._ready()
             self._trace_err_mmio(offset, 4, value, "doorbell write while not ready")
             return
         if is_cq:
@@ -676,7 +699,10 @@ class Controller:
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return
         if sq.shadow_mode:
-            shadow = self._load_shadow(sq.slot)
+            page = self.dbbuf.shadow
+            assert page is not None
+            self._shadow_reads += 1  # _load_shadow, inlined: once per doorbell
+            shadow = page.load(sq.slot)
             sq.shadow_reads += 1
             if shadow != sq.shadow_last:
                 sq.slot_kept = True  # the host stores its tails there: the slot is authoritative
@@ -740,7 +766,10 @@ class Controller:
 
     def _read_sq_shadow(self, sq: SubmissionQueue) -> int | None:
         """The SQ tail from its shadow slot, or None if the value is not a valid tail."""
-        value = self._load_shadow(sq.slot)
+        page = self.dbbuf.shadow
+        assert page is not None
+        self._shadow_reads += 1  # _load_shadow, inlined: twice per batch
+        value = page.load(sq.slot)
         sq.shadow_reads += 1
         if value >= sq.size:
             if self._tracing:
@@ -758,7 +787,10 @@ class Controller:
         """Learn how far the host has consumed, from the shadow slot."""
         if not cq.shadow_mode:
             return
-        value = self._load_shadow(cq.slot)
+        page = self.dbbuf.shadow
+        assert page is not None
+        self._shadow_reads += 1  # _load_shadow, inlined
+        value = page.load(cq.slot)
         cq.shadow_reads += 1
         if value != cq.shadow_last:
             cq.slot_kept = True
@@ -797,13 +829,10 @@ class Controller:
             self._trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
 
     def _publish_cq_eventidx(self, cq: CompletionQueue) -> None:
-        if cq.waiting_for_room or self.config.cq_eventidx is CqEventIdxPolicy.EAGER:
-            # Ask for a doorbell on any progress: the host's next move starts at the head.
-            value = cq.head
-        else:
-            # NEVER: the host stops at our tail, which stays behind head - 1 until we learn a
-            # newer head, so EventIdx = head - 1 is never inside a crossed interval.
-            value = (cq.head - 1) % cq.size
+        # EAGER (or waiting for room): ask for a doorbell on any progress, the host's next move
+        # starts at the head. NEVER: the host stops at our tail, which stays behind head - 1
+        # until we learn a newer head, so EventIdx = head - 1 is never inside a crossed interval.
+        value = cq.head if cq.waiting_for_room or self._cq_eager else (cq.head - 1) % cq.size
         page = self.dbbuf.eventidx
         assert page is not None
         page.store(cq.slot, value)
@@ -895,7 +924,7 @@ class Controller:
                 self._pending[sqid] = sq
 
     def _run_pending(self, budget: int) -> None:
-        if self._fatal or not self._ready():
+        if self._fatal or not self.csts & 1:  # not self._ready()
             self._pending.clear()
             return
         if self.memory.generation != self._memory_generation:
@@ -903,7 +932,7 @@ class Controller:
             if self._fatal:
                 return
         pending = self._pending
-        burst = self.config.arbitration_burst
+        burst = self._arbitration_burst
         while pending and budget > 0 and not self._fatal:
             sqid = next(iter(pending))
             sq = pending.pop(sqid)
@@ -916,6 +945,7 @@ class Controller:
         cq = sq.cq
         n = sq.size
         view = sq.view
+        execute = self._execute
         processed = 0
         attempts = 0
         while True:
@@ -930,7 +960,10 @@ class Controller:
                 if processed >= budget:
                     self._pending[sq.sqid] = sq
                     return processed
-                if cq.is_full() and not self._make_room(cq):
+                room = cq.tail + 1  # cq.is_full(), inlined: once per command
+                if room == cq.size:
+                    room = 0
+                if room == cq.head and not self._make_room(cq):
                     sq.blocked = True
                     return processed
                 if sq.remote and not self._fetch_remote_sqe(sq, head):
@@ -943,7 +976,7 @@ class Controller:
                 processed += 1
                 sq.burst += 1
                 sq.entries += 1
-                self._execute(sq, fields)
+                execute(sq, fields)
                 if self._fatal or self.sqs[sq.sqid] is not sq:
                     return processed
                 # A command may have switched this queue onto the shadow page (Doorbell
@@ -1002,7 +1035,7 @@ class Controller:
     def _execute(self, sq: SubmissionQueue, fields: tuple[int, ...]) -> None:
         opcode = fields[0]
         cid = fields[2]
-        status: int = Status.SUCCESS
+        status = 0  # Status.SUCCESS
         dw0 = 0
         try:
             if sq.sqid == 0:
@@ -1019,7 +1052,7 @@ class Controller:
                 handler = self.io_handlers.get(opcode)
             if handler is None:
                 raise CommandFailed(Status.INVALID_OPCODE | DNR, "invalid opcode")
-            if FLAGS_FUSE.get(fields[1]):
+            if fields[1] & _FUSE_MASK:
                 raise CommandFailed(Status.INVALID_FIELD | DNR, "fused operations are not supported")
             result = handler(self, sq, fields)
             if result is None:
@@ -1042,7 +1075,14 @@ class Controller:
         if status:
             self._error_completions += 1
             self.error_log.record(sq.sqid, cid, status, fields[3])
-        self.post_completion(sq, cid, status, dw0)
+        cq = sq.cq
+        room = cq.tail + 1  # post_completion, inlined
+        if room == cq.size:
+            room = 0
+        if room == cq.head or cq.backlog:
+            cq.backlog.append((sq, cid, status, dw0))
+        else:
+            self._write_cqe(cq, sq, cid, status, dw0)
 
     def post_completion(self, sq: SubmissionQueue, cid: int, status: int, dw0: int) -> None:
         """Post a CQE for a command of ``sq`` (the CQ has room: checked before fetching)."""
@@ -1102,13 +1142,24 @@ class Controller:
     def _deliver_interrupts(self) -> None:
         touched = self._touched_cqs
         coalesce_value = self.features.interrupt_coalescing
-        threshold = InterruptCoalescing.THR.get(coalesce_value) + 1
+        if touched:
+            eager = self._cq_eager
+            if not coalesce_value and not eager and len(touched) == 1:
+                # The common pass: one CQ, no coalescing, nothing to publish.
+                cq = next(iter(touched.values()))
+                touched.clear()
+                if cq.ien:
+                    cq.irq_mark = cq.entries
+                    self._raise(cq.vector)
+                if self._coalescing:
+                    self._deliver_coalesced(coalesce_value)
+                return
         time_units = InterruptCoalescing.TIME.get(coalesce_value)
         # vector -> (entries posted, carries the admin CQ)
         vectors: dict[int, tuple[int, bool]] = {}
         if touched:
             for cq in touched.values():
-                if cq.shadow_mode and self.config.cq_eventidx is CqEventIdxPolicy.EAGER:
+                if cq.shadow_mode and eager:
                     self._refresh_cq_head(cq)
                     self._publish_cq_eventidx(cq)
                 if not cq.ien:
@@ -1128,11 +1179,16 @@ class Controller:
                 state.since = self._now
             state.count += count
         if self._coalescing:
-            deadline = time_units * 100e-6
-            for vector, state in self._coalescing.items():
-                if state.count and (state.count >= threshold or self._now - state.since >= deadline):
-                    state.count = 0
-                    self._raise(vector)
+            self._deliver_coalesced(coalesce_value)
+
+    def _deliver_coalesced(self, coalesce_value: int) -> None:
+        """Raise every coalesced vector whose threshold or aggregation time is reached."""
+        threshold = InterruptCoalescing.THR.get(coalesce_value) + 1
+        deadline = InterruptCoalescing.TIME.get(coalesce_value) * 100e-6
+        for vector, state in self._coalescing.items():
+            if state.count and (state.count >= threshold or self._now - state.since >= deadline):
+                state.count = 0
+                self._raise(vector)
 
     def _raise(self, vector: int) -> None:
         if vector < 32 and self.intms >> vector & 1:
@@ -1141,7 +1197,8 @@ class Controller:
                 self._trace("pci_nvme_irq_masked", vector)
             return
         self._interrupts += 1
-        self._effects.append(RaiseInterrupt(vector))
+        effect = _RAISE[vector] if vector < _RAISE_CACHED else RaiseInterrupt(vector)
+        self._effects.append(effect)
         if self._tracing:
             self._trace("pci_nvme_irq_msix", vector)
 

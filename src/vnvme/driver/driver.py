@@ -37,7 +37,7 @@ from vnvme.spec.commands import (
     NvmOpcode,
     Sqe,
 )
-from vnvme.spec.dbbuf import cq_slot, need_event, sq_slot
+from vnvme.spec.dbbuf import U16_MASK, cq_slot, sq_slot
 from vnvme.spec.identify import IDENTIFY_CONTROLLER, IDENTIFY_NAMESPACE, IDENTIFY_SIZE, Oacs
 from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg
 from vnvme.spec.status import describe
@@ -47,6 +47,9 @@ _CQE_HEAD_UNPACK: Final = struct.Struct("<IIHH").unpack_from
 # CQE dword 3 in one native 4-byte load on little-endian hosts (pairs with the controller's store).
 _DW3_UNPACK: Final = struct.Struct("@I" if sys.byteorder == "little" else "<I").unpack_from
 _SQE_PACK: Final = SQE.pack_into
+_CID_PACK: Final = struct.Struct("<H").pack_into
+_NEW_CQE: Final = tuple.__new__  # Cqe(...) without the Python-level namedtuple __new__
+_NEW_SQE: Final = tuple.__new__
 _FUA: Final = 1 << 30
 
 
@@ -140,7 +143,9 @@ class QueuePair:
         assert self.shadow is not None and self.eventidx is not None
         self.shadow.store(slot, value)
         full_fence()  # store shadow value -> load EventIdx (pairs with the controller's fence)
-        return need_event(self.eventidx.load(slot), value, old)
+        event_idx = self.eventidx.load(slot)
+        # need_event(event_idx, value, old), inlined: this runs for every doorbell decision.
+        return ((value - event_idx - 1) & U16_MASK) < ((value - old) & U16_MASK)
 
     # Section: submission
 
@@ -154,11 +159,15 @@ class QueuePair:
 
     def submit(self, sqe: Sqe) -> int:
         """Place a command at the tail (with a fresh CID) without ringing; returns the CID."""
-        if not self.can_submit():
+        free_cids = self.free_cids
+        if len(free_cids) <= 1:  # can_submit()
             raise RuntimeError(f"queue {self.qid} is full")
-        cid = self.free_cids.pop()
+        cid = free_cids.pop()
         self.inflight.add(cid)
-        _SQE_PACK(self.sq_mem.view, self.sq_tail * SQE_SIZE, *sqe._replace(cid=cid))
+        view = self.sq_mem.view
+        offset = self.sq_tail * SQE_SIZE
+        _SQE_PACK(view, offset, *sqe)
+        _CID_PACK(view, offset + 2, cid)  # the fresh CID over the one in ``sqe``
         tail = self.sq_tail + 1
         self.sq_tail = 0 if tail == self.depth else tail
         self.driver.stats.commands += 1
@@ -191,29 +200,33 @@ class QueuePair:
         out: list[Cqe] = []
         view = self.cq_mem.view
         head, phase = self.cq_head, self.cq_phase
+        depth = self.depth
+        inflight = self.inflight
+        free_cids = self.free_cids
+        sqhd = 0
         while True:
             # The phase tag first, then the rest (Linux: READ_ONCE(status), dma_rmb()): the
             # device may be writing this entry right now, and the phase bit is its last store.
-            dw3 = _DW3_UNPACK(view, head * CQE_SIZE + 12)[0]
-            if (dw3 >> 16) & 1 != phase:
+            offset = head * CQE_SIZE
+            dw3 = _DW3_UNPACK(view, offset + 12)[0]
+            sf = dw3 >> 16
+            if sf & 1 != phase:
                 break
             # CID, status and phase all from that one load: they are one store on the device side.
-            dw0, dw1, sqhd, sqid = _CQE_HEAD_UNPACK(view, head * CQE_SIZE)
-            cid, sf = dw3 & 0xFFFF, dw3 >> 16
-            out.append(Cqe(dw0, dw1, sqhd, sqid, cid, sf >> 1, sf & 1))
+            dw0, dw1, sqhd, sqid = _CQE_HEAD_UNPACK(view, offset)
+            cid = dw3 & 0xFFFF
+            out.append(_NEW_CQE(Cqe, (dw0, dw1, sqhd, sqid, cid, sf >> 1, sf & 1)))
+            if cid in inflight:  # a CQE for a CID not in flight is the controller's bug
+                inflight.discard(cid)
+                free_cids.append(cid)
             head += 1
-            if head == self.depth:
+            if head == depth:
                 head = 0
                 phase ^= 1
         if not out:
             return out
         self.cq_head, self.cq_phase = head, phase
-        self.sq_head = out[-1].sqhd
-        inflight = self.inflight
-        for cqe in out:
-            if cqe.cid in inflight:  # a CQE for a CID not in flight is the controller's bug
-                inflight.discard(cqe.cid)
-                self.free_cids.append(cqe.cid)
+        self.sq_head = sqhd
         self.driver.stats.completions += len(out)
         self.ring_cq()
         return out
@@ -626,21 +639,30 @@ class NvmeDriver:
         """Build an NVM command; PRPs for ``length`` bytes of ``buf`` are set up for the next CID."""
         prp1 = prp2 = 0
         if buf is not None and length:
-            cid = qp.free_cids[-1] if cid_hint is None else cid_hint
-            prp1, prp2 = qp.prp_for(cid, buf, offset, length)
-        return Sqe(
-            opcode,
-            0,
-            0,
-            nsid,
-            0,
-            0,
-            0,
-            prp1,
-            prp2,
-            slba & 0xFFFFFFFF,
-            slba >> 32,
-            ((nlb - 1) & 0xFFFF) | cdw12_flags,
+            prp1 = buf.addr + offset
+            if length > PAGE_SIZE - (prp1 & (PAGE_SIZE - 1)):  # more than PRP1's page holds
+                cid = qp.free_cids[-1] if cid_hint is None else cid_hint
+                prp1, prp2 = qp.prp_for(cid, buf, offset, length)
+        # Sqe(...) through tuple.__new__: no Python-level namedtuple __new__ per command.
+        return _NEW_SQE(
+            Sqe,
+            (
+                opcode,
+                0,
+                0,
+                nsid,
+                0,
+                0,
+                0,
+                prp1,
+                prp2,
+                slba & 0xFFFFFFFF,
+                slba >> 32,
+                ((nlb - 1) & 0xFFFF) | cdw12_flags,
+                0,
+                0,
+                0,
+            ),
         )
 
     def io_command(self, qp: QueuePair, sqe: Sqe, *, check: bool = True) -> Cqe:

@@ -55,8 +55,17 @@ TYPE_REPLY: Final = 1
 FLAG_NO_REPLY: Final = 1 << 4
 FLAG_ERROR: Final = 1 << 5
 
+# A plain int: socket.MSG_CTRUNC is an IntFlag, whose & costs a Python-level call per message.
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+
 HEADER: Final = struct.Struct("<HHIII")
 HEADER_SIZE: Final = HEADER.size
+_HEADER_PACK: Final = HEADER.pack
+_HEADER_UNPACK: Final = HEADER.unpack
+_HEADER_UNPACK_FROM: Final = HEADER.unpack_from
+_SIZE_UNPACK_FROM: Final = struct.Struct("<I").unpack_from
+# What a buffered channel reads at most at once; longer messages are read exactly.
+_RECEIVE_BUFFER: Final = 1 << 16
 assert HEADER_SIZE == 16
 
 # Payload layouts (all little-endian: x86 and arm64 hosts; the spec says host order).
@@ -220,21 +229,206 @@ def pack_message(msg_id: int, command: int, flags: int, payload: bytes = b"", er
     return HEADER.pack(msg_id & 0xFFFF, command, HEADER_SIZE + len(payload), flags, error) + payload
 
 
-class Channel:
-    """One end of a vfio-user socket: framed, bounded messages with file descriptors."""
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, raw in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            words = array.array("i")
+            words.frombytes(raw[: len(raw) - len(raw) % 4])
+            fds.extend(words)
+    return fds
 
-    def __init__(self, sock: socket.socket, *, max_message: int, max_fds: int) -> None:
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Channel:
+    """One end of a vfio-user socket: framed, bounded messages with file descriptors.
+
+    ``buffered``: read the stream in large pieces (one read per message, usually, instead of a
+    header read and a body read), keeping what belongs to later messages. Then poll() on the
+    socket no longer tells whether a message is waiting: ask :meth:`buffered_header` first.
+    Descriptors go to the message that starts last in the read that brought them: Linux ends
+    a read of a stream socket with the piece of data they came with, and a sender attaches
+    them to the first piece of the message they belong to.
+    """
+
+    def __init__(
+        self, sock: socket.socket, *, max_message: int, max_fds: int, buffered: bool = False
+    ) -> None:
         self.sock = sock
         self.max_message = max_message
         self.max_fds = max_fds
         self._header = bytearray(HEADER_SIZE)
         self._ancillary = socket.CMSG_SPACE(max(max_fds, 1) * 4)
+        self._buffered = buffered
+        self._rbuf = bytearray(_RECEIVE_BUFFER if buffered else 0)
+        self._rview = memoryview(self._rbuf)
+        self._rviews = [self._rview]
+        # Unread bytes are _rbuf[_rpos:_rend]; _rbuf[0] is byte _rbase of the stream.
+        self._rpos = 0
+        self._rend = 0
+        self._rbase = 0
+        # Descriptors not yet handed out: (stream offset of the message they belong to, fds,
+        # whether the kernel dropped some).
+        self._rfds: list[tuple[int, list[int], bool]] = []
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def close(self) -> None:
+        self.drop_pending()
         self.sock.close()
+
+    def drop_pending(self) -> None:
+        """Forget what was read ahead (a buffered channel), closing descriptors that came with it."""
+        for _, fds, _ in self._rfds:
+            _close_all(fds)
+        self._rfds = []
+        self._rbase += self._rend
+        self._rpos = self._rend = 0
+
+    def buffered_header(self) -> bool:
+        """A whole message header is already read (buffered channels: poll() cannot see it)."""
+        return self._rend - self._rpos >= HEADER_SIZE
+
+    # Section: buffered receiving
+
+    def receive_nowait(self) -> Message | None:
+        """Buffered channels: the next message if the socket holds (the start of) one already,
+        else None at once. Reading the rest of a message that has begun may still wait."""
+        try:
+            if self._rpos == self._rend:
+                return self._receive_fresh(socket.MSG_DONTWAIT)
+            self._fill(socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        return self._receive_buffered()
+
+    def _receive_fresh(self, recv_flags: int = 0) -> Message:
+        """Nothing read ahead (the usual case): one read, and if it brought exactly one whole
+        message without descriptors, that is the message."""
+        self._rbase += self._rend
+        self._rpos = self._rend = 0
+        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(self._rviews, self._ancillary, recv_flags)
+        if nbytes >= HEADER_SIZE and not ancdata and not msg_flags & _MSG_CTRUNC:
+            msg_id, command, size, flags, error = _HEADER_UNPACK_FROM(self._rbuf)
+            if size == nbytes and size <= self.max_message:
+                self._rbase += size
+                return Message(msg_id, command, flags, error, self._rview[HEADER_SIZE:size].tobytes(), [])
+        self._filled(0, nbytes, ancdata, msg_flags)
+        return self._receive_buffered()
+
+    def _fill(self, recv_flags: int = 0) -> None:
+        """One read into the buffer (moving the unread part to the front when it is full)."""
+        if self._rpos == self._rend:
+            self._rbase += self._rpos
+            self._rpos = self._rend = 0
+        elif self._rend == len(self._rbuf):
+            unread = bytes(self._rview[self._rpos : self._rend])
+            self._rbuf[: len(unread)] = unread
+            self._rbase += self._rpos
+            self._rpos, self._rend = 0, len(unread)
+        start = self._rend
+        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(
+            [self._rview[start:]], self._ancillary, recv_flags
+        )
+        self._filled(start, nbytes, ancdata, msg_flags)
+
+    def _filled(self, start: int, nbytes: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> None:
+        """Account for a read of ``nbytes`` into the buffer at ``start``."""
+        fds = _fds_of(ancdata) if ancdata else []
+        if nbytes == 0:
+            _close_all(fds)
+            closed_clean = start == self._rpos
+            self.drop_pending()  # descriptors of a message that never arrived whole
+            raise Disconnected("peer closed the socket" if closed_clean else "peer closed mid-message")
+        self._rend = start + nbytes
+        if fds or msg_flags & _MSG_CTRUNC:
+            self._rfds.append((self._last_start(), fds, bool(msg_flags & _MSG_CTRUNC)))
+
+    def _last_start(self) -> int:
+        """Stream offset of the last message that starts in the buffered bytes."""
+        buf = self._rbuf
+        pos = last = self._rpos
+        while pos < self._rend:
+            last = pos
+            if pos + HEADER_SIZE > self._rend:
+                break
+            pos += max(_SIZE_UNPACK_FROM(buf, pos + 4)[0], HEADER_SIZE)
+        return self._rbase + last
+
+    def _take_fds(self, start: int) -> tuple[list[int], bool]:
+        """The descriptors of the message at stream offset ``start``; older ones (a message
+        already handed out, from a sender not attaching them to a message's first piece) are
+        closed."""
+        fds: list[int] = []
+        truncated = False
+        keep: list[tuple[int, list[int], bool]] = []
+        for owner, batch, dropped in self._rfds:
+            if owner == start:
+                fds.extend(batch)
+                truncated = truncated or dropped
+            elif owner < start:
+                _close_all(batch)
+            else:
+                keep.append((owner, batch, dropped))
+        self._rfds = keep
+        return fds, truncated
+
+    def _receive_buffered(self) -> Message:
+        while self._rend - self._rpos < HEADER_SIZE:
+            self._fill()
+        pos = self._rpos
+        msg_id, command, size, flags, error = _HEADER_UNPACK_FROM(self._rbuf, pos)
+        if HEADER_SIZE <= size <= min(self.max_message, len(self._rbuf)):
+            while self._rend - self._rpos < size:
+                self._fill()
+            pos = self._rpos
+            self._rpos = pos + size
+            payload = bytes(self._rview[pos + HEADER_SIZE : pos + size])
+            if not self._rfds:
+                return Message(msg_id, command, flags, error, payload, [])
+            fds, truncated = self._take_fds(self._rbase + pos)
+            return Message(msg_id, command, flags, error, payload, fds, fds_truncated=truncated)
+        # Larger than the buffer, oversized or undersized: the rest is read off the socket
+        # exactly, as the unbuffered channel does.
+        self._rpos = pos + HEADER_SIZE
+        fds, truncated = self._take_fds(self._rbase + pos) if self._rfds else ([], False)
+        message = Message(msg_id, command, flags, error, b"", fds, fds_truncated=truncated)
+        try:
+            if size < HEADER_SIZE:
+                message.oversized = -1  # a size that cannot even hold the header
+            elif size > self.max_message:
+                self._discard(self._take_buffered(size - HEADER_SIZE))
+                message.oversized = size
+            else:
+                body = size - HEADER_SIZE
+                data = bytearray(body)
+                got = min(body, self._rend - self._rpos)
+                data[:got] = self._rview[self._rpos : self._rpos + got]
+                self._rpos += got
+                view = memoryview(data)
+                while got < body:
+                    n = self.sock.recv_into(view[got:])
+                    if n == 0:
+                        raise Disconnected("peer closed the socket mid-message")
+                    got += n
+                view.release()
+                message.payload = bytes(data)
+        except BaseException:
+            message.close_fds()
+            raise
+        return message
+
+    def _take_buffered(self, count: int) -> int:
+        """Consume up to ``count`` buffered bytes; returns how many are still to read."""
+        take = min(count, self._rend - self._rpos)
+        self._rpos += take
+        return count - take
 
     def _discard(self, count: int) -> None:
         scratch = bytearray(min(count, 1 << 16))
@@ -248,16 +442,24 @@ class Channel:
     def receive(self) -> Message:
         """The next message. Never allocates more than ``max_message`` bytes for one: a longer
         one is read off the socket in small pieces and returned with ``oversized`` set."""
+        if self._buffered:
+            if self._rpos != self._rend:
+                return self._receive_buffered()
+            return self._receive_fresh()
         sock = self.sock
         data, ancdata, msg_flags, _ = sock.recvmsg(HEADER_SIZE, self._ancillary)
-        fds: list[int] = []
-        if ancdata:
-            for level, kind, raw in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    words = array.array("i")
-                    words.frombytes(raw[: len(raw) - len(raw) % 4])
-                    fds.extend(words)
-        truncated = bool(msg_flags & socket.MSG_CTRUNC)
+        if not ancdata and not msg_flags & _MSG_CTRUNC and len(data) == HEADER_SIZE:
+            # The common case, without the general path's calls: a whole header, no descriptors.
+            msg_id, command, size, flags, error = _HEADER_UNPACK(data)
+            if HEADER_SIZE < size <= self.max_message:
+                body = size - HEADER_SIZE
+                payload = sock.recv(body)
+                if len(payload) < body:
+                    payload = self._receive_remaining(payload, body)
+                return Message(msg_id, command, flags, error, payload, [])
+            return self._receive_rest(data, [], False)
+        fds = _fds_of(ancdata) if ancdata else []
+        truncated = bool(msg_flags & _MSG_CTRUNC)
         try:
             return self._receive_rest(data, fds, truncated)
         except BaseException:
@@ -294,16 +496,20 @@ class Channel:
         if body > 0:
             payload = sock.recv(body)
             if len(payload) < body:
-                rest = bytearray(payload)
-                while len(rest) < body:
-                    more = sock.recv(body - len(rest))
-                    if not more:
-                        raise Disconnected("peer closed the socket mid-message")
-                    rest += more
-                payload = bytes(rest)
+                payload = self._receive_remaining(payload, body)
             message.payload = payload
         elif body < 0:
             message.oversized = -1  # a size that cannot even hold the header
+
+    def _receive_remaining(self, payload: bytes, body: int) -> bytes:
+        """The rest of a payload that did not come in one read."""
+        rest = bytearray(payload)
+        while len(rest) < body:
+            more = self.sock.recv(body - len(rest))
+            if not more:
+                raise Disconnected("peer closed the socket mid-message")
+            rest += more
+        return bytes(rest)
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         if fds:
@@ -316,7 +522,14 @@ class Channel:
             self.sock.sendall(data)
 
     def reply(self, request: Message, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        self.send(pack_message(request.msg_id, request.command, TYPE_REPLY, payload), fds)
+        # pack_message, inlined: a reply goes out per command.
+        data = _HEADER_PACK(
+            request.msg_id & 0xFFFF, request.command, HEADER_SIZE + len(payload), TYPE_REPLY, 0
+        )
+        if fds:
+            self.send(data + payload, fds)
+        else:
+            self.sock.sendall(data + payload)
 
     def reply_error(self, request: Message, err: int) -> None:
         self.send(pack_message(request.msg_id, request.command, TYPE_REPLY | FLAG_ERROR, b"", err))

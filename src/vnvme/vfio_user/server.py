@@ -16,6 +16,7 @@ import mmap
 import os
 import select
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,6 +30,25 @@ from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Channel, Command, Message, ProtocolError
 
 log = logging.getLogger("vnvme.vfio_user")
+
+# Writes the device may act on before they are answered (see _act_before_reply).
+_DEVICE_WRITES = frozenset({int(Command.REGION_WRITE), int(Command.REGION_WRITE_MULTI)})
+_AFFINITY_CHECK_INTERVAL = 1024
+_ACCESS_SIZE = vu.REGION_ACCESS.size
+_ACCESS_UNPACK_FROM = vu.REGION_ACCESS.unpack_from
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _shares_one_cpu_with_peer(sock: socket.socket) -> bool:
+    """The process at the other end of a UNIX socket and this one may run on one CPU only,
+    the same one (both pinned there)."""
+    try:
+        pid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+        mine = os.sched_getaffinity(0)
+        return len(mine) == 1 and pid > 0 and os.sched_getaffinity(pid) == mine
+    except (OSError, AttributeError):  # not a UNIX socket, the peer gone, not Linux
+        return False
+
 
 PAGE_SIZE = 4096
 
@@ -153,6 +173,13 @@ class VfioUserServer:
         self.errors: Counter[str] = Counter()
         self.clients_served = 0
         self.dma: dict[int, DmaMapping] = {}
+        self._remote_mappings = 0  # mappings without a descriptor (DMA_READ / DMA_WRITE messages)
+        self._same_cpu = False  # see _act_before_reply
+        # What Device.run said when a write ran it before its reply; None: the loop runs it.
+        self._ran_early: bool | None = None
+        # The last message was a write acted on before its reply (see serve_connection).
+        self._replied_early = False
+        self._writes_until_check = 0
         self.peer_max_fds = vu.DEFAULT_MAX_MSG_FDS
         self.peer_max_xfer = vu.DEFAULT_MAX_DATA_XFER_SIZE
         self._stop = False
@@ -198,8 +225,11 @@ class VfioUserServer:
     ) -> None:
         """Serve one client until it disconnects or :meth:`stop` is called; a second client
         connecting to ``listener`` meanwhile is refused (closed at once)."""
-        channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds)
+        channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds, buffered=True)
         self._channel = channel
+        self._writes_until_check = 0  # a new client: look at its CPU affinity again
+        self._ran_early = None
+        self._replied_early = False
         self._deferred.clear()
         self._stop_connection = False
         self.clients_served += 1
@@ -226,7 +256,11 @@ class VfioUserServer:
                 while self._deferred:
                     # Commands that arrived while we waited for a DMA reply, in order.
                     self._handle_message(channel, self._deferred.popleft())
-                busy = device.run(time.monotonic())
+                busy = self._ran_early
+                if busy is None:
+                    busy = device.run(time.monotonic())
+                else:
+                    self._ran_early = None  # the pass the last message's write ran is this one
                 if self._deferred:
                     continue  # the pass waited for DMA replies and commands came in meanwhile
                 if busy or idle_passes < passes:
@@ -238,7 +272,23 @@ class VfioUserServer:
                 else:
                     idle_passes = 0
                     continue
-                if timeout_ms is not None and 0 < timeout_ms < 1:
+                if channel.buffered_header():
+                    # A message came in with the last read: poll() cannot see it.
+                    events = [(sock_fd, select.POLLIN)]
+                elif (
+                    timeout_ms != 0
+                    and self._replied_early
+                    and (early := self._early_message(channel)) is not None
+                ):
+                    # About to wait, but a client on our CPU that we answered after acting on
+                    # its write has usually sent its next message by now (it ran when the reply
+                    # woke it): one read, no poll() first. (Not in polling passes, where poll(0)
+                    # is cheaper than a failed read, nor after posted writes, which no reply
+                    # paces.)
+                    self._handle_message(channel, early)
+                    idle_passes = 0
+                    continue
+                elif timeout_ms is not None and 0 < timeout_ms < 1:
                     # poll() rounds a timeout up to whole milliseconds; select() waits in
                     # microseconds and still wakes for a message.
                     ready, _, _ = select.select(watched, [], [], timeout_ms / 1e3)
@@ -247,7 +297,7 @@ class VfioUserServer:
                     events = poller.poll(timeout_ms)
                 for fd, _ in events:
                     if fd == sock_fd:
-                        self._handle_one(channel)
+                        self._handle_message(channel, channel.receive())  # _handle_one
                         idle_passes = 0
                     elif listener is not None and fd == listener.fileno():
                         extra, _ = listener.accept()
@@ -268,6 +318,7 @@ class VfioUserServer:
                 reason = "server stopping" if self._stop else "client unreachable"
             self._trace("vfio_user_disconnect", reason)
             self._channel = None
+            channel.drop_pending()
             for message in self._deferred:
                 message.close_fds()
             self._deferred.clear()
@@ -277,6 +328,8 @@ class VfioUserServer:
         self._handle_message(channel, channel.receive())
 
     def _handle_message(self, channel: Channel, message: Message) -> None:
+        self._ran_early = None
+        self._replied_early = False
         name = vu.command_name(message.command)
         self.messages[name] += 1
         try:
@@ -298,12 +351,48 @@ class VfioUserServer:
                 channel.reply_error(message, errno.EIO)
             del exc
             return
-        if result is None or message.no_reply:
+        if result is None or message.flags & vu.FLAG_NO_REPLY:
             return
+        if message.command in _DEVICE_WRITES and self._act_before_reply(channel):
+            self._ran_early = self.device.run(time.monotonic())
+            self._replied_early = True
         payload, fds = result
         channel.reply(message, payload, fds)
 
+    def _early_message(self, channel: Channel) -> Message | None:
+        """The client's next message if it is there already (one try after each early reply)."""
+        self._replied_early = False
+        return channel.receive_nowait()
+
+    def _act_before_reply(self, channel: Channel) -> bool:
+        """Whether the device should act on a write (a doorbell) before it is answered.
+
+        Yes when the client can only run on the one CPU we run on: the reply wakes it and it
+        may take the CPU at once; it then finds the completions with the reply, instead of
+        waiting again for the interrupt (the CPU going back and forth twice per doorbell).
+        On another CPU the client is better off hearing back at once: its wake-up overlaps
+        the device's work. Never with memory reached through DMA messages: the write is
+        answered first and the work follows. Affinities are looked at again every so often.
+        """
+        if self._remote_mappings:
+            return False
+        self._writes_until_check -= 1
+        if self._writes_until_check <= 0:
+            self._writes_until_check = _AFFINITY_CHECK_INTERVAL
+            self._same_cpu = _shares_one_cpu_with_peer(channel.sock)
+        return self._same_cpu
+
     def _dispatch(self, message: Message) -> tuple[bytes, list[int]] | None:
+        if (
+            message.flags & vu.TYPE_MASK == vu.TYPE_COMMAND
+            and self.version_done
+            and not (message.oversized or message.fds_truncated or message.fds)
+        ):
+            # A well-formed command without descriptors (every one on the I/O path): only
+            # the handler is left to check; anything else meets the checks below in order.
+            handler = self._handlers.get(message.command)
+            if handler is not None:
+                return handler(message)
         if message.oversized:
             if message.oversized < 0:
                 raise ProtocolError(errno.EINVAL, "message size smaller than the header")
@@ -411,6 +500,7 @@ class VfioUserServer:
                 writable = bool(flags & vu.DmaFlags.WRITE)
                 self.device.memory.map_remote(address, size, access, writable=writable)
                 self.dma[address] = DmaMapping(address, size, flags, None)
+                self._remote_mappings += 1
                 self._trace("vfio_user_dma_map", address, size, flags, -1)
                 self.device.memory_changed()
                 return b"", []
@@ -484,8 +574,10 @@ class VfioUserServer:
             deadline = time.monotonic() + self.options.dma_timeout
             while True:
                 remaining = deadline - time.monotonic()
-                ready, _, _ = select.select([channel.sock], [], [], max(remaining, 0))
-                if not ready:
+                if (
+                    not channel.buffered_header()
+                    and not select.select([channel.sock], [], [], max(remaining, 0))[0]
+                ):
                     raise GuestMemoryError(address, count, f"no reply to {command.name}")
                 message = channel.receive()
                 if message.is_reply and message.msg_id == msg_id and message.command == command:
@@ -504,6 +596,8 @@ class VfioUserServer:
     def _unmap(self, mapping: DmaMapping) -> None:
         self._trace("vfio_user_dma_unmap", mapping.address, mapping.size)
         del self.dma[mapping.address]
+        if mapping.map is None:
+            self._remote_mappings -= 1
         self.device.memory.unmap(mapping.address, mapping.size)
         # Release every view the device holds before the memory goes (spec: before replying).
         self.device.memory_changed()
@@ -628,18 +722,19 @@ class VfioUserServer:
 
     def _region_write(self, message: Message) -> tuple[bytes, list[int]]:
         payload = message.payload
-        if len(payload) < vu.REGION_ACCESS.size:
+        if len(payload) < _ACCESS_SIZE:
             raise ProtocolError(errno.EINVAL, "REGION_WRITE too short")
-        offset, index, count = vu.REGION_ACCESS.unpack_from(payload)
+        offset, index, count = _ACCESS_UNPACK_FROM(payload)
         region = self._region(index, offset, count)
-        if len(payload) - vu.REGION_ACCESS.size != count:
+        if len(payload) - _ACCESS_SIZE != count:
             raise ProtocolError(
                 errno.EINVAL, f"REGION_WRITE count {count} but {len(payload) - 16} data bytes"
             )
         if region.write is None:
             raise ProtocolError(errno.EPERM, f"region {index} is read-only")
-        region.write(offset, payload[vu.REGION_ACCESS.size :])
-        return vu.REGION_ACCESS.pack(offset, index, count), []
+        region.write(offset, payload[_ACCESS_SIZE:])
+        # The reply echoes offset, region and count: the request's own first 16 bytes.
+        return payload[:_ACCESS_SIZE], []
 
     def _region_write_multi(self, message: Message) -> tuple[bytes, list[int]]:
         payload = message.payload
