@@ -44,7 +44,12 @@ def test_bench_json_counts_doorbells_at_the_controller(tmp_path: Path) -> None:
         "admin": 0.0,
         "mapped": 0.0,
     }
-    assert points["dbbuf/qd1/any"]["doorbells_per_io"] == {"sq": 1.0, "cq": 0.0, "admin": 0.0, "mapped": 0.0}
+    shadow = points["dbbuf/qd1/any"]["doorbells_per_io"]
+    assert {k: shadow[k] for k in ("cq", "admin", "mapped")} == {"cq": 0.0, "admin": 0.0, "mapped": 0.0}
+    # A host on another CPU may store its next tail before the controller has published the
+    # EventIdx of its rearm; then it does not ring, and the controller's re-read after the
+    # fence takes the command (a lost rearm): a little under one doorbell per I/O, never more.
+    assert 0.9 <= shadow["sq"] <= 1.0
     assert all(p["counted_by"] == "controller" for p in points.values())
     assert points["dbbuf/qd2/any"]["doorbells_per_io"]["sq"] <= 1.0
     assert "depth   2" in proc.stderr  # progress lines

@@ -76,8 +76,14 @@ def test_slots_match_the_doorbell_register_layout(dstrd: int, qid: int) -> None:
     stride_dwords = 1 << dstrd
     assert sq_slot(qid, dstrd) == 2 * qid * stride_dwords
     assert cq_slot(qid, dstrd) == (2 * qid + 1) * stride_dwords
-    if qid <= max_qid_in_page(4096, dstrd):
-        assert cq_slot(qid, dstrd) < 1024
+    fits = cq_slot(qid, dstrd) < 1024
+    assert fits == (qid <= max_qid_in_page(4096, dstrd))
+
+
+def test_no_queue_fits_a_stride_as_large_as_the_page() -> None:
+    assert max_qid_in_page(4096, 10) == -1  # queue 0's CQ slot is dword 1024
+    assert max_qid_in_page(4096, 9) == 0
+    assert max_qid_in_page(4096, 0) == 511
 
 
 class ShadowProtocol(RuleBasedStateMachine):

@@ -42,10 +42,11 @@ def cq_slot(qid: int, dstrd: int) -> int:
 
 
 def max_qid_in_page(page_size: int, dstrd: int) -> int:
-    """Largest qid whose two slots both fit in one page of ``page_size`` bytes."""
+    """Largest qid whose two slots both fit in one page of ``page_size`` bytes; -1 if none does
+    (a stride as large as the page: even queue 0's CQ slot lies past it)."""
     dwords = page_size // 4
-    # CQ slot of qid y is ((2y + 1) << dstrd); it must be < dwords.
-    return ((dwords >> dstrd) - 1) // 2
+    # CQ slot of qid y is ((2y + 1) << dstrd); it must be < dwords: 2y + 1 < dwords >> dstrd.
+    return ((dwords >> dstrd) - 2) // 2
 
 
 def never_crossed(limit: int, size: int) -> int:
