@@ -42,6 +42,11 @@ TRACE_EVENTS: Final[dict[str, TraceEventSpec]] = _table(
     ("pci_nvme_mmio_shutdown_set", "shn", "shutdown notification {shn}: shutdown complete"),
     ("pci_nvme_mmio_shutdown_cleared", "", "shutdown notification cleared"),
     ("pci_nvme_nssr", "", "NVM subsystem reset"),
+    (
+        "pci_nvme_memory_missing",
+        "reason",
+        "queue or doorbell page memory not mapped ({reason}): fatal if used before it is back",
+    ),
     ("pci_nvme_dbbuf_config", "dbs_addr eis_addr", "dbs_addr {dbs_addr:#x} eis_addr {eis_addr:#x}"),
     (
         "pci_nvme_dbbuf_shadow_catchup",

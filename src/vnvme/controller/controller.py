@@ -161,6 +161,10 @@ class Controller:
         self._tracing = False
         self._trace_set: frozenset[str] = frozenset()
         self._memory_generation = memory.generation
+        # Set while some queue's or doorbell page's memory is not mapped (see _sync_memory),
+        # with the Doorbell Buffer Config to restore once it is back.
+        self._memory_missing: str | None = None
+        self._dbbuf_wanted: tuple[bool, int, int, int] = (False, 0, 0, 0)
         self._fatal = False
         self._polling = cfg.sq_eventidx is SqEventIdxPolicy.POLL
         self._batch_eventidx = cfg.sq_eventidx is SqEventIdxPolicy.BATCH
@@ -249,6 +253,14 @@ class Controller:
             or self.memory.generation != self._memory_generation
         ):
             return self._take_effects()  # nothing pending, nothing to deliver or expire
+        if self._memory_missing:
+            if self.memory.generation != self._memory_generation:
+                self._sync_memory()  # the memory may be back
+            if self._memory_missing:
+                if self._pending or self._lookahead or self.delayed:
+                    self._memory_gone()
+                # Otherwise wait for the memory to come back; interrupts owed stay owed.
+                return self._take_effects()
         if self._lookahead:
             self._expire_lookahead()
         try:
@@ -650,7 +662,10 @@ class Controller:
             return
         index = rel // stride
         qid, is_cq = index >> 1, index & 1
-        if not self.csts & 1 or self._fatal:  # not self._ready()
+        if not self.csts & 1 or self._fatal or self._memory_missing:  # not self._ready()
+            if self._memory_missing and not self._fatal and self.csts & 1:
+                self._memory_gone()  # a doorbell for queues whose memory is not there
+                return
             self._trace_err_mmio(offset, 4, value, "doorbell write while not ready")
             return
         if is_cq:
@@ -929,6 +944,8 @@ class Controller:
             return
         if self.memory.generation != self._memory_generation:
             self._sync_memory()
+            if self._memory_missing:
+                self._memory_gone()
             if self._fatal:
                 return
         pending = self._pending
@@ -1212,9 +1229,19 @@ class Controller:
 
     def memory_changed(self) -> list[Effect]:
         """The guest memory map changed (DMA map / unmap): drop every view into the old map now,
-        so the caller can unmap the memory behind it; a queue whose memory is gone is fatal."""
+        so the caller can unmap the memory behind it. A queue whose memory is gone is fatal only
+        once the controller needs it: a client that remaps memory in several steps (QEMU does,
+        whenever the guest's memory layout changes, e.g. while the firmware runs) may take it
+        away and give it back between two accesses."""
         self._sync_memory()
         return self._take_effects()
+
+    def _memory_gone(self) -> None:
+        """The host took memory away from under live queues and then used them: drop the
+        queues (no view may survive the unmap) and report CFS; the host must reset (§9.5)."""
+        reason = self._memory_missing or "queue or doorbell memory unmapped"
+        self._drop_queues()
+        self._set_fatal(f"queue or doorbell memory unmapped: {reason}")
 
     def _sync_memory(self) -> None:
         """Look every cached view up again; release them all first so none outlives its region."""
@@ -1222,12 +1249,14 @@ class Controller:
         queues = [q for q in (*self.cqs, *self.sqs) if q is not None]
         for queue in queues:
             queue.drop_view()
-        shadow_addr, eventidx_addr, page_size = (
-            self.dbbuf.shadow_addr,
-            self.dbbuf.eventidx_addr,
-            self.dbbuf.page_size,
-        )
-        was_active = self.dbbuf.active
+        if self._memory_missing is None:
+            self._dbbuf_wanted = (
+                self.dbbuf.active,
+                self.dbbuf.shadow_addr,
+                self.dbbuf.eventidx_addr,
+                self.dbbuf.page_size,
+            )
+        was_active, shadow_addr, eventidx_addr, page_size = self._dbbuf_wanted
         self.dbbuf.forget()
         try:
             for cq in self.cqs:
@@ -1239,13 +1268,19 @@ class Controller:
                     sq.view, sq.remote = self.memory.window(sq.base, sq.size * SQE_SIZE)
             if was_active:
                 self.dbbuf.configure(self.memory, shadow_addr, eventidx_addr, page_size)
+            self._memory_missing = None
         except GuestMemoryError as exc:
-            # The host took memory away from under a live queue: drop the queues (no view may
-            # survive the unmap) and report CFS; the host must reset the controller (§9.5).
-            self._drop_queues()
-            self._set_fatal(f"queue or doorbell memory unmapped: {exc}")
+            # Not fatal yet (see memory_changed): no view is kept, and every path that would
+            # touch a queue or a doorbell page checks _memory_missing first.
+            for queue in queues:
+                queue.drop_view()
+            self.dbbuf.forget()
+            self._memory_missing = str(exc)
+            if self._tracing:
+                self._trace("pci_nvme_memory_missing", str(exc))
 
     def _drop_queues(self) -> None:
+        self._memory_missing = None
         for queues in (self.sqs, self.cqs):
             for qid, queue in enumerate(queues):
                 if queue is not None:
