@@ -185,6 +185,7 @@ class NvmeFunction:
                 seen[offset] = (value, held)
                 if value != held:
                     self._handle(ctrl.mapped_doorbell(offset, value))
+        ctrl.check_shadow_tails()
 
     # Section: Device interface
 

@@ -439,6 +439,30 @@ class Controller:
         """BAR0 offset just past the last doorbell register."""
         return self._doorbell_end
 
+    def check_shadow_tails(self) -> bool:
+        """An edge polling a mapped doorbell page: look at the shadow tail of every SQ whose
+        host keeps its shadow slot, and mark the ones with unconsumed commands pending.
+
+        A store into the mapped page cannot be seen as an event: a host that rings with the
+        very value the page already holds (a stale value from a lap ago, looked at while the
+        controller was idle at the same head) changes nothing there. The shadow slot it wrote
+        first is the truth. True if any SQ was marked."""
+        page = self.dbbuf.shadow
+        if page is None or not self.csts & 1 or self._fatal or self._memory_missing:
+            return False
+        found = False
+        for sq in self.sqs:
+            if (
+                sq is not None
+                and sq.shadow_mode
+                and sq.slot_kept
+                and not sq.blocked
+                and page.load(sq.slot) != sq.head
+            ):
+                self._pending[sq.sqid] = sq
+                found = True
+        return found
+
     def doorbell_values(self) -> list[tuple[int, int]]:
         """(BAR0 offset, the value the controller holds) for every existing queue's doorbell: SQ
         tails and CQ heads. An edge polling a mapped doorbell page compares against these."""
