@@ -157,6 +157,8 @@ def _markdown(
         "",
         table,
         "",
+        "Under TCG the guest's one vCPU does all of the guest's work, so IOPS are bounded by what each I/O costs the guest: a doorbell write is an exit to QEMU in every column, but only QEMU's built-in device handles it inside the guest's own process; vnvme and QEMU's controller over vfio-user pay a socket message for it (posted: QEMU's client does not wait for a reply). Doorbell counts are exact; IOPS come from one run on a shared 2-CPU machine.",
+        "",
         "Devices:",
         "",
     ]
