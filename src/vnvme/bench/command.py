@@ -142,7 +142,8 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     )
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """Host name, CPUs this process may use, CPU model, kernel and Python: for every report."""
     cpus = len(os.sched_getaffinity(0))
     model = ""
     try:
@@ -163,7 +164,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     amount = f"{options.spec.runtime} s" if options.spec.runtime else f"{options.spec.number_ios} I/Os"
     target = options.socket or options.server_cmd or f"vnvme serve ({options.namespace})"
     print(f"vnvme bench: {what}, {amount} per point, depths {options.depths}, against {target}", file=err)
-    print(f"machine: {_machine()}", file=err)
+    print(f"machine: {machine_description()}", file=err)
     for p in options.placements:
         print(f"placement {p.name}: {p.describe()}", file=err)
 
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
             stream.write("\n")
         else:
             print(f"# vnvme bench: {what}, {amount} per point, against {target}", file=stream)
-            print(f"machine: {_machine()}", file=stream)
+            print(f"machine: {machine_description()}", file=stream)
             format_tables(points, options, stream)
     finally:
         if stream is not out:
@@ -224,7 +225,7 @@ def json_report(points: list[Point], options: BenchOptions, started: float) -> d
             }
         )
     extra = {
-        "machine": _machine(),
+        "machine": machine_description(),
         "placements": {p.name: p.describe() for p in options.placements},
         "points": extra_points,
         "started": started,

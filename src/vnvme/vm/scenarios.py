@@ -631,19 +631,6 @@ def format_columns(columns: Sequence[DeviceColumn], depths: Sequence[int]) -> st
     return "\n".join(rows)
 
 
-def host_description() -> str:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu}), Python {sys.version.split()[0]}"
-
-
 def git_describe() -> str:
     try:
         out = subprocess.run(
