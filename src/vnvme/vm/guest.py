@@ -159,13 +159,16 @@ class Guest:
         self.initrd_path = run_dir / f"{name}.initrd"
         self.proc: subprocess.Popen[str] | None = None
 
-    def command(self) -> list[str]:
+    def prepare(self) -> None:
+        """The run's initramfs (the cached one plus this scenario), and no logs of an earlier boot."""
         base = self.image.host_path(self.image.initrd).read_bytes()
         # Linux looks for the next archive's header at a multiple of 4 bytes from the start.
         padding = b"\0" * (-len(base) % 4)
         self.initrd_path.write_bytes(base + padding + scenario_archive(self.scenario))
         for path in (self.console_path, self.results_path, self.trace_path):
             path.unlink(missing_ok=True)
+
+    def command(self) -> list[str]:
         argv = [
             "qemu-system-x86_64",
             "-accel",
@@ -206,6 +209,7 @@ class Guest:
 
     def boot(self, timeout: float, on_line: Callable[[str], None] | None = None) -> BootResult:
         """Boot, wait for the guest to power off (or ``timeout``), and parse what it said."""
+        self.prepare()
         command = self.command()
         started = time.monotonic()
         self.proc = subprocess.Popen(

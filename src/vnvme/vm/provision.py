@@ -137,17 +137,9 @@ class Provisioner:
     # -- helpers
 
     def _in_root(self, argv: Sequence[str], *, timeout: float, what: str, capture: bool = False) -> str:
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-            "DEBIAN_FRONTEND": "noninteractive",
-        }
-        return _run(
-            rooted(self.root, ["env", "DEBIAN_FRONTEND=noninteractive", *argv]),
-            timeout=timeout,
-            what=what,
-            env=env,
-            capture=capture,
-        )
+        # rooted() starts from an empty environment; apt must not ask questions
+        command = rooted(self.root, ["env", "DEBIAN_FRONTEND=noninteractive", *argv])
+        return _run(command, timeout=timeout, what=what, capture=capture)
 
     def _stamp(self, name: str) -> Path:
         return self.root / "opt" / "vnvme" / f".done-{name}"

@@ -310,6 +310,9 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
         text = _need(first, "probe")
         if f"model {MODEL}" not in text or "state live" not in text:
             raise AssertionError(f"unexpected probe output:\n{_tail(text)}")
+        namespaces = [line for line in text.splitlines() if line.startswith("nvme0n") and " nsid " in line]
+        if len(namespaces) != 2:
+            raise AssertionError(f"expected 2 namespaces, the guest lists {namespaces}")
         return "\n".join(
             line for line in text.splitlines() if line.startswith(("state", "model", "queues", "nvme0"))
         )
@@ -358,9 +361,7 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
             for r in reads
         ]
         for depth in options.depths:
-            block = first.block(f"fio-randread-d{depth}")
-            assert block is not None
-            _, ios, errors, _, _ = fio_read_summary(block.json())
+            _, ios, errors, _, _ = fio_read_summary(_need_json(first, f"fio-randread-d{depth}"))
             if errors or ios == 0:
                 raise AssertionError(f"fio at depth {depth}: {ios} I/Os, error {errors}")
         return "; ".join(parts)
@@ -374,13 +375,11 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
     judge.check("reset_controller while idle", reset_idle)
 
     def reset_io() -> str:
-        block = first.block("reset-under-io")
         text = _need(first, "reset-under-io")
-        assert block is not None
-        iops, ios, errors, _, _ = fio_read_summary(block.json())
+        _, ios, errors, _, _ = fio_read_summary(_need_json(first, "reset-under-io"))
         if errors or ios == 0:
             raise AssertionError(f"fio across the reset: {ios} I/Os, error {errors}")
-        counters = parse_counters(_need(first, "counters-final")) if first.block("counters-final") else None
+        counters = parse_counters(_need(first, "counters-final"))
         enables = counters["enables"] if counters else None
         if enables is None or enables < 3:
             raise AssertionError(
@@ -394,13 +393,8 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
     judge.check("reset_controller under I/O", reset_io)
 
     def write_verify() -> str:
-        written = first.block("write-verify")
-        back = first.block("read-back")
-        _need(first, "write-verify")
-        _need(first, "read-back")
-        assert written is not None and back is not None
-        w: Any = written.json()
-        b: Any = back.json()
+        w = _need_json(first, "write-verify")
+        b = _need_json(first, "read-back")
         if first.boots < 2:
             raise AssertionError("the guest did not reboot between the write and the read-back")
         wjob, bjob = w["jobs"][0], b["jobs"][0]
@@ -494,7 +488,8 @@ def _bench_boot(
 ) -> BootResult:
     guest = Guest(image, run_dir, name, devices, env, **kw)
     boot = guest.boot(options.boot_timeout, _progress(options.say, name))
-    if boot.timed_out or boot.block("probe") is None or not boot.block("probe").ok:  # type: ignore[union-attr]
+    probe = boot.block("probe")
+    if boot.timed_out or probe is None or not probe.ok:
         raise RuntimeError(f"{name}: the guest did not finish:\n{_tail(boot.console, 20)}")
     return boot
 
