@@ -300,9 +300,7 @@ def test_faults_from_vnvme_serve_cli_and_toml(tmp_path: Path) -> None:
             driver.close()
         finally:
             transport.close()
-        code, out, err = s.stop()
-        assert code == 0, err
-        stats = json.loads(out.strip().splitlines()[-1])
+        stats = s.stop_for_statistics()
         assert stats["controller"]["internal_errors"] == 0
         faults = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
         assert len(faults) == 3 and {f["event"] for f in faults} == {"pci_nvme_fault_injected"}

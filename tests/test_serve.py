@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,13 @@ class Server:
         out, err = self.proc.communicate(timeout=20)
         return self.proc.returncode, out, err
 
+    def stop_for_statistics(self) -> dict[str, Any]:
+        """SIGTERM; the server must exit 0 and print its statistics (JSON) as its last line."""
+        code, out, err = self.stop()
+        assert code == 0, err
+        stats: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return stats
+
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
@@ -97,9 +105,7 @@ def test_second_process_brings_up_the_controller_and_does_verified_io(server: Se
         driver.close()
     finally:
         transport.close()
-    code, out, err = server.stop()
-    assert code == 0, err
-    stats = json.loads(out.strip().splitlines()[-1])
+    stats = server.stop_for_statistics()
     assert stats["controller"]["dbbuf_configs"] == 2
     assert stats["messages"]["REGION_WRITE"] > 0 and stats["clients_served"] == 1
 
@@ -128,9 +134,8 @@ def test_reconnect_second_client_refused_and_posted_writes(server: Server) -> No
         driver.close()
     finally:
         second.close()
-    code, out, _ = server.stop()
-    stats = json.loads(out.strip().splitlines()[-1])
-    assert code == 0 and stats["clients_served"] == 2
+    stats = server.stop_for_statistics()
+    assert stats["clients_served"] == 2
     assert stats["message_errors"] == {"second_client": 1}
 
 
@@ -176,9 +181,7 @@ def test_memory_taken_away_and_given_back_between_accesses_is_not_fatal(server: 
         driver.close()
     finally:
         transport.close()
-    code, out, err = server.stop()
-    assert code == 0, err
-    stats = json.loads(out.strip().splitlines()[-1])
+    stats = server.stop_for_statistics()
     assert stats["controller"]["internal_errors"] == 0
 
 
@@ -226,9 +229,7 @@ def test_mappable_doorbells_cost_no_messages(tmp_path: Path) -> None:
             driver.close()
         finally:
             transport.close()
-        code, out, err = s.stop()
-        assert code == 0, err
-        stats = json.loads(out.strip().splitlines()[-1])
+        stats = s.stop_for_statistics()
         assert stats["controller"]["mapped_doorbell_updates"] > 0
         assert stats["controller"]["doorbell_sq_io"] == 0  # nothing trapped
     finally:
@@ -294,9 +295,7 @@ def test_memory_without_a_file_descriptor_is_reached_by_dma_messages(server: Ser
         driver.close()
     finally:
         transport.close()
-    code, out, err = server.stop()
-    assert code == 0, err
-    stats = json.loads(out.strip().splitlines()[-1])
+    stats = server.stop_for_statistics()
     assert stats["controller"]["internal_errors"] == 0
 
 

@@ -15,6 +15,7 @@ from typing import Final
 
 from vnvme.controller.namespace import Namespace, RamBackend
 from vnvme.function import NvmeFunction
+from vnvme.spec.registers import CC, CSTS, Reg, compose
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Channel, Command
 from vnvme.vfio_user.server import ServerOptions, VfioUserServer
@@ -141,6 +142,20 @@ class Peer:
         payload = vu.IRQ_SET.pack(vu.IRQ_SET.size + len(data), flags, index, start, count) + data
         reply = self.ok(Command.DEVICE_SET_IRQS, payload, fds)
         assert reply.payload == b""
+
+    def enable_with_admin_queues(self, asq: int, acq: int) -> int:
+        """Vector 0 on a new eventfd, 2-entry admin queues at ``asq`` / ``acq`` (memory the
+        caller mapped), CC.EN = 1; returns the eventfd once CSTS.RDY is 1."""
+        vector0 = eventfd()
+        self.set_irqs(
+            vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER, vu.PciIrq.MSIX, 0, 1, fds=[vector0]
+        )
+        self.write_int(0, Reg.AQA, 4, (1 << 16) | 1)
+        self.write_int(0, Reg.ASQ, 8, asq)
+        self.write_int(0, Reg.ACQ, 8, acq)
+        self.write_int(0, Reg.CC, 4, compose((CC.EN, 1), (CC.IOSQES, 6), (CC.IOCQES, 4)))
+        assert CSTS.RDY.get(self.read_int(0, Reg.CSTS, 4))
+        return vector0
 
     # Section: teardown
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import errno
 import select
 
-from vfio_user.peer import LE, PAGE, Peer, eventfd, signalled
+from vfio_user.peer import LE, PAGE, Peer, signalled
 from vnvme.spec.commands import SQE, AdminOpcode, Cns
-from vnvme.spec.registers import CC, CSTS, Reg, compose, sq_tail_doorbell
+from vnvme.spec.registers import CSTS, Reg, sq_tail_doorbell
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Command
 
@@ -55,15 +55,7 @@ def _enable_with_admin_queues_in_message_memory(ready: Peer) -> int:
     reply = ready.call(Command.DMA_MAP, vu.DMA_MAP.pack(32, flags, 0, BASE, 16 * PAGE))  # no fd
     assert not reply.is_error
     assert ready.function.memory.is_remote(BASE)
-    vector0 = eventfd()
-    ready.set_irqs(
-        vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER, vu.PciIrq.MSIX, 0, 1, fds=[vector0]
-    )
-    ready.write_int(0, Reg.AQA, 4, (1 << 16) | 1)  # 2-entry admin queues
-    ready.write_int(0, Reg.ASQ, 8, ASQ)
-    ready.write_int(0, Reg.ACQ, 8, ACQ)
-    ready.write_int(0, Reg.CC, 4, compose((CC.EN, 1), (CC.IOSQES, 6), (CC.IOCQES, 4)))
-    assert CSTS.RDY.get(ready.read_int(0, Reg.CSTS, 4))
+    vector0 = ready.enable_with_admin_queues(ASQ, ACQ)
     return vector0
 
 

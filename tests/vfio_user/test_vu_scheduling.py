@@ -9,10 +9,9 @@ import select
 
 import pytest
 
-from vfio_user.peer import LE, PAGE, Peer, eventfd, memfd, signalled
+from vfio_user.peer import LE, PAGE, Peer, memfd, signalled
 from vnvme.spec.commands import SQE, AdminOpcode, Cns
-from vnvme.spec.registers import CC, CSTS, Reg, compose, sq_tail_doorbell
-from vnvme.vfio_user import protocol as vu
+from vnvme.spec.registers import sq_tail_doorbell
 from vnvme.vfio_user import server as server_module
 
 BASE = 0x4000_0000
@@ -28,15 +27,7 @@ def _identify_placed(ready: Peer) -> tuple[int, mmap.mmap]:
         memory = mmap.mmap(fd, 16 * PAGE)
     finally:
         os.close(fd)
-    vector0 = eventfd()
-    ready.set_irqs(
-        vu.IrqSetFlags.DATA_EVENTFD | vu.IrqSetFlags.ACTION_TRIGGER, vu.PciIrq.MSIX, 0, 1, fds=[vector0]
-    )
-    ready.write_int(0, Reg.AQA, 4, (1 << 16) | 1)  # 2-entry admin queues
-    ready.write_int(0, Reg.ASQ, 8, ASQ)
-    ready.write_int(0, Reg.ACQ, 8, ACQ)
-    ready.write_int(0, Reg.CC, 4, compose((CC.EN, 1), (CC.IOSQES, 6), (CC.IOCQES, 4)))
-    assert CSTS.RDY.get(ready.read_int(0, Reg.CSTS, 4))
+    vector0 = ready.enable_with_admin_queues(ASQ, ACQ)
     SQE.pack_into(
         memory, 0, AdminOpcode.IDENTIFY, 0, 0x42, 0, 0, 0, 0, DATA, 0, Cns.CONTROLLER, 0, 0, 0, 0, 0
     )
