@@ -211,10 +211,10 @@ def test_file_backend_reads_zeroes_past_the_end_of_a_short_file(tmp_path: Path) 
         backend.close()
 
 
-def test_file_backend_grows_a_smaller_file_but_keeps_its_data(tmp_path: Path) -> None:
+def test_file_backend_grows_a_smaller_file_when_asked_and_keeps_its_data(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
     path.write_bytes(b"\x5c" * 4096)
-    backend = FileBackend(path, 1 * MIB)
+    backend = FileBackend(path, 1 * MIB, grow=True)
     try:
         assert path.stat().st_size == 1 * MIB and backend.size == 1 * MIB
         out = bytearray(8192)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -12,10 +13,11 @@ import select
 import shlex
 import signal
 import socket
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 from vnvme.controller.faults import apply_rules, parse_fault_rule
@@ -33,7 +35,10 @@ REFERENCE_NAMESPACE = "null,size=1G"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--socket", default=DEFAULT_SOCKET, help=f"UNIX socket to listen on ({DEFAULT_SOCKET})"
+        "--socket",
+        default=DEFAULT_SOCKET,
+        help=f"UNIX socket to listen on ({DEFAULT_SOCKET}); only a stale socket there is replaced, "
+        "anything else at that path is refused and left alone",
     )
     parser.add_argument(
         "--namespace",
@@ -41,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SPEC",
         help="a namespace, repeatable: 'null,size=16G', 'ram,size=1G,lba=4096', 'file=disk.img'. "
-        f"None given: the reference device, one '{REFERENCE_NAMESPACE}' namespace reading zeroes",
+        "A file keeps its size: a larger size= needs ',grow'; a missing file is created only with "
+        "a size. ',readonly' write protects the namespace (required for a file whose mode allows "
+        f"no write). None given: the reference device, one '{REFERENCE_NAMESPACE}' namespace "
+        "reading zeroes",
     )
     parser.add_argument("--config", metavar="TOML", help="namespaces and options from a TOML file")
     parser.add_argument(
@@ -123,27 +131,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="do not print the banner and statistics")
 
 
+# Every key a --config TOML file may hold, with the type its value must have.
+_CONFIG_KEYS: dict[str, tuple[type, ...]] = {
+    "namespace": (list,),
+    "fault": (list,),
+    "shadow_doorbells": (bool,),
+    "sq_eventidx": (str,),
+    "cq_eventidx": (str,),
+    "batch_timeout": (int, float),
+    "poll": (bool,),
+    "poll_passes": (int,),
+    "mappable_doorbells": (bool,),
+    "idle_sleep": (int, float),
+    "max_io_queues": (int,),
+    "queue_entries": (int,),
+}
+
+
 def _load_config(path: str) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    known = {
-        "namespace",
-        "fault",
-        "shadow_doorbells",
-        "sq_eventidx",
-        "cq_eventidx",
-        "batch_timeout",
-        "poll",
-        "poll_passes",
-        "mappable_doorbells",
-        "idle_sleep",
-        "max_io_queues",
-        "queue_entries",
-    }
-    unknown = set(data) - known
+    """A --config file, checked for unknown keys and value types; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    unknown = set(data) - set(_CONFIG_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_CONFIG_KEYS))})"
+        )
+    for key, value in data.items():
+        types = _CONFIG_KEYS[key]
+        # bool is an int in Python; TOML keeps them apart, and so do we.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = " or ".join("a list of strings" if t is list else t.__name__ for t in types)
+            raise ValueError(f"{path}: {key} must be {wanted}, not {value!r}")
+        if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+            raise ValueError(f"{path}: {key} must be a list of strings")
     return data
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _choice(kind: type[E], value: object, where: str) -> E:
+    """An enum member from its value, or an error that lists the valid choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(repr(member.value) for member in kind)
+        raise ValueError(f"{where}: {value!r} is not one of {choices}") from None
 
 
 def build_namespaces(specs: Sequence[str], faults: Sequence[str] = ()) -> list[Namespace]:
@@ -157,16 +196,20 @@ def build_namespaces(specs: Sequence[str], faults: Sequence[str] = ()) -> list[N
             for nsid, spec in enumerate(specs, start=1):
                 namespaces.append(parse_namespace_spec(spec, nsid))
         except BaseException:
-            for ns in namespaces:
-                ns.backend.close()
+            discard_namespaces(namespaces)
             raise
     missing = {rule.nsid for rule in rules if rule.nsid is not None} - {ns.nsid for ns in namespaces}
     if missing:
-        for ns in namespaces:
-            ns.backend.close()
+        discard_namespaces(namespaces)
         raise ValueError(f"fault rule for a namespace that does not exist: nsid {min(missing)}")
     apply_rules(namespaces, rules)
     return namespaces
+
+
+def discard_namespaces(namespaces: Sequence[Namespace]) -> None:
+    """A start failed: close every backend, and remove the files this start created."""
+    for ns in namespaces:
+        ns.backend.discard_if_created()
 
 
 def qemu_command_line(socket_path: str) -> str:
@@ -206,36 +249,96 @@ def _trace_sink(path: str | None) -> tuple[Callable[[TraceEvent], None], TextIO 
     return text, stream
 
 
-def listen(path: str) -> socket.socket:
-    if os.path.exists(path):
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISCHR, "a character device"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a socket")
+
+
+def _someone_listens(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)  # a live server with a full backlog blocks connect(): not stale
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True  # anything but a refusal: assume it is alive, never remove it
+    finally:
+        probe.close()
+    return True
+
+
+@dataclasses.dataclass
+class Listener:
+    """The listening socket and the identity of the file it made, so only that file is removed."""
+
+    sock: socket.socket
+    path: str
+    identity: os.stat_result
+
+    def close(self) -> None:
+        self.sock.close()
         try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # a stale socket from a server that is gone
-        else:
-            probe.close()
-            raise SystemExit(f"{path}: another server is listening")
-        finally:
-            probe.close()
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bind under a temporary name and rename once listening: the path appears only when a
-    # client can connect (anyone waiting for it never meets ECONNREFUSED).
+            current = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if os.path.samestat(current, self.identity):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def listen(path: str) -> Listener:
+    """Listen on ``path``. Only a stale socket there is replaced; anything else is refused."""
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise ValueError(f"{path}: directory {directory} does not exist")
+    try:
+        existing: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if not stat.S_ISSOCK(existing.st_mode):
+            raise ValueError(
+                f"{path}: exists and is {_file_kind(existing.st_mode)}; vnvme serve replaces only a "
+                "stale socket: choose another --socket path"
+            )
+        if _someone_listens(path):
+            raise ValueError(f"{path}: another server is listening")
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.lstat(path), existing):
+                os.unlink(path)  # a stale socket from a server that is gone
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind under a temporary name and link it into place once listening: the path appears only
+    # when a client can connect, and link() never replaces what appeared there meanwhile.
     staging = f"{path}.{os.getpid()}.tmp"
     old_umask = os.umask(0o177)  # owner-only from the start, no window before a chmod
     try:
-        listener.bind(staging)
+        sock.bind(staging)
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"{path}: cannot create the socket ({staging}): {exc.strerror}") from None
     finally:
         os.umask(old_umask)
     try:
-        listener.listen(1)
-        os.rename(staging, path)
+        sock.listen(1)
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            raise ValueError(f"{path}: appeared while vnvme serve was starting; not replaced") from None
+        return Listener(sock, path, os.lstat(path))
     except BaseException:
-        listener.close()
+        sock.close()
+        raise
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(staging)
-        raise
-    return listener
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -245,22 +348,32 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     shadow = file_options.get("shadow_doorbells", True) and not args.no_shadow_doorbells
     poll = bool(file_options.get("poll", False) or args.poll)
     mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
+    where = f"{args.config}: sq_eventidx" if "sq_eventidx" in file_options else "--sq-eventidx"
+    sq_policy = _choice(SqEventIdxPolicy, file_options.get("sq_eventidx", args.sq_eventidx), where)
+    where = f"{args.config}: cq_eventidx" if "cq_eventidx" in file_options else "--cq-eventidx"
+    cq_policy = _choice(CqEventIdxPolicy, file_options.get("cq_eventidx", args.cq_eventidx), where)
     config = ControllerConfig(
         shadow_doorbells=shadow,
-        sq_eventidx=SqEventIdxPolicy.POLL
-        if poll
-        else SqEventIdxPolicy(file_options.get("sq_eventidx", args.sq_eventidx)),
+        sq_eventidx=SqEventIdxPolicy.POLL if poll else sq_policy,
         batch_timeout=float(file_options.get("batch_timeout", args.batch_timeout)),
-        cq_eventidx=CqEventIdxPolicy(file_options.get("cq_eventidx", args.cq_eventidx)),
+        cq_eventidx=cq_policy,
         max_io_queues=int(file_options.get("max_io_queues", args.max_io_queues)),
         interrupt_vectors=int(file_options.get("max_io_queues", args.max_io_queues)) + 1,
         max_queue_entries=int(file_options.get("queue_entries", args.queue_entries)),
     )
     if args.trace:
         matching_events(args.trace)  # unknown patterns fail before anything starts
+    namespaces = build_namespaces(specs, fault_specs)
+    try:
+        # Everything that can refuse the start comes before the device exists: a start that
+        # fails leaves no file it created behind (the namespaces' nor the socket).
+        listener = listen(args.socket)
+    except BaseException:
+        discard_namespaces(namespaces)
+        raise
     sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
     function = NvmeFunction(
-        build_namespaces(specs, fault_specs),
+        namespaces,
         config,
         controller_polls=poll,
         trace=args.trace,
@@ -270,7 +383,6 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     )
     passes = int(file_options.get("poll_passes", args.poll_passes)) if poll or mappable else 0
     server = VfioUserServer(function, ServerOptions(poll_passes=passes), trace=args.trace, trace_sink=sink)
-    listener = listen(args.socket)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
@@ -298,22 +410,20 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(f"attach QEMU (>= 10.1) with:\n  {qemu_command_line(args.socket)}", file=out, flush=True)
     try:
         poller = select.poll()
-        poller.register(listener, select.POLLIN)
+        poller.register(listener.sock, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         while not server.stopping:
             for fd, _ in poller.poll():
                 if fd == wake_r:
                     os.read(wake_r, 512)
                 elif not server.stopping:
-                    conn, _ = listener.accept()
+                    conn, _ = listener.sock.accept()
                     log.info("client connected")
-                    server.serve_connection(conn, listener=listener, wakeup=wake_r)
+                    server.serve_connection(conn, listener=listener.sock, wakeup=wake_r)
                     conn.close()
     finally:
         # No new client from here on; a second SIGTERM meanwhile only repeats "stop".
-        listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(args.socket)
+        listener.close()  # removes the socket, if the path still names it
         function.close()  # flushes every backend
         if not args.quiet:
             print(format_statistics(server, function), file=out, flush=True)

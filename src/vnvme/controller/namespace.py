@@ -5,14 +5,22 @@
 - ``file``: ``preadv`` / ``pwritev`` on a regular file or block device. Flush calls ``fdatasync``;
   FUA writes, and every write while the Volatile Write Cache is disabled, use ``RWF_DSYNC`` so a
   completion means the data reached stable storage.
+
+A user's file is never resized unless they ask for it (``grow``), is created only when it does
+not exist and a size is given, and is opened read-only when the namespace is ``readonly``. Any
+backend can be ``readonly``: the namespace is then write protected (Identify Namespace NSATTR
+bit 0) and Write, Write Zeroes and deallocation fail with Namespace Is Write Protected.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import mmap
 import os
 import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
@@ -41,10 +49,12 @@ class Backend:
     # True when completed writes may sit in a volatile cache until flush (page cache for files).
     volatile_cache = False
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, read_only: bool = False) -> None:
         if size <= 0:
             raise ValueError("backend size must be positive")
         self.size = size
+        # Write protected: the command set refuses every command that would change the data.
+        self.read_only = read_only
 
     def read_into(self, offset: int, dest: memoryview) -> None:
         raise NotImplementedError
@@ -70,7 +80,11 @@ class Backend:
         """Release resources."""
 
     def describe(self) -> str:
-        return f"{self.kind} {self.size} bytes"
+        return f"{self.kind} {self.size} bytes" + (", read-only" if self.read_only else "")
+
+    def discard_if_created(self) -> None:
+        """Close after a failed start; a backend that created a file removes it again."""
+        self.close()
 
 
 class NullBackend(Backend):
@@ -98,8 +112,8 @@ class NullBackend(Backend):
 class RamBackend(Backend):
     kind = "ram"
 
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
+    def __init__(self, size: int, *, read_only: bool = False) -> None:
+        super().__init__(size, read_only=read_only)
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._view = memoryview(self._map)
 
@@ -118,25 +132,108 @@ class RamBackend(Backend):
 
 
 class FileBackend(Backend):
+    """A regular file or block device.
+
+    ``size`` None serves the whole file. An existing file is never resized unless ``grow`` is
+    given; a missing one is created only with a ``size``, and removed again by
+    :meth:`discard_if_created` when the start it belonged to fails.
+    """
+
     kind = "file"
     volatile_cache = True
 
-    def __init__(self, path: str | os.PathLike[str], size: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        size: int | None = None,
+        *,
+        read_only: bool = False,
+        grow: bool = False,
+    ) -> None:
         self.path = os.fspath(path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.created = False
+        if read_only and grow:
+            raise ValueError(f"{self.path}: 'readonly' and 'grow' contradict each other")
         try:
-            current = os.lseek(fd, 0, os.SEEK_END)
+            st: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        fd = self._create(size, read_only) if st is None else self._open_existing(st, read_only)
+        try:
+            self.file_size = os.lseek(fd, 0, os.SEEK_END)
             if size is None:
-                if current == 0:
-                    raise ValueError(f"{self.path} is empty: give a size")
-                size = current
-            elif current < size:
+                if self.file_size == 0:
+                    raise ValueError(f"{self.path} is empty: give a size and 'grow' to extend it")
+                size = self.file_size
+            elif size > self.file_size:
+                if not grow:
+                    raise ValueError(
+                        f"{self.path} is {self.file_size} bytes, size={size} would grow it: "
+                        "add ',grow' to let vnvme extend the file, or give a size up to its own"
+                    )
                 os.ftruncate(fd, size)
+                self.file_size = size
         except BaseException:
             os.close(fd)
+            self._unlink_created()
             raise
-        super().__init__(size)
+        super().__init__(size, read_only=read_only)
         self.fd = fd
+        self._identity = os.fstat(fd)
+
+    def _create(self, size: int | None, read_only: bool) -> int:
+        if read_only:
+            raise ValueError(f"{self.path} does not exist: a read-only namespace needs an existing file")
+        if size is None:
+            raise ValueError(f"{self.path} does not exist: give a size to create it")
+        # O_EXCL: what we create (and may remove after a failed start) is ours, never the user's.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.created = True
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            self._unlink_created()
+            raise
+        return fd
+
+    def _open_existing(self, st: os.stat_result, read_only: bool) -> int:
+        if stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"{self.path} is a directory")
+        if not read_only and not st.st_mode & 0o222:
+            # Root passes every permission check, so the mode bits are the user's only word.
+            raise ValueError(
+                f"{self.path} is read-only (mode {stat.S_IMODE(st.st_mode):04o}): add ',readonly' "
+                "to serve it write protected, or make it writable to serve it read-write"
+            )
+        try:
+            return os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            if read_only or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise ValueError(
+                f"{self.path}: cannot open for writing ({exc.strerror}): add ',readonly' to serve "
+                "it write protected"
+            ) from None
+
+    def _unlink_created(self) -> None:
+        if self.created:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.created = False
+
+    def discard_if_created(self) -> None:
+        """Close, and remove the file if this backend created it (a start that failed)."""
+        if not self.created:
+            self.close()
+            return
+        try:
+            same = os.path.samestat(os.stat(self.path), self._identity)
+        except FileNotFoundError:
+            same = False
+        self.close()
+        if same:  # the path still names the file we made
+            self._unlink_created()
 
     def read_into(self, offset: int, dest: memoryview) -> None:
         pos = 0
@@ -166,7 +263,12 @@ class FileBackend(Backend):
             self.fd = -1
 
     def describe(self) -> str:
-        return f"file {self.path} {self.size} bytes"
+        text = f"file {self.path} {self.size} bytes"
+        if self.size < self.file_size:
+            text += f" (the first {self.size} of its {self.file_size} bytes)"
+        if self.read_only:
+            text += ", read-only"
+        return text
 
 
 @dataclass
@@ -208,21 +310,56 @@ class Namespace:
     def size_bytes(self) -> int:
         return self.nlba << self.lba_shift
 
+    @property
+    def write_protected(self) -> bool:
+        return self.backend.read_only
 
-def make_backend(kind: str, *, size: int | None = None, path: str | None = None) -> Backend:
+
+def make_backend(
+    kind: str,
+    *,
+    size: int | None = None,
+    path: str | None = None,
+    read_only: bool = False,
+    grow: bool = False,
+) -> Backend:
+    if grow and kind != "file":
+        raise ValueError("'grow' applies to file namespaces only")
     if kind == "null":
-        return NullBackend(size if size is not None else 1 << 30)
+        return NullBackend(size if size is not None else 1 << 30, read_only=read_only)
     if kind == "ram":
-        return RamBackend(size if size is not None else 64 << 20)
+        return RamBackend(size if size is not None else 64 << 20, read_only=read_only)
     if kind == "file":
         if not path:
             raise ValueError("file backend needs a path")
-        return FileBackend(path, size)
+        return FileBackend(path, size, read_only=read_only, grow=grow)
     raise ValueError(f"unknown backend {kind!r} (null, ram, file)")
 
 
+# Options that stand alone (``readonly``) or take a yes/no value (``readonly=no``).
+_FLAG_OPTIONS: Final = frozenset({"readonly", "grow"})
+_VALUE_OPTIONS: Final = frozenset({"size", "lba"})
+_YES: Final = frozenset({"", "1", "yes", "on", "true"})
+_NO: Final = frozenset({"0", "no", "off", "false"})
+
+
+def _flag(options: dict[str, str], name: str) -> bool:
+    value = options.get(name)
+    if value is None:
+        return False
+    if value.lower() in _YES:
+        return True
+    if value.lower() in _NO:
+        return False
+    raise ValueError(f"namespace option {name}={value!r}: expected yes or no")
+
+
 def parse_namespace_spec(text: str, nsid: int) -> Namespace:
-    """``null,size=16G`` / ``ram,size=1G,lba=4096`` / ``file=disk.img[,size=..]`` to a Namespace."""
+    """``null,size=16G`` / ``ram,size=1G,lba=4096`` / ``file=disk.img[,size=..][,readonly|,grow]``.
+
+    ``readonly``: write protected (a file opened read-only); ``grow``: a ``size`` beyond an
+    existing file's extends it (without it that is refused: the user's file keeps its size).
+    """
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not parts:
         raise ValueError("empty namespace spec")
@@ -230,19 +367,29 @@ def parse_namespace_spec(text: str, nsid: int) -> Namespace:
     options: dict[str, str] = {}
     for part in parts[1:]:
         key, sep, value = part.partition("=")
-        if not sep:
+        key = key.strip().lower()
+        if not sep and key not in _FLAG_OPTIONS:
             raise ValueError(f"namespace option {part!r} needs a value")
-        options[key.strip().lower()] = value.strip()
-    unknown = set(options) - {"size", "lba"}
+        options[key] = value.strip()
+    unknown = set(options) - _FLAG_OPTIONS - _VALUE_OPTIONS
     if unknown:
-        raise ValueError(f"unknown namespace option(s): {', '.join(sorted(unknown))}")
+        raise ValueError(
+            f"unknown namespace option(s): {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(_VALUE_OPTIONS | _FLAG_OPTIONS))})"
+        )
     size = parse_size(options["size"]) if "size" in options else None
     lba = parse_size(options.get("lba", "512"))
     if lba not in (512, 4096):
         raise ValueError(f"LBA size must be 512 or 4096, not {lba}")  # before a file is touched
-    backend = make_backend(kind.strip().lower(), size=size, path=path or None)
+    backend = make_backend(
+        kind.strip().lower(),
+        size=size,
+        path=path or None,
+        read_only=_flag(options, "readonly"),
+        grow=_flag(options, "grow"),
+    )
     try:
         return Namespace(nsid, backend, lba)
     except BaseException:
-        backend.close()  # a file backend holds an open descriptor
+        backend.discard_if_created()  # closes the descriptor; a file it made is removed
         raise

@@ -59,6 +59,14 @@ def _range(ctrl: Controller, fields: tuple[int, ...], *, data: bool) -> tuple[Na
     return ns, slba << ns.lba_shift, length
 
 
+def _check_writable(ns: Namespace) -> None:
+    # NVMe 1.4 §8.20: commands that would modify a write protected namespace fail; reads,
+    # Flush and DSM without Deallocate still work. DNR: the protection lasts as long as the
+    # backing file is served read-only.
+    if ns.write_protected:
+        raise CommandFailed(Status.NAMESPACE_WRITE_PROTECTED | DNR, f"NSID {ns.nsid} is write protected")
+
+
 def _media_error(ctrl: Controller, exc: OSError, *, write: bool) -> CommandFailed:
     ctrl.smart.media_errors += 1
     if exc.errno == errno.ENOSPC:
@@ -120,6 +128,7 @@ def read(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Resu
 
 def write(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
     ns, offset, length = _range(ctrl, fields, data=True)
+    _check_writable(ns)
     segments = data_segments(ctrl, fields, length, to_host=False, sgl_allowed=True)
     sync = bool(fields[CDW12] & _FUA) or not ctrl.features.write_cache_enabled
     memory = ctrl.memory
@@ -161,6 +170,7 @@ def flush(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Res
 def write_zeroes(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
     # Write Zeroes moves no data, so MDTS does not limit it.
     ns, offset, length = _range(ctrl, fields, data=False)
+    _check_writable(ns)
     cdw12 = fields[CDW12]
     sync = bool(cdw12 & _FUA) or not ctrl.features.write_cache_enabled
     try:
@@ -185,6 +195,7 @@ def dataset_management(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int,
         ctrl._trace("pci_nvme_dsm", fields[2], fields[NSID], nr, attributes)
     if not DsmFields.AD.get(attributes):
         return _SUCCESS  # integral read / write hints only
+    _check_writable(ns)
     length = nr * DSM_RANGE.size
     segments = data_segments(ctrl, fields, length, to_host=False, sgl_allowed=True)
     raw = read_from_host(ctrl.memory, segments, length)

@@ -38,7 +38,13 @@ from vnvme.spec.commands import (
     Sqe,
 )
 from vnvme.spec.dbbuf import U16_MASK, cq_slot, sq_slot
-from vnvme.spec.identify import IDENTIFY_CONTROLLER, IDENTIFY_NAMESPACE, IDENTIFY_SIZE, Oacs
+from vnvme.spec.identify import (
+    IDENTIFY_CONTROLLER,
+    IDENTIFY_NAMESPACE,
+    IDENTIFY_SIZE,
+    NSATTR_WRITE_PROTECTED,
+    Oacs,
+)
 from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg
 from vnvme.spec.status import describe
 
@@ -85,6 +91,11 @@ class NamespaceInfo:
     nlba: int
     lba_size: int
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def write_protected(self) -> bool:
+        """NSATTR bit 0: Linux marks such a disk read-only (set_disk_ro)."""
+        return bool(self.raw.get("nsattr", 0) & NSATTR_WRITE_PROTECTED)
 
 
 class QueuePair:

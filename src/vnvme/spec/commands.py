@@ -164,6 +164,9 @@ class FeatureId(IntEnum):
     AUTONOMOUS_POWER_STATE_TRANSITION = 0x0C
     TIMESTAMP = 0x0E
     KEEP_ALIVE_TIMER = 0x0F
+    # NVMe 1.4: not offered by vnvme (Identify Controller NWPC = 0); a readonly namespace is
+    # write protected by its backing store, reported in NSATTR, not by this feature.
+    NAMESPACE_WRITE_PROTECTION_CONFIG = 0x84
 
 
 class FeatureSelect(IntEnum):

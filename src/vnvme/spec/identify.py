@@ -143,6 +143,7 @@ IDENTIFY_NAMESPACE: Final = Layout(
         ("nabspf", 44, "H"),
         ("noiob", 46, "H"),
         ("nvmcap", 48, "u128"),
+        ("nsattr", 99, "B"),  # NVMe 1.4 (reserved in 1.3, so a 1.3 host ignores it)
         ("nguid", 104, "16s"),
         ("eui64", 120, "8s"),
         # LBA Format 0 (Figure 116): MS u16, LBADS u8 (log2 of the LBA size), RP bits 1:0.
@@ -151,6 +152,9 @@ IDENTIFY_NAMESPACE: Final = Layout(
         ("lbaf0_rp", 131, "B"),
     ],
 )
+
+# NSATTR bit 0: the namespace is write protected (NVMe 1.4 §8.20; Linux marks the disk read-only).
+NSATTR_WRITE_PROTECTED: Final = 0x01
 
 # Deallocated logical blocks read as zeroes (DLFEAT bits 2:0 = 001b).
 DLFEAT_READ_ZEROES: Final = 0x01

@@ -51,6 +51,8 @@ class Status(IntEnum):
     INVALID_USE_OF_CMB = _s(StatusCodeType.GENERIC, 0x12)
     PRP_OFFSET_INVALID = _s(StatusCodeType.GENERIC, 0x13)
     SGL_OFFSET_INVALID = _s(StatusCodeType.GENERIC, 0x16)
+    # NVMe 1.4 Figure 126: a command that would modify a write protected namespace.
+    NAMESPACE_WRITE_PROTECTED = _s(StatusCodeType.GENERIC, 0x20)
     # NVM command set specific generic statuses
     LBA_OUT_OF_RANGE = _s(StatusCodeType.GENERIC, 0x80)
     CAPACITY_EXCEEDED = _s(StatusCodeType.GENERIC, 0x81)
