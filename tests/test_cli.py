@@ -225,3 +225,22 @@ def test_bench_report_that_cannot_be_written_is_refused_before_the_run(tmp_path:
         assert proc.returncode == 2
         assert _one_line(proc.stderr).startswith(f"vnvme bench: {option} {path}: ")
         assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_demo_interrupted_says_so_in_one_line() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vnvme", "demo", "--number-ios", "100000000", "--iodepth", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # it is running
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.strip().splitlines() == ["vnvme demo: interrupted"]

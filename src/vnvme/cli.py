@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt:  # everything started has been unwound on the way here
+        print(f"vnvme {args.command or 'demo'}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         if not _stdout_gone():
             raise  # a pipe or socket of the command's own, not our reader: that is a failure
