@@ -145,13 +145,14 @@ def _run(args: argparse.Namespace) -> int:
             print(f"vnvme serve: {exc}", file=sys.stderr)
             return 2
     if args.command == "bench":
+        from vnvme.bench.command import EXIT_USAGE
         from vnvme.bench.command import run as run_bench_command
 
         try:
             return run_bench_command(args)
         except ValueError as exc:
             print(f"vnvme bench: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     if args.command == "vm":
         from vnvme.vm.command import main as vm_main
 
