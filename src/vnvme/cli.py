@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import select
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -20,8 +23,51 @@ def _depths(text: str) -> list[int]:
     return values
 
 
+DESCRIPTION = (
+    "vnvme: an NVMe controller with shadow doorbell buffers (Doorbell Buffer Config), emulated in "
+    "Python, served over vfio-user, and the host driver and benchmark that measure it. Without a "
+    "command: vnvme demo. 'vnvme COMMAND --help' describes each command."
+)
+
+SERVE_EPILOG = """\
+output:
+  stdout  the banner and the statistics, one JSON line each time: on SIGUSR1 and at exit
+          (--quiet: only those asked for with SIGUSR1)
+  stderr  errors, warnings and trace events (unless --trace-file)
+"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps one-paragraph text (descriptions) as usual; text with line breaks (the epilogs'
+    tables of exit statuses and output streams) is printed as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" not in text:
+            return super()._fill_text(text, width, indent)
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def _stdout_gone() -> bool:
+    """Whether nobody reads our stdout any more (a pipe whose reader exited polls as POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``vnvme trace-events | head``): stop quietly, as a tool
+    killed by SIGPIPE does, and keep Python's exit-time flush from failing again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vnvme", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vnvme", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"vnvme {__version__}")
     commands = parser.add_subparsers(dest="command")
     demo = commands.add_parser(
@@ -35,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve the controller over vfio-user on a UNIX socket (QEMU vfio-user-pci, vnvme's client)",
         description="Serve an NVMe controller with shadow doorbells as a vfio-user PCI device.",
+        epilog=SERVE_EPILOG,
+        formatter_class=_HelpFormatter,
     )
     from vnvme.serve import add_arguments
 
@@ -43,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="the shadow doorbell experiment: fio-style I/O through vfio-user, doorbells counted",
         description="Run the shadow doorbell experiment: vnvme serve in its own process, the host "
-        "driver here over vfio-user, shadow doorbells off and on, depths 1, 2, 4, 8.",
+        "driver here over vfio-user, shadow doorbells off and on, depths 1, 2, 4, 8. Progress goes to "
+        "stderr, the report to stdout (or --output).",
+        formatter_class=_HelpFormatter,
     )
     from vnvme.bench.command import add_arguments as add_bench_arguments
 
@@ -57,12 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_vm_arguments(vm)
     trace = commands.add_parser("trace-events", help="list the declared trace events")
-    trace.add_argument("pattern", nargs="?", default="*")
+    trace.add_argument("pattern", nargs="?", default="*", help="only the events matching this glob (*)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # everything started has been unwound on the way here
+        print(f"vnvme {args.command or 'demo'}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a pipe or socket of the command's own, not our reader: that is a failure
+        return _stdout_closed()
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command in (None, "demo"):
         from vnvme.demo import run_demo
 
@@ -83,13 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vnvme serve: {exc}", file=sys.stderr)
             return 2
     if args.command == "bench":
+        from vnvme.bench.command import EXIT_USAGE
         from vnvme.bench.command import run as run_bench_command
 
         try:
             return run_bench_command(args)
         except ValueError as exc:
             print(f"vnvme bench: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     if args.command == "vm":
         from vnvme.vm.command import main as vm_main
 

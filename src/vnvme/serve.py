@@ -390,7 +390,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         server.stop()
 
     def report(signum: int, frame: object) -> None:
-        print(format_statistics(server, function), file=sys.stderr, flush=True)
+        print(format_statistics(server, function), file=out, flush=True)  # with the exit statistics
 
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, report)

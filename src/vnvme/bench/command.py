@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from types import FrameType
 from typing import TextIO
 
 from vnvme.bench.runner import (
     DEFAULT_VARIANTS,
     EXTERNAL_VARIANTS,
     VARIANTS,
+    BenchError,
     BenchOptions,
     Point,
     format_tables,
@@ -21,8 +27,25 @@ from vnvme.bench.runner import (
     plot,
     progress_line,
     run_bench,
+    summary,
 )
 from vnvme.controller.namespace import parse_size
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the run failed: a server did not start, refused, went away; an I/O failed
+EXIT_USAGE = 2  # a bad option or value (argparse's own code for the same)
+
+EPILOG = """\
+exit status:
+  0    the run completed and the report is written
+  1    the run failed: a server did not start (its own message is shown), the socket
+       cannot be reached or refuses, the server went away, an I/O failed
+  2    usage: a bad option or value
+  130  interrupted by Ctrl-C (SIGINT)
+  143  interrupted by SIGTERM
+On every failure and interruption one line on stderr says why; the servers this command
+started are stopped and their sockets removed first.
+"""
 
 
 def _list_of_ints(text: str) -> list[int]:
@@ -42,9 +65,25 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG  # exit statuses, one per line: for a formatter that keeps line breaks
     fio = parser.add_argument_group("workload (fio's names)")
-    fio.add_argument("--rw", default="randread", choices=["randread", "randwrite", "read", "write", "randrw"])
+    fio.add_argument(
+        "--rw",
+        default="randread",
+        choices=["randread", "randwrite", "read", "write", "randrw"],
+        help="I/O pattern: random or sequential reads or writes, or a random mix (randread)",
+    )
     fio.add_argument("--rwmixread", type=int, default=50, help="percentage of reads for --rw randrw (50)")
     fio.add_argument("--bs", type=_size, default=4096, help="block size (4k)")
     fio.add_argument(
@@ -65,7 +104,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fio.add_argument("--size", type=_size, help="bytes of the namespace to use (all of it)")
     fio.add_argument("--offset", type=_size, default=0, help="where the range starts (0)")
     fio.add_argument("--verify", choices=["crc32c"], help="write a pattern and check it on read")
-    fio.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    fio.add_argument(
+        "--output-format",
+        choices=["normal", "json"],
+        default="normal",
+        help="normal: Markdown tables; json: fio's JSON plus a 'vnvme' block (normal)",
+    )
     fio.add_argument("--output", metavar="FILE", help="write the report (tables or JSON) to FILE")
     fio.add_argument("--json-output", metavar="FILE", help="also write the fio-format JSON report to FILE")
     exp = parser.add_argument_group("experiment")
@@ -87,6 +131,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--server-cmd",
         help="start this server for each variant instead of vnvme serve ('{socket}' is replaced), e.g. "
         "'../shared/tools/qemu-vfio-user-server/run.sh {socket}'",
+    )
+    exp.add_argument(
+        "--repeat",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run every point N times, interleaved across variants; tables show the median and "
+        "(min-max), the JSON every run (1)",
     )
     exp.add_argument(
         "--plot", metavar="PNG", help="IOPS and doorbells per I/O against depth (needs matplotlib)"
@@ -139,6 +191,7 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         server_cmd=args.server_cmd,
         ramp_ios=0 if args.ramp_time == 0 else 200,
         queue_depth=args.queue_depth,
+        repeat=args.repeat,
     )
 
 
@@ -157,55 +210,129 @@ def machine_description() -> str:
     return f"{platform.node()}: {cpus} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def _check_writable(option: str, path: str) -> None:
+    """Before the run, not after it: a report that cannot be written would lose the measurements."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a directory")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{option} {path}: no such directory {directory}")
+    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
+        raise ValueError(f"{option} {path}: not writable")
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwind (stopping every server on the way), then exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM become :class:`Interrupted`. A second one while the servers are being
+    stopped is ignored: that cleanup is bounded (ServerProcess.stop) and must not be cut short."""
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """The bench; returns the exit status (EPILOG). ValueError means a bad option (EXIT_USAGE)."""
     options = options_from(args)
+    for option, path in (
+        ("--output", args.output),
+        ("--json-output", args.json_output),
+        ("--plot", args.plot),
+    ):
+        if path is not None:
+            _check_writable(option, path)
     started = time.time()
     what = f"{options.spec.rw} bs={options.spec.bs} numjobs={options.spec.numjobs}"
     amount = f"{options.spec.runtime} s" if options.spec.runtime else f"{options.spec.number_ios} I/Os"
+    runs = f", {options.repeat} runs" if options.repeat > 1 else ""
     target = options.socket or options.server_cmd or f"vnvme serve ({options.namespace})"
-    print(f"vnvme bench: {what}, {amount} per point, depths {options.depths}, against {target}", file=err)
-    print(f"machine: {machine_description()}", file=err)
-    for p in options.placements:
-        print(f"placement {p.name}: {p.describe()}", file=err)
+    machine = machine_description()  # now: progress runs pinned to the client's CPUs
+    first = True
 
     def progress(point: Point) -> None:
-        print(progress_line(point), file=err, flush=True)
+        nonlocal first
+        if first:  # said once a point is measured: a run that cannot start says only why
+            first = False
+            print(
+                f"vnvme bench: {what}, {amount} per point{runs}, depths {options.depths}, against {target}",
+                file=err,
+            )
+            print(f"machine: {machine}", file=err)
+            for p in options.placements:
+                print(f"placement {p.name}: {p.describe()}", file=err)
+        print(progress_line(point, options.repeat), file=err, flush=True)
 
-    points = run_bench(options, progress)
-    stream = open(args.output, "w") if args.output else out  # noqa: SIM115 - closed below
     try:
-        if args.output_format == "json":
-            json.dump(json_report(points, options, started), stream, indent=2)
-            stream.write("\n")
-        else:
-            print(f"# vnvme bench: {what}, {amount} per point, against {target}", file=stream)
-            print(f"machine: {machine_description()}", file=stream)
-            format_tables(points, options, stream)
-    finally:
-        if stream is not out:
-            stream.close()
-    if args.json_output:
-        with open(args.json_output, "w") as f:
-            json.dump(json_report(points, options, started), f, indent=2)
-            f.write("\n")
-    if args.plot:
-        if plot(points, options, args.plot):
-            print(f"plot: {args.plot}", file=err)
-        else:
-            print("plot: matplotlib is not installed (pip install 'vnvme[plot]')", file=err)
+        with _interruptible():
+            try:
+                points = run_bench(options, progress)
+            except BenchError as exc:
+                print(f"vnvme bench: {exc}", file=err)
+                return EXIT_FAILED
+    except Interrupted as exc:
+        print(f"vnvme bench: interrupted by {signal.Signals(exc.signum).name}", file=err)
+        return 128 + exc.signum
+    try:
+        stream = open(args.output, "w") if args.output else out  # noqa: SIM115 - closed below
+        try:
+            if args.output_format == "json":
+                json.dump(json_report(points, options, started), stream, indent=2)
+                stream.write("\n")
+            else:
+                print(f"# vnvme bench: {what}, {amount} per point{runs}, against {target}", file=stream)
+                print(f"machine: {machine}", file=stream)
+                format_tables(points, options, stream)
+        finally:
+            if stream is not out:
+                stream.close()
+        if args.json_output:
+            with open(args.json_output, "w") as f:
+                json.dump(json_report(points, options, started), f, indent=2)
+                f.write("\n")
+        if args.plot:
+            if plot(points, options, args.plot):
+                print(f"plot: {args.plot}", file=err)
+            else:
+                print("plot: matplotlib is not installed (pip install 'vnvme[plot]')", file=err)
+    except BrokenPipeError:
+        raise  # our reader left (vnvme bench | head): the command line's business, not a failure
+    except OSError as exc:  # checked before the run, yet the disk can still fill up
+        print(f"vnvme bench: cannot write the report: {exc}", file=err)
+        return EXIT_FAILED
     print(f"done in {time.time() - started:.1f} s", file=err)
-    return 0
+    return EXIT_OK
+
+
+def jobname(point: Point, options: BenchOptions) -> str:
+    name = f"{point.variant}/qd{point.iodepth}/{point.placement}"
+    return name if options.repeat == 1 else f"{name}/r{point.repeat}"
 
 
 def json_report(points: list[Point], options: BenchOptions, started: float) -> dict[str, object]:
+    """fio's JSON, one job per run; the 'vnvme' block has each run's counters ("points") and,
+    per (placement, variant, iodepth), the median and spread over its runs ("summary")."""
     from vnvme.bench.fio_json import to_fio_json
 
     jobs = []
     extra_points = []
     for p in points:
-        name = f"{p.variant}/qd{p.iodepth}/{p.placement}"
-        import dataclasses
-
+        name = jobname(p, options)
         jobs.append((name, dataclasses.replace(options.spec, iodepth=p.iodepth), p.result))
         extra_points.append(
             {
@@ -213,6 +340,7 @@ def json_report(points: list[Point], options: BenchOptions, started: float) -> d
                 "variant": p.variant,
                 "placement": p.placement,
                 "iodepth": p.iodepth,
+                "repeat": p.repeat,
                 "doorbells_per_io": {
                     "sq": p.sq_doorbells,
                     "cq": p.cq_doorbells,
@@ -227,7 +355,9 @@ def json_report(points: list[Point], options: BenchOptions, started: float) -> d
     extra = {
         "machine": machine_description(),
         "placements": {p.name: p.describe() for p in options.placements},
+        "repeat": options.repeat,
         "points": extra_points,
+        "summary": summary(points, lambda p: jobname(p, options)),
         "started": started,
     }
     return to_fio_json(jobs, extra=extra)

@@ -15,6 +15,8 @@ import os
 import select
 import shlex
 import signal
+import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +27,17 @@ from typing import Any, TextIO
 
 from vnvme.bench.engine import JobResult, JobSpec, run_job
 from vnvme.driver import NvmeDriver
+from vnvme.driver.driver import NvmeError, NvmeTimeout
 from vnvme.vfio_user.client import VfioUserTransport
+from vnvme.vfio_user.protocol import Disconnected, ProtocolError
+
+
+class BenchError(RuntimeError):
+    """The run cannot go on for a reason outside this process; the message is one line for the user."""
+
+
+#: What a server that fails, refuses or goes away raises in the client and the driver.
+_SERVER_FAILURES = (OSError, Disconnected, ProtocolError, NvmeError, NvmeTimeout)
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,7 @@ class Point:
     server_cpu_us: float | None  # controller-process CPU time per I/O
     client_cpu_us: float
     result: JobResult = field(repr=False)
+    repeat: int = 1  # which run of this point (1-based), with --repeat
 
     @property
     def doorbells(self) -> float:
@@ -121,38 +134,78 @@ class Point:
 
 
 class ServerProcess:
-    """A ``vnvme serve`` (or any command with ``{socket}``) started for one variant."""
+    """A ``vnvme serve`` (or any command with ``{socket}``) started for one variant.
+
+    Its stderr (and an external server's stdout) goes to an unnamed file, never a pipe that
+    could fill: read only when the server fails, for its own last word. ``vnvme serve``'s stdout
+    is a pipe: its statistics arrive there, one JSON line per SIGUSR1.
+    """
 
     def __init__(
         self, command: list[str], socket_path: str, cpus: frozenset[int] | None, *, ours: bool
     ) -> None:
         self.socket = socket_path
         self.ours = ours
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._stderr_buffer = b""
-        if cpus is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(self.proc.pid, cpus)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(socket_path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                self.stop()
-                raise RuntimeError(f"server did not start: {' '.join(command)}\n{err}")
-            time.sleep(0.01)
+        # O_APPEND: the server's writes land at the end whatever we read meanwhile. Closed in stop().
+        self._log = tempfile.TemporaryFile(mode="a+b")  # noqa: SIM115
+        self._stdout_buffer = b""
+        try:
+            self.proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE if ours else self._log, stderr=self._log
+            )
+        except OSError as exc:
+            self._log.close()
+            raise BenchError(f"cannot start the server {command[0]!r}: {exc.strerror or exc}") from None
+        try:
+            if cpus is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.sched_setaffinity(self.proc.pid, cpus)
+            deadline = time.monotonic() + 60
+            while not os.path.exists(socket_path):
+                if self.proc.poll() is not None:
+                    raise BenchError(self.failure())
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"the server did not listen on {socket_path} within 60 s: {shlex.join(command)}"
+                    )
+                time.sleep(0.01)
+        except BaseException:  # Ctrl-C included: never leave the server behind
+            self.stop()
+            raise
+
+    def exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def failure(self) -> str:
+        """One line on why the server is gone: its last line on stderr (its own message), else its status."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)  # it closed the socket or its stdout: let it finish exiting
+        code = self.proc.returncode
+        if code is None:
+            return "the server stopped answering"
+        status = f"signal {-code}" if code < 0 else f"status {code}"
+        last = ""
+        with contextlib.suppress(OSError, ValueError):
+            size = self._log.seek(0, os.SEEK_END)
+            self._log.seek(max(0, size - 4096))
+            lines = self._log.read().decode(errors="replace").splitlines()
+            last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        return f"the server exited ({status}): {last}" if last else f"the server exited ({status})"
 
     def counters(self, timeout: float = 10.0) -> dict[str, Any] | None:
         """The controller's statistics (vnvme serve prints them on SIGUSR1), or None."""
-        if not self.ours or self.proc.stderr is None:
+        if not self.ours or self.proc.stdout is None:
             return None
+        if self.exited():
+            raise BenchError(self.failure())
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout
         # Raw reads with our own line buffer: a buffered readline() may swallow the statistics
         # line along with an earlier one, and select() would then wait for data already read.
-        fd = self.proc.stderr.fileno()
+        fd = self.proc.stdout.fileno()
         while time.monotonic() < deadline:
-            while b"\n" in self._stderr_buffer:
-                line, _, self._stderr_buffer = self._stderr_buffer.partition(b"\n")
+            while b"\n" in self._stdout_buffer:
+                line, _, self._stdout_buffer = self._stdout_buffer.partition(b"\n")
                 with contextlib.suppress(ValueError):
                     data = json.loads(line)
                     if isinstance(data, dict) and "controller" in data:
@@ -162,9 +215,9 @@ class ServerProcess:
                 break
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                break
-            self._stderr_buffer += chunk
-        raise RuntimeError("the server did not report its statistics")
+                raise BenchError(self.failure())
+            self._stdout_buffer += chunk
+        raise BenchError("the server did not report its statistics")
 
     def cpu_seconds(self) -> float | None:
         """CPU time of the server and every process under it (run.sh starts QEMU as a child)."""
@@ -196,8 +249,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
 
 
 @dataclass
@@ -211,6 +265,7 @@ class BenchOptions:
     server_cmd: str | None = None  # an external server to start per variant; "{socket}" is replaced
     ramp_ios: int = 200
     queue_depth: int = 64
+    repeat: int = 1  # runs of every point, interleaved across placements and variants
 
 
 def _client_cpu() -> float:
@@ -219,12 +274,12 @@ def _client_cpu() -> float:
 
 @contextlib.contextmanager
 def _server_for(
-    options: BenchOptions, variant: Variant, placement: Placement, workdir: str
+    options: BenchOptions, variant: Variant, placement: Placement, workdir: str, repeat: int
 ) -> Iterator[ServerProcess | None]:
     if options.socket is not None:
         yield None
         return
-    path = os.path.join(workdir, f"{variant.name}-{placement.name}.sock")
+    path = os.path.join(workdir, f"{variant.name}-{placement.name}-{repeat}.sock")
     if options.server_cmd is not None:
         command = [part.replace("{socket}", path) for part in shlex.split(options.server_cmd)]
         server = ServerProcess(command, path, placement.server_cpus, ours=False)
@@ -244,56 +299,95 @@ def _delta(after: dict[str, Any] | None, before: dict[str, Any] | None, key: str
     return int(after["controller"][key]) - int(before["controller"][key])
 
 
+def check_socket(path: str) -> None:
+    """``--socket`` must name a socket: a regular file would only refuse connections until a timeout."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise BenchError(f"{path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(mode):
+        raise BenchError(f"{path}: not a socket")
+
+
+def _server_failure(server: ServerProcess | None, socket_path: str, exc: BaseException) -> BenchError:
+    """The one line for a server that refused, failed or went away: its own word when it exited."""
+    if server is not None:
+        # A server that dies closes its socket before it can be reaped: give it a moment.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.proc.wait(1)
+        if server.exited():
+            return BenchError(server.failure())
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    return BenchError(f"{socket_path}: {reason}")
+
+
 def run_variant(
     options: BenchOptions,
     variant: Variant,
     placement: Placement,
     workdir: str,
     progress: Callable[[Point], None],
+    repeat: int = 1,
 ) -> list[Point]:
     points: list[Point] = []
     old_affinity = os.sched_getaffinity(0)
     if placement.client_cpus is not None:
         os.sched_setaffinity(0, placement.client_cpus)
     try:
-        with _server_for(options, variant, placement, workdir) as server:
+        with _server_for(options, variant, placement, workdir, repeat) as server:
             socket_path = options.socket if server is None else server.socket
             assert socket_path is not None
-            transport = VfioUserTransport(
-                socket_path, posted_writes=variant.posted, mapped_doorbells=variant.mapped
-            )
-            driver: NvmeDriver | None = None
             try:
-                driver = NvmeDriver(
-                    transport,
-                    shadow_doorbells=variant.shadow,
-                    io_queues=options.spec.numjobs,
-                    io_queue_depth=max(options.queue_depth, max(options.depths) + 1),
-                )
-                driver.probe()
-                if variant.shadow and not driver.dbbuf_enabled:
-                    raise RuntimeError("the controller does not offer shadow doorbells (OACS bit 8)")
-                for depth in options.depths:
-                    spec = dataclasses.replace(options.spec, iodepth=depth, ramp_time=0.0)
-                    if options.ramp_ios:
-                        run_job(driver, dataclasses.replace(spec, number_ios=options.ramp_ios, runtime=None))
-                    before = server.counters() if server is not None else None
-                    cpu_before = server.cpu_seconds() if server is not None else None
-                    client_before = _client_cpu()
-                    result = run_job(driver, spec)
-                    client_after = _client_cpu()
-                    cpu_after = server.cpu_seconds() if server is not None else None
-                    after = server.counters() if server is not None else None
-                    point = _point(placement, variant, depth, result, before, after, cpu_before, cpu_after)
-                    point.client_cpu_us = (client_after - client_before) / max(point.ios, 1) * 1e6
-                    points.append(point)
-                    progress(point)
-            finally:
-                if driver is not None:
-                    driver.close()  # its queues hold views of host memory: before the memory goes
-                transport.close()
+                points = _measure(options, variant, placement, server, socket_path, progress, repeat)
+            except _SERVER_FAILURES as exc:
+                raise _server_failure(server, socket_path, exc) from exc
     finally:
         os.sched_setaffinity(0, old_affinity)
+    return points
+
+
+def _measure(
+    options: BenchOptions,
+    variant: Variant,
+    placement: Placement,
+    server: ServerProcess | None,
+    socket_path: str,
+    progress: Callable[[Point], None],
+    repeat: int,
+) -> list[Point]:
+    points: list[Point] = []
+    transport = VfioUserTransport(socket_path, posted_writes=variant.posted, mapped_doorbells=variant.mapped)
+    driver: NvmeDriver | None = None
+    try:
+        driver = NvmeDriver(
+            transport,
+            shadow_doorbells=variant.shadow,
+            io_queues=options.spec.numjobs,
+            io_queue_depth=max(options.queue_depth, max(options.depths) + 1),
+        )
+        driver.probe()
+        if variant.shadow and not driver.dbbuf_enabled:
+            raise BenchError("the controller does not offer shadow doorbells (OACS bit 8)")
+        for depth in options.depths:
+            spec = dataclasses.replace(options.spec, iodepth=depth, ramp_time=0.0)
+            if options.ramp_ios:
+                run_job(driver, dataclasses.replace(spec, number_ios=options.ramp_ios, runtime=None))
+            before = server.counters() if server is not None else None
+            cpu_before = server.cpu_seconds() if server is not None else None
+            client_before = _client_cpu()
+            result = run_job(driver, spec)
+            client_after = _client_cpu()
+            cpu_after = server.cpu_seconds() if server is not None else None
+            after = server.counters() if server is not None else None
+            point = _point(placement, variant, depth, result, before, after, cpu_before, cpu_after)
+            point.client_cpu_us = (client_after - client_before) / max(point.ios, 1) * 1e6
+            point.repeat = repeat
+            points.append(point)
+            progress(point)
+    finally:
+        if driver is not None:
+            driver.close()  # its queues hold views of host memory: before the memory goes
+        transport.close()
     return points
 
 
@@ -351,15 +445,70 @@ def _point(
 
 
 def run_bench(options: BenchOptions, progress: Callable[[Point], None]) -> list[Point]:
+    """Every point ``options.repeat`` times; each round covers every placement and variant, so
+    a machine that drifts over the run moves all of them alike."""
+    if options.socket is not None:
+        check_socket(options.socket)
     points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="vnvme-bench-") as workdir:
-        for placement in options.placements:
-            for name in options.variants:
-                points += run_variant(options, VARIANTS[name], placement, workdir, progress)
+        for repeat in range(1, options.repeat + 1):
+            for placement in options.placements:
+                for name in options.variants:
+                    points += run_variant(options, VARIANTS[name], placement, workdir, progress, repeat)
     return points
 
 
 # Section: reporting
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One quantity over the runs of a point: every value, their median and extremes."""
+
+    values: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def low(self) -> float:
+        return min(self.values)
+
+    @property
+    def high(self) -> float:
+        return max(self.values)
+
+    def format(self, one: Callable[[float], str]) -> str:
+        """The median, then (min-max) when there was more than one run."""
+        if len(self.values) == 1:
+            return one(self.median)
+        return f"{one(self.median)} ({one(self.low)}-{one(self.high)})"
+
+    def as_json(self) -> dict[str, object]:
+        return {"median": self.median, "min": self.low, "max": self.high, "values": list(self.values)}
+
+
+def runs_by_point(points: Sequence[Point]) -> dict[tuple[str, str, int], list[Point]]:
+    """The runs of each (placement, variant, iodepth), in the order they ran."""
+    out: dict[tuple[str, str, int], list[Point]] = {}
+    for p in points:
+        out.setdefault((p.placement, p.variant, p.iodepth), []).append(p)
+    return out
+
+
+def spread(runs: Sequence[Point], value: Callable[[Point], float]) -> Spread:
+    return Spread(tuple(value(p) for p in runs))
+
+
+def shown_doorbells(point: Point) -> float:
+    """Doorbells per I/O as reported: stores into the mapped page for mappable doorbells, else MMIOs."""
+    return point.mapped_doorbells if VARIANTS[point.variant].mapped else point.doorbells
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _k(value: float) -> str:
@@ -368,28 +517,38 @@ def _k(value: float) -> str:
 
 def format_tables(points: Sequence[Point], options: BenchOptions, out: TextIO) -> None:
     depths = options.depths
+    runs = runs_by_point(points)
+    if options.repeat > 1:
+        print(
+            f"\nEvery value is the median of {options.repeat} runs, IOPS with (min-max) across them; "
+            "the runs of all variants interleave, so drift moves them alike.",
+            file=out,
+        )
     for placement in options.placements:
-        mine = [p for p in points if p.placement == placement.name]
-        if not mine:
+        by = {(v, d): r for (pl, v, d), r in runs.items() if pl == placement.name}
+        if not by:
             continue
-        by = {(p.variant, p.iodepth): p for p in mine}
         print(f"\n### {placement.name}: {placement.describe()}\n", file=out)
         print("| iodepth | " + " | ".join(map(str, depths)) + " |", file=out)
         print("|---|" + "---|" * len(depths), file=out)
         for name in options.variants:
             label = VARIANTS[name].label
-            print(f"| IOPS, {label} | " + " | ".join(_k(by[name, d].iops) for d in depths) + " |", file=out)
+            cells = [spread(by[name, d], lambda p: p.iops).format(_k) for d in depths]
+            print(f"| IOPS, {label} | " + " | ".join(cells) + " |", file=out)
         for name in options.variants:
             label = VARIANTS[name].label
-            row = [by[name, d] for d in depths]
             key = "mapped doorbell stores" if VARIANTS[name].mapped else "doorbell MMIOs"
-            values = [(p.mapped_doorbells if VARIANTS[name].mapped else p.doorbells) for p in row]
+            values = [spread(by[name, d], shown_doorbells).median for d in depths]
             print(f"| {key} per IO, {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |", file=out)
         if "no-dbbuf" in options.variants:
             for name in options.variants:
                 if name == "no-dbbuf":
                     continue
-                ratios = [by[name, d].iops / max(by["no-dbbuf", d].iops, 1e-9) for d in depths]
+                ratios = [
+                    spread(by[name, d], lambda p: p.iops).median
+                    / max(spread(by["no-dbbuf", d], lambda p: p.iops).median, 1e-9)
+                    for d in depths
+                ]
                 print(
                     f"| IOPS ratio, {VARIANTS[name].label} / no dbbuf | "
                     + " | ".join(f"{r:.2f}x" for r in ratios)
@@ -405,28 +564,63 @@ def format_tables(points: Sequence[Point], options: BenchOptions, out: TextIO) -
         print("|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
         for name in options.variants:
             for d in depths:
-                p = by[name, d]
-                cpu = f"{p.server_cpu_us:.1f}" if p.server_cpu_us is not None else "n/a"
+                r = by[name, d]
+
+                def med(value: Callable[[Point], float], r: list[Point] = r) -> float:
+                    return spread(r, value).median
+
+                server_cpu = _median_or_none([p.server_cpu_us for p in r])
+                cpu = f"{server_cpu:.1f}" if server_cpu is not None else "n/a"
                 print(
-                    f"| {VARIANTS[name].label} | {d} | {p.iops:.0f} | {p.sq_doorbells:.3f} | {p.cq_doorbells:.3f} "
-                    f"| {p.admin_doorbells:.3f} | {p.lat_p50_us:.1f} | {p.lat_p99_us:.1f} | {p.lat_p999_us:.1f} "
-                    f"| {cpu} | {p.client_cpu_us:.1f} | {p.counted_by} |",
+                    f"| {VARIANTS[name].label} | {d} | {spread(r, lambda p: p.iops).format(lambda v: f'{v:.0f}')} "
+                    f"| {med(lambda p: p.sq_doorbells):.3f} | {med(lambda p: p.cq_doorbells):.3f} "
+                    f"| {med(lambda p: p.admin_doorbells):.3f} | {med(lambda p: p.lat_p50_us):.1f} "
+                    f"| {med(lambda p: p.lat_p99_us):.1f} | {med(lambda p: p.lat_p999_us):.1f} "
+                    f"| {cpu} | {med(lambda p: p.client_cpu_us):.1f} | {r[0].counted_by} |",
                     file=out,
                 )
 
 
-def progress_line(point: Point) -> str:
+def summary(points: Sequence[Point], jobname: Callable[[Point], str]) -> list[dict[str, object]]:
+    """One entry per (placement, variant, iodepth): medians, IOPS and p99 with every run's value."""
+    out: list[dict[str, object]] = []
+    for (placement, variant, depth), runs in runs_by_point(points).items():
+        out.append(
+            {
+                "placement": placement,
+                "variant": variant,
+                "iodepth": depth,
+                "runs": len(runs),
+                "jobnames": [jobname(p) for p in runs],
+                "iops": spread(runs, lambda p: p.iops).as_json(),
+                "doorbells_per_io": {
+                    "sq": spread(runs, lambda p: p.sq_doorbells).median,
+                    "cq": spread(runs, lambda p: p.cq_doorbells).median,
+                    "admin": spread(runs, lambda p: p.admin_doorbells).median,
+                    "mapped": spread(runs, lambda p: p.mapped_doorbells).median,
+                },
+                "counted_by": runs[0].counted_by,
+                "lat_p99_us": spread(runs, lambda p: p.lat_p99_us).as_json(),
+                "server_cpu_us_per_io": _median_or_none([p.server_cpu_us for p in runs]),
+                "client_cpu_us_per_io": spread(runs, lambda p: p.client_cpu_us).median,
+            }
+        )
+    return out
+
+
+def progress_line(point: Point, repeats: int = 1) -> str:
     db = (
         f"{point.mapped_doorbells:.2f} mapped" if VARIANTS[point.variant].mapped else f"{point.doorbells:.2f}"
     )
+    where = point.placement if repeats == 1 else f"{point.placement} {point.repeat}/{repeats}"
     return (
-        f"[{point.placement}] {VARIANTS[point.variant].label:<28} depth {point.iodepth:>3}: "
+        f"[{where}] {VARIANTS[point.variant].label:<28} depth {point.iodepth:>3}: "
         f"{point.iops:>9.0f} IOPS  {db} doorbells/IO  p99 {point.lat_p99_us:.0f} us"
     )
 
 
 def plot(points: Sequence[Point], options: BenchOptions, path: str) -> bool:
-    """IOPS and doorbells per I/O against depth, one line per variant and placement (PNG)."""
+    """IOPS and doorbells per I/O against depth as a PNG; False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -434,35 +628,60 @@ def plot(points: Sequence[Point], options: BenchOptions, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax_iops, ax_db) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig = plot_figure(points, options)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_figure(points: Sequence[Point], options: BenchOptions) -> Any:
+    """The plot's matplotlib Figure: one line per variant (colour) and placement (line style),
+    medians of the runs, IOPS bars from min to max with --repeat; one legend under both panels."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    labels = len(options.variants) * len(options.placements)
+    legend_rows = -(-labels // 4)
+    height = 4.4 + 0.25 * legend_rows
+    fig, (ax_iops, ax_db) = plt.subplots(1, 2, figsize=(12, height))
     palette = plt.get_cmap("tab10")
     styles = ("-", "--", ":")
+    runs = runs_by_point(points)
     for p_index, placement in enumerate(options.placements):
         for v_index, name in enumerate(options.variants):
-            row = [p for p in points if p.placement == placement.name and p.variant == name]
-            if not row:
+            rows = [runs[k] for d in options.depths if (k := (placement.name, name, d)) in runs]
+            if not rows:
                 continue
-            # One colour per variant, one line style per placement.
             style = {
                 "color": palette(v_index % 10),
                 "linestyle": styles[p_index % len(styles)],
                 "marker": "o",
                 "label": f"{VARIANTS[name].label} ({placement.name})",
             }
-            depths = [p.iodepth for p in row]
-            ax_iops.plot(depths, [p.iops for p in row], **style)
-            values = [p.mapped_doorbells if VARIANTS[name].mapped else p.doorbells for p in row]
-            ax_db.plot(depths, values, **style)
-    for ax, title in ((ax_iops, "IOPS"), (ax_db, "doorbells per I/O")):
+            depths = [r[0].iodepth for r in rows]
+            iops = [spread(r, lambda p: p.iops) for r in rows]
+            medians = [s.median for s in iops]
+            if options.repeat > 1:
+                bars = [[s.median - s.low for s in iops], [s.high - s.median for s in iops]]
+                ax_iops.errorbar(depths, medians, yerr=bars, capsize=3, **style)
+            else:
+                ax_iops.plot(depths, medians, **style)
+            ax_db.plot(depths, [spread(r, shown_doorbells).median for r in rows], **style)
+    runs_note = f", median of {options.repeat} runs (bars: min-max)" if options.repeat > 1 else ""
+    for ax, ylabel, title in (
+        (ax_iops, "IOPS", f"IOPS{runs_note}"),
+        (ax_db, "doorbells per I/O", "doorbells per I/O (trapped writes; stores when mapped)"),
+    ):
         ax.set_xscale("log", base=2)
         ax.set_xticks(options.depths, [str(d) for d in options.depths])
         ax.set_xlabel("iodepth")
-        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-    ax_iops.set_ylim(bottom=0)
-    ax_db.set_ylim(bottom=0)
-    ax_db.legend(fontsize=6.5, loc="upper right", ncol=1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    ax_iops.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1000:g}k" if value else "0"))
+    # One legend for both panels, under them: it hides no line and keeps a readable size.
+    handles, names = ax_db.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(4, max(1, len(names))), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.15) / height, 1, 1))
+    return fig
