@@ -128,7 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help="where trace events go (default stderr); a .jsonl name writes JSON lines",
     )
-    parser.add_argument("--quiet", action="store_true", help="do not print the banner and statistics")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="do not print the banner nor the statistics at exit (SIGUSR1 still prints them)",
+    )
 
 
 # Every key a --config TOML file may hold, with the type its value must have.
