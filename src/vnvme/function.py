@@ -193,21 +193,31 @@ class NvmeFunction:
         pass
 
     def detach(self) -> None:
-        """Client gone: as a bus reset; eventfds closed, config space back to power-on."""
-        self._handle(self.controller.reset())
+        """Client gone: as a bus reset, since the next client is a new VM. DEVICE_RESET, and
+        what it keeps goes too: eventfds closed, masks cleared, config space and the MSI-X
+        table back to power-on."""
+        self.reset()
         for index in self.eventfds:
             self._set_eventfds(index, 0, [-1] * len(self.eventfds[index]))
             self.masked[index] = [False] * len(self.masked[index])
-            self.pending[index] = [False] * len(self.pending[index])
         self.pci.reset()
         self._reset_msix_table()
 
     def reset(self) -> None:
-        """DEVICE_RESET (function level): controller and config space; eventfds stay assigned,
-        pending interrupts (the PBA) are forgotten."""
+        """DEVICE_RESET: the NVMe controller resets and pending interrupts (the PBA) are
+        forgotten; config space is kept whole.
+
+        The vfio-user spec only mirrors VFIO_DEVICE_RESET, so this follows Linux's vfio-pci: it
+        puts the function in D0 and resets it with pci_try_reset_function(), which saves config
+        space and the MSI-X state before the reset and restores them after. Memory Space and Bus
+        Master Enable, the BARs, the MSI-X capability and table come back as they were, so a
+        client that resets the device and then re-initialises the controller reaches BAR0
+        (with config space reset, CC and CSTS read as all ones). Memory Space Enable still
+        gates BAR accesses whenever the client clears it. Eventfds and SET_IRQS masks stay: the
+        ioctl never touches what SET_IRQS configured. DMA mappings stay (the server's).
+        """
         self._handle(self.controller.reset())
-        self.pci.reset()
-        self._reset_msix_table()
+        self.pci.enter_d0()
         for index in self.pending:
             self.pending[index] = [False] * len(self.pending[index])
 

@@ -171,6 +171,11 @@ TRACE_EVENTS: Final[dict[str, TraceEventSpec]] = _table(
         "command msg_id errno reason",
         "{command} id {msg_id} refused, errno {errno}: {reason}",
     ),
+    (
+        "vfio_user_err_message_too_large",
+        "command msg_id size limit",
+        "{command} id {msg_id} declares {size} bytes, more than {limit}: E2BIG, connection closed",
+    ),
 )
 
 

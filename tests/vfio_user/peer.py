@@ -9,13 +9,14 @@ import select
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Final
 
 from vnvme.controller.namespace import Namespace, RamBackend
 from vnvme.function import NvmeFunction
 from vnvme.spec.registers import CC, CSTS, Reg, compose
+from vnvme.trace import ListSink
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Channel, Command
 from vnvme.vfio_user.server import ServerOptions, VfioUserServer
@@ -39,9 +40,14 @@ class Peer:
         *,
         function: NvmeFunction | None = None,
         max_fds: int = 16,
+        trace: Sequence[str] = (),
     ) -> None:
         self.function = function if function is not None else make_function()
-        self.server = VfioUserServer(self.function, options or ServerOptions())
+        #: The server's transport trace events (those ``trace`` selects).
+        self.trace = ListSink()
+        self.server = VfioUserServer(
+            self.function, options or ServerOptions(), trace=trace, trace_sink=self.trace
+        )
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = mine
         self.channel = Channel(mine, max_message=(1 << 21), max_fds=max_fds)

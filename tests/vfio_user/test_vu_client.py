@@ -218,3 +218,16 @@ def test_descriptors_on_a_refused_reply_are_closed() -> None:
             assert fd_count() == before
     finally:
         os.close(fd)
+
+
+def test_a_reply_declaring_more_than_the_maximum_is_e2big_at_its_header() -> None:
+    """The client's channel refuses it without waiting for the 4 GiB it declares, and refuses
+    every read after it (what follows cannot be framed)."""
+    with _scripted_server(timeout=2.0) as (client, server):
+        server.send(vu.HEADER.pack(1, Command.DEVICE_RESET, 0xFFFF_FFF0, vu.TYPE_REPLY, 0))
+        with pytest.raises(vu.MessageTooLarge) as err:
+            client.reset()
+        assert err.value.errno == errno.E2BIG and err.value.msg_id == 1
+        server.send(vu.pack_message(2, Command.DEVICE_RESET, vu.TYPE_REPLY))
+        with pytest.raises(vu.MessageTooLarge):
+            client.reset()

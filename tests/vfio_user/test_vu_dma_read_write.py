@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import select
 
+import pytest
+
 from vfio_user.peer import LE, PAGE, Peer, signalled
 from vnvme.spec.commands import SQE, AdminOpcode, Cns
 from vnvme.spec.registers import CSTS, Reg, sq_tail_doorbell
@@ -131,3 +133,26 @@ def test_client_hanging_up_during_a_dma_request_ends_the_connection_cleanly(read
     ready.disconnect()  # never answers
     assert ready.function.memory.regions() == ()  # mappings dropped, controller reset
     assert not CSTS.RDY.get(ready.function.controller.csts)
+
+
+def test_a_message_too_large_during_a_dma_request_is_answered_after_those_before_it(ready: Peer) -> None:
+    """Instead of the DMA reply, a command and then a header declaring 4 GiB: the device's
+    access fails (no more requests on a stream without framing), the command is answered, then
+    E2BIG, then the server hangs up."""
+    _enable_with_admin_queues_in_message_memory(ready)
+    ready.send(
+        Command.REGION_WRITE, vu.REGION_ACCESS.pack(sq_tail_doorbell(0, 0), 0, 4) + (1).to_bytes(4, LE)
+    )
+    assert _next(ready).is_reply
+    assert _next(ready).command == Command.DMA_READ
+    read_id = ready.send(Command.REGION_READ, vu.REGION_ACCESS.pack(Reg.VS, 0, 4))
+    ready.raw(vu.HEADER.pack(0x77, Command.DMA_READ, 0xFFFF_FFF0, vu.TYPE_REPLY, 0))
+    first = _next(ready)
+    assert (first.msg_id, first.is_error) == (read_id, False)
+    refused = _next(ready)
+    assert (refused.msg_id, refused.command, refused.error) == (0x77, Command.DMA_READ, errno.E2BIG)
+    with pytest.raises(vu.Disconnected):
+        _next(ready)  # nothing after E2BIG: the end of the stream
+    ready.thread.join(5)
+    assert not ready.thread.is_alive()
+    assert ready.server.errors["message_too_large"] == 1 and ready.server.dma_messages == 1

@@ -33,14 +33,72 @@ def test_unknown_command_and_unexpected_fds(ready: Peer) -> None:
     assert fd_count() == before  # the server closed the descriptor it was not owed
 
 
-def test_oversized_and_undersized_messages_keep_the_stream_in_sync() -> None:
+def _assert_hung_up(peer: Peer) -> None:
+    """The server closed the connection: end of stream, and its thread is done."""
+    with pytest.raises(vu.Disconnected):
+        peer.reply()
+    peer.thread.join(5)
+    assert not peer.thread.is_alive()
+
+
+@pytest.mark.parametrize("size", [0xFFFF_FFF0, 4096 + vu.MESSAGE_OVERHEAD + 1])
+def test_a_message_too_large_is_refused_before_its_body_then_the_server_hangs_up(size: int) -> None:
+    """The header alone gets E2BIG (the server no longer waits for a body it would discard:
+    4 GiB that may never come), then the connection closes: what follows has no framing, so a
+    well-formed message right behind it gets no answer."""
+    p = Peer(ServerOptions(max_data_xfer_size=4096), trace=["vfio_user_err_*", "vfio_user_disconnect"])
+    try:
+        p.version()
+        p.raw(
+            vu.HEADER.pack(7, Command.REGION_WRITE, size, 0, 0)
+            + vu.pack_message(8, Command.DEVICE_GET_INFO, 0, GET_INFO)
+        )
+        reply = p.reply()
+        assert (reply.msg_id, reply.command, reply.flags, reply.error, reply.payload) == (
+            7,
+            Command.REGION_WRITE,
+            vu.TYPE_REPLY | vu.FLAG_ERROR,
+            errno.E2BIG,
+            b"",
+        )
+        _assert_hung_up(p)
+        assert p.server.errors["message_too_large"] == 1
+        assert p.server.messages["DEVICE_GET_INFO"] == 0
+        limit = p.server.max_message
+        (event,) = p.trace.named("vfio_user_err_message_too_large")
+        assert event.args == ("REGION_WRITE", 7, size, limit)
+        assert not p.trace.named("vfio_user_err_message")  # one event, not two
+        (gone,) = p.trace.named("vfio_user_disconnect")
+        assert "framing lost" in str(gone.args[0])
+    finally:
+        p.close()
+
+
+def test_a_posted_message_too_large_gets_no_reply_and_the_server_hangs_up(ready: Peer) -> None:
+    """NO_REPLY is kept even here, as for every refused message: the client gets the hang-up."""
+    ready.raw(vu.HEADER.pack(9, Command.REGION_WRITE, 0xFFFF_FFF0, vu.FLAG_NO_REPLY, 0))
+    _assert_hung_up(ready)
+    assert ready.server.errors["message_too_large"] == 1
+
+
+def test_the_device_resets_as_on_a_disconnect_after_a_message_too_large(ready: Peer) -> None:
+    fd = memfd()
+    try:
+        ready.dma_map(0x1_0000_0000, 1 << 20, fd)
+        ready.write_int(0, Reg.AQA, 4, 0x001F001F)
+        ready.raw(vu.HEADER.pack(10, Command.DMA_MAP, 1 << 31, 0, 0))
+        assert ready.reply().error == errno.E2BIG
+        _assert_hung_up(ready)
+        assert ready.server.dma == {} and ready.function.memory.regions() == ()
+        assert ready.function.controller.aqa == 0 and ready.function.pci.read(0x04, 2) == 0
+    finally:
+        os.close(fd)
+
+
+def test_undersized_messages_keep_the_stream_in_sync() -> None:
     p = Peer(ServerOptions(max_data_xfer_size=4096))
     try:
         p.version()
-        big = 4096 + vu.MESSAGE_OVERHEAD + 1
-        p.raw(vu.HEADER.pack(7, Command.REGION_WRITE, big, 0, 0) + b"\0" * (big - 16))
-        reply = p.reply()
-        assert reply.msg_id == 7 and reply.is_error and reply.error == errno.E2BIG
         p.raw(vu.HEADER.pack(8, Command.DEVICE_GET_INFO, 4, 0, 0))  # size smaller than a header
         reply = p.reply()
         assert reply.msg_id == 8 and reply.error == errno.EINVAL
@@ -72,18 +130,18 @@ def test_a_message_of_exactly_the_maximum_size_is_read() -> None:
         p.close()
 
 
-def test_an_oversized_message_with_descriptors_closes_them() -> None:
+def test_a_message_too_large_with_descriptors_closes_them() -> None:
     p = Peer(ServerOptions(max_data_xfer_size=4096))
     fd = memfd()
     try:
         p.version()
         before = fd_count()
         big = p.server.max_message + 100
-        p.raw(vu.HEADER.pack(12, Command.DMA_MAP, big, 0, 0) + b"\0" * (big - 16), [fd, fd])
+        p.raw(vu.HEADER.pack(12, Command.DMA_MAP, big, 0, 0) + b"\0" * 64, [fd, fd])
         reply = p.reply()
         assert (reply.msg_id, reply.error) == (12, errno.E2BIG)
+        _assert_hung_up(p)
         assert fd_count() == before
-        _in_sync(p)
     finally:
         p.close()
         os.close(fd)

@@ -37,7 +37,7 @@ import logging
 import os
 import select
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -533,8 +533,12 @@ def _exact(msg_id: int, command: int, payload: bytes) -> Raw:
 @counted
 def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) -> None:
     """``hangup``: after the oracle, the client sends part of one more message (with
-    descriptors) and hangs up; the server must notice, and keep none of them."""
+    descriptors) and hangs up; the server must notice, and keep none of them. A message larger
+    than the maximum ends the list: E2BIG, then the server hangs up (nothing after it is sent)."""
     base = fd_count()
+    too_large = next((i for i, m in enumerate(messages) if m.size > MAX_MESSAGE), None)
+    if too_large is not None:
+        messages = messages[: too_large + 1]
     with _internal_errors() as internal:
         peer = Peer(_options())
         try:
@@ -542,7 +546,9 @@ def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) ->
             for message in messages:
                 fds = [_make_fd(kind) for kind in message.fds]
                 try:
-                    peer.raw(message.wire(), fds)
+                    # The server may hang up before the body of a message too large is all sent.
+                    with suppress(BrokenPipeError, ConnectionResetError):
+                        peer.raw(message.wire(), fds)
                 finally:
                     for fd in fds:
                         os.close(fd)  # in flight, the message holds its own references
@@ -562,40 +568,52 @@ def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) ->
                         assert reply.error == expected, (reply, message)
                 else:
                     assert reply.error == 0 and expected is None, (reply, message)
-            assert peer.thread.is_alive()
-            _in_sync(peer)
-            _quiet(peer)
-            # Guest memory holds exactly the server's mappings, each one a DMA_MAP described.
-            described = set()
-            for message in messages:
-                seen = message.seen_payload
-                if message.command == Command.DMA_MAP and seen is not None and len(seen) >= vu.DMA_MAP.size:
-                    _, _, _, address, size = vu.DMA_MAP.unpack_from(seen)
-                    described.add((address, size))
-            dma = peer.server.dma
-            regions = peer.function.memory.regions()
-            assert [(r.gpa, r.size) for r in regions] == sorted((m.address, m.size) for m in dma.values())
-            assert {(r.gpa, r.size) for r in regions} <= described
-            for region in regions:
-                mapping = dma[region.gpa]
-                assert region.writable == bool(mapping.flags & vu.DmaFlags.WRITE)
-                assert (region.remote is None) == (mapping.map is not None)
-            assert fd_count() == base + _connected_fds(peer)
-            if hangup is not None:
-                message, cut = hangup
-                fds = [_make_fd(kind) for kind in message.fds]
-                try:
-                    peer.raw(message.wire()[:cut], fds)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-                peer.disconnect()  # the server thread notices and ends
+            if too_large is not None:
+                with pytest.raises((vu.Disconnected, ConnectionResetError)):
+                    _next_reply(peer)
+                peer.thread.join(5)
+                assert not peer.thread.is_alive()
+                assert peer.server.errors["message_too_large"] == 1
+            else:
+                _check_connected(peer, messages, base)
+                if hangup is not None:
+                    message, cut = hangup
+                    fds = [_make_fd(kind) for kind in message.fds]
+                    try:
+                        peer.raw(message.wire()[:cut], fds)
+                    finally:
+                        for fd in fds:
+                            os.close(fd)
+                    peer.disconnect()  # the server thread notices and ends
         finally:
             peer.close()
         assert not peer.thread.is_alive()
         assert peer.function.memory.regions() == () and peer.server.dma == {}
         assert fd_count() == base
         assert not internal.records, internal.records
+
+
+def _check_connected(peer: Peer, messages: list[Raw], base: int) -> None:
+    """After the oracle, still connected: in sync, and guest memory holds exactly the server's
+    mappings, each one a DMA_MAP described."""
+    assert peer.thread.is_alive()
+    _in_sync(peer)
+    _quiet(peer)
+    described = set()
+    for message in messages:
+        seen = message.seen_payload
+        if message.command == Command.DMA_MAP and seen is not None and len(seen) >= vu.DMA_MAP.size:
+            _, _, _, address, size = vu.DMA_MAP.unpack_from(seen)
+            described.add((address, size))
+    dma = peer.server.dma
+    regions = peer.function.memory.regions()
+    assert [(r.gpa, r.size) for r in regions] == sorted((m.address, m.size) for m in dma.values())
+    assert {(r.gpa, r.size) for r in regions} <= described
+    for region in regions:
+        mapping = dma[region.gpa]
+        assert region.writable == bool(mapping.flags & vu.DmaFlags.WRITE)
+        assert (region.remote is None) == (mapping.map is not None)
+    assert fd_count() == base + _connected_fds(peer)
 
 
 # Section: property 2, region accesses

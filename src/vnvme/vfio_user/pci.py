@@ -470,6 +470,11 @@ class PciConfig:
         if self.on_change is not None:
             self.on_change()
 
+    def enter_d0(self) -> None:
+        """PMCSR PowerState back to D0, every other register as it is (what Linux's vfio-pci does
+        before a function reset whose config space it then restores)."""
+        self._cfg[PM_CAP_OFFSET + PmReg.PMCSR] &= ~0b11
+
     def reset(self) -> None:
         """Return every register to its power-on value (a conventional reset)."""
         self._cfg[:] = self._power_on

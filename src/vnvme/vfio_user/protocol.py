@@ -193,6 +193,20 @@ class Disconnected(Exception):
     """The peer closed the socket (possibly in the middle of a message)."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A header declared more bytes than the receiver accepts. Nothing of the body was read
+    (waiting for up to 4 GiB the peer may never send is no way to resynchronise), so the stream
+    has lost its framing: the channel refuses to receive anything after it."""
+
+    def __init__(self, msg_id: int, command: int, flags: int, size: int, limit: int) -> None:
+        super().__init__(errno.E2BIG, f"message of {size} bytes exceeds the maximum of {limit}")
+        self.msg_id = msg_id
+        self.command = command
+        self.flags = flags
+        self.size = size
+        self.limit = limit
+
+
 @dataclass(slots=True)
 class Message:
     msg_id: int
@@ -201,8 +215,8 @@ class Message:
     error: int
     payload: bytes
     fds: list[int] = field(default_factory=list)
-    #: Set when the header said more bytes than the receiver accepts: the payload was dropped.
-    oversized: int = 0
+    #: The header's size could not even hold the header (16 bytes were taken off the stream).
+    undersized: bool = False
     #: More descriptors came than the receiver accepts; the kernel dropped the excess.
     fds_truncated: bool = False
 
@@ -275,6 +289,8 @@ class Channel:
         # Descriptors not yet handed out: (stream offset of the message they belong to, fds,
         # whether the kernel dropped some).
         self._rfds: list[tuple[int, list[int], bool]] = []
+        #: Set once a header declared a message too large: what follows it cannot be framed.
+        self.framing_lost: MessageTooLarge | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -293,13 +309,20 @@ class Channel:
 
     def buffered_header(self) -> bool:
         """A whole message header is already read (buffered channels: poll() cannot see it)."""
-        return self._rend - self._rpos >= HEADER_SIZE
+        return self._rend - self._rpos >= HEADER_SIZE and self.framing_lost is None
+
+    def _too_large(self, msg_id: int, command: int, flags: int, size: int) -> MessageTooLarge:
+        """Remember that the stream lost its framing; the exception that says so."""
+        self.framing_lost = MessageTooLarge(msg_id, command, flags, size, self.max_message)
+        return self.framing_lost
 
     # Section: buffered receiving
 
     def receive_nowait(self) -> Message | None:
         """Buffered channels: the next message if the socket holds (the start of) one already,
         else None at once. Reading the rest of a message that has begun may still wait."""
+        if self.framing_lost is not None:
+            raise self.framing_lost
         try:
             if self._rpos == self._rend:
                 return self._receive_fresh(socket.MSG_DONTWAIT)
@@ -394,54 +417,42 @@ class Channel:
                 return Message(msg_id, command, flags, error, payload, [])
             fds, truncated = self._take_fds(self._rbase + pos)
             return Message(msg_id, command, flags, error, payload, fds, fds_truncated=truncated)
-        # Larger than the buffer, oversized or undersized: the rest is read off the socket
+        # Larger than the buffer, too large or undersized: the rest is read off the socket
         # exactly, as the unbuffered channel does.
         self._rpos = pos + HEADER_SIZE
         fds, truncated = self._take_fds(self._rbase + pos) if self._rfds else ([], False)
+        if size > self.max_message:
+            _close_all(fds)
+            raise self._too_large(msg_id, command, flags, size)
         message = Message(msg_id, command, flags, error, b"", fds, fds_truncated=truncated)
+        if size < HEADER_SIZE:
+            message.undersized = True
+            return message
         try:
-            if size < HEADER_SIZE:
-                message.oversized = -1  # a size that cannot even hold the header
-            elif size > self.max_message:
-                self._discard(self._take_buffered(size - HEADER_SIZE))
-                message.oversized = size
-            else:
-                body = size - HEADER_SIZE
-                data = bytearray(body)
-                got = min(body, self._rend - self._rpos)
-                data[:got] = self._rview[self._rpos : self._rpos + got]
-                self._rpos += got
-                view = memoryview(data)
-                while got < body:
-                    n = self.sock.recv_into(view[got:])
-                    if n == 0:
-                        raise Disconnected("peer closed the socket mid-message")
-                    got += n
-                view.release()
-                message.payload = bytes(data)
+            body = size - HEADER_SIZE
+            data = bytearray(body)
+            got = min(body, self._rend - self._rpos)
+            data[:got] = self._rview[self._rpos : self._rpos + got]
+            self._rpos += got
+            view = memoryview(data)
+            while got < body:
+                n = self.sock.recv_into(view[got:])
+                if n == 0:
+                    raise Disconnected("peer closed the socket mid-message")
+                got += n
+            view.release()
+            message.payload = bytes(data)
         except BaseException:
             message.close_fds()
             raise
         return message
 
-    def _take_buffered(self, count: int) -> int:
-        """Consume up to ``count`` buffered bytes; returns how many are still to read."""
-        take = min(count, self._rend - self._rpos)
-        self._rpos += take
-        return count - take
-
-    def _discard(self, count: int) -> None:
-        scratch = bytearray(min(count, 1 << 16))
-        view = memoryview(scratch)
-        while count:
-            n = self.sock.recv_into(view[: min(count, len(scratch))])
-            if n == 0:
-                raise Disconnected("peer closed the socket mid-message")
-            count -= n
-
     def receive(self) -> Message:
-        """The next message. Never allocates more than ``max_message`` bytes for one: a longer
-        one is read off the socket in small pieces and returned with ``oversized`` set."""
+        """The next message. A header declaring more than ``max_message`` bytes raises
+        :class:`MessageTooLarge` before any byte of its body is read, and so does every call
+        after it."""
+        if self.framing_lost is not None:
+            raise self.framing_lost
         if self._buffered:
             if self._rpos != self._rend:
                 return self._receive_buffered()
@@ -482,24 +493,18 @@ class Channel:
                 header += data
             data = bytes(header)
         msg_id, command, size, flags, error = HEADER.unpack(data)
-        message = Message(msg_id, command, flags, error, b"", fds, fds_truncated=truncated)
-        self._receive_body(message, size)  # receive() closes the fds if this raises
-        return message
-
-    def _receive_body(self, message: Message, size: int) -> None:
-        sock = self.sock
-        body = size - HEADER_SIZE
         if size > self.max_message:
-            self._discard(body)
-            message.oversized = size
-            return
+            raise self._too_large(msg_id, command, flags, size)  # receive() closes the fds
+        message = Message(msg_id, command, flags, error, b"", fds, fds_truncated=truncated)
+        body = size - HEADER_SIZE
         if body > 0:
             payload = sock.recv(body)
             if len(payload) < body:
                 payload = self._receive_remaining(payload, body)
             message.payload = payload
         elif body < 0:
-            message.oversized = -1  # a size that cannot even hold the header
+            message.undersized = True
+        return message
 
     def _receive_remaining(self, payload: bytes, body: int) -> bytes:
         """The rest of a payload that did not come in one read."""

@@ -2,7 +2,9 @@
 
 The server owns the socket, the DMA mappings (mmapped into a :class:`GuestMemory`) and the
 message loop; a :class:`Device` owns regions, interrupts and whatever runs behind them. Bad input
-gets an error reply carrying an errno and the loop carries on with the next message.
+gets an error reply carrying an errno and the loop carries on with the next message, except a
+header declaring a message larger than the maximum: E2BIG, then the server hangs up, since the
+stream has no framing left to carry on with.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from vnvme.effects import TraceEvent
 from vnvme.memory import GuestMemory, GuestMemoryError, RemoteAccess
 from vnvme.trace import matching_events
 from vnvme.vfio_user import protocol as vu
-from vnvme.vfio_user.protocol import Channel, Command, Message, ProtocolError
+from vnvme.vfio_user.protocol import Channel, Command, Message, MessageTooLarge, ProtocolError
 
 log = logging.getLogger("vnvme.vfio_user")
 
@@ -256,12 +258,15 @@ class VfioUserServer:
                 while self._deferred:
                     # Commands that arrived while we waited for a DMA reply, in order.
                     self._handle_message(channel, self._deferred.popleft())
+                if channel.framing_lost is not None:
+                    # Met while waiting for a DMA reply: answered after the commands before it.
+                    raise channel.framing_lost
                 busy = self._ran_early
                 if busy is None:
                     busy = device.run(time.monotonic())
                 else:
                     self._ran_early = None  # the pass the last message's write ran is this one
-                if self._deferred:
+                if self._deferred or channel.framing_lost is not None:
                     continue  # the pass waited for DMA replies and commands came in meanwhile
                 if busy or idle_passes < passes:
                     idle_passes = 0 if busy else idle_passes + 1
@@ -307,6 +312,9 @@ class VfioUserServer:
                     elif wakeup is not None and fd == wakeup:
                         with contextlib.suppress(BlockingIOError):
                             os.read(wakeup, 512)
+        except MessageTooLarge as exc:
+            self._refuse_too_large(channel, exc)
+            reason = f"{exc.reason}: framing lost, connection closed"
         except vu.Disconnected as exc:
             log.info("client disconnected")
             reason = str(exc)
@@ -323,6 +331,22 @@ class VfioUserServer:
                 message.close_fds()
             self._deferred.clear()
             self._disconnect()
+
+    def _refuse_too_large(self, channel: Channel, exc: MessageTooLarge) -> None:
+        """E2BIG for a header declaring more than the maximum (none of its body read), then
+        hang up: the caller still owns and closes the socket, shut down here so the client sees
+        the end at once whatever the caller does."""
+        name = vu.command_name(exc.command)
+        self.errors["message_too_large"] += 1
+        log.warning("%s id %d: %s; closing the connection", name, exc.msg_id, exc.reason)
+        self._trace("vfio_user_err_message_too_large", name, exc.msg_id, exc.size, exc.limit)
+        with contextlib.suppress(OSError):
+            if not exc.flags & vu.FLAG_NO_REPLY:
+                # As every error reply: the header only, with the request's id and command.
+                channel.send(
+                    vu.pack_message(exc.msg_id, exc.command, vu.TYPE_REPLY | vu.FLAG_ERROR, b"", exc.errno)
+                )
+            channel.sock.shutdown(socket.SHUT_RDWR)
 
     def _handle_one(self, channel: Channel) -> None:
         self._handle_message(channel, channel.receive())
@@ -386,17 +410,15 @@ class VfioUserServer:
         if (
             message.flags & vu.TYPE_MASK == vu.TYPE_COMMAND
             and self.version_done
-            and not (message.oversized or message.fds_truncated or message.fds)
+            and not (message.undersized or message.fds_truncated or message.fds)
         ):
             # A well-formed command without descriptors (every one on the I/O path): only
             # the handler is left to check; anything else meets the checks below in order.
             handler = self._handlers.get(message.command)
             if handler is not None:
                 return handler(message)
-        if message.oversized:
-            if message.oversized < 0:
-                raise ProtocolError(errno.EINVAL, "message size smaller than the header")
-            raise ProtocolError(errno.E2BIG, f"message of {message.oversized} bytes exceeds the maximum")
+        if message.undersized:
+            raise ProtocolError(errno.EINVAL, "message size smaller than the header")
         if message.is_reply or message.flags & vu.TYPE_MASK not in (vu.TYPE_COMMAND,):
             raise ProtocolError(errno.EINVAL, "expected a command message")
         if message.fds_truncated:
@@ -565,6 +587,8 @@ class VfioUserServer:
         channel = self._channel
         if channel is None:
             raise GuestMemoryError(address, count, "no client to reach")
+        if channel.framing_lost is not None:
+            raise GuestMemoryError(address, count, "the client's message stream lost its framing")
         self._server_msg_id = (self._server_msg_id + 1) & 0xFFFF
         msg_id = self._server_msg_id
         self.dma_messages += 1
@@ -579,7 +603,12 @@ class VfioUserServer:
                     and not select.select([channel.sock], [], [], max(remaining, 0))[0]
                 ):
                     raise GuestMemoryError(address, count, f"no reply to {command.name}")
-                message = channel.receive()
+                try:
+                    message = channel.receive()
+                except MessageTooLarge:
+                    # The main loop answers it (after the commands deferred before it) and
+                    # hangs up; the device's access fails meanwhile.
+                    raise GuestMemoryError(address, count, "the client sent a message too large") from None
                 if message.is_reply and message.msg_id == msg_id and message.command == command:
                     if message.is_error:
                         raise GuestMemoryError(address, count, f"{command.name}: errno {message.error}")
