@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from vnvme.driver import NvmeDriver
+from vnvme.spec.commands import FeatureId
 from vnvme.spec.registers import CSTS, Reg
 from vnvme.vfio_user.client import VfioUserTransport
 from vnvme.workload import run_random_io
@@ -82,6 +83,14 @@ def _driver(transport: VfioUserTransport, **options: object) -> NvmeDriver:
     return driver
 
 
+def _settled_driver(transport: VfioUserTransport) -> NvmeDriver:
+    """A probed driver whose last admin command (the Asynchronous Event Request, rung without
+    waiting) has been fetched: a synchronous command behind it completes only after it."""
+    driver = _driver(transport)
+    driver.get_features(FeatureId.NUMBER_OF_QUEUES)
+    return driver
+
+
 def test_second_process_brings_up_the_controller_and_does_verified_io(server: Server, tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(server.socket).st_mode) == 0o600  # owner-only socket
     transport = server.transport()
@@ -142,7 +151,7 @@ def test_reconnect_second_client_refused_and_posted_writes(server: Server) -> No
 def test_unmapping_memory_under_live_queues_is_fatal_once_used(server: Server) -> None:
     transport = server.transport()
     try:
-        driver = _driver(transport)
+        driver = _settled_driver(transport)
         memory = transport.memory
         transport.client.dma_unmap(memory.base, memory.size)
         # Not fatal yet: a client may be remapping in several steps. Using a queue is.
@@ -166,7 +175,7 @@ def test_memory_taken_away_and_given_back_between_accesses_is_not_fatal(server: 
     memory layout changes (SeaBIOS does it while a controller it set up is live)."""
     transport = server.transport()
     try:
-        driver = _driver(transport)
+        driver = _settled_driver(transport)
         driver.write(1, 5, b"\x11" * 512)
         memory = transport.memory
         half = memory.size // 2
