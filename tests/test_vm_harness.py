@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import io
 import lzma
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from vnvme.spec.log_pages import VNVME_COUNTERS, VNVME_COUNTERS_SIGNATURE
 from vnvme.vm.cpio import CpioWriter
-from vnvme.vm.guest import parse_results, scenario_archive, trace_doorbells_between_marks
-from vnvme.vm.provision import ProvisionError, module_depends, module_key, module_load_order, rooted
+from vnvme.vm.guest import Guest, parse_results, scenario_archive, trace_doorbells_between_marks
+from vnvme.vm.provision import (
+    Image,
+    ProvisionError,
+    module_depends,
+    module_key,
+    module_load_order,
+    rooted,
+)
 from vnvme.vm.scenarios import (
     FIO_VERIFY_MAGIC,
     DepthResult,
@@ -127,6 +136,24 @@ def test_rooted_command_mounts_in_a_private_namespace() -> None:
     for inner in ("/dev", "/proc", "/sys", "/tmp/run"):
         assert f"mount --rbind {inner} /cache/root{inner}" in script
     assert argv[-3:] == ["qemu-system-x86_64", "-m", "512M"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="mount namespaces need root")
+def test_a_boot_leaves_no_mount_point_in_the_cached_root(tmp_path: Path) -> None:
+    """Issue "first hour" item 9: every ``vnvme vm run`` left an empty ``vnvme-vm-*`` folder in
+    the cache, the mount point of its run folder. A root without QEMU makes the boot fail at
+    once, after the mounts were made."""
+    root = tmp_path / "cache" / "trixie"
+    (root / "opt").mkdir(parents=True)
+    (root / "opt" / "initrd").write_bytes(b"0707")
+    run_dir = tmp_path / "runs" / "vnvme-vm-1"
+    run_dir.mkdir(parents=True)
+    image = Image(root, "6.1", "6.1.0", "/opt/vmlinuz", "/opt/initrd", "none")
+    result = Guest(image, run_dir, "guest1", [], {"PHASE": "main"}).boot(timeout=60)
+    assert result.exit_code not in (0, None) and not result.timed_out
+    assert (root / "dev").is_dir()  # the mounts were made
+    assert not (root / "tmp").exists(), sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert run_dir.is_dir() and (run_dir / "guest1.initrd").is_file()  # the run's own folder stays
 
 
 def test_trace_cut_at_get_features_marks() -> None:

@@ -19,6 +19,7 @@ with the process, whatever happens to it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import lzma
@@ -28,7 +29,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -90,6 +91,31 @@ def rooted(root: Path, argv: Sequence[str], binds: Iterable[Path | str] = ()) ->
     lines.append(f'exec chroot {shlex.quote(str(root))} /usr/bin/env -i {_PATH} HOME=/root LANG=C.UTF-8 "$@"')
     script = "\n".join(lines)
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "vnvme-vm", *argv]
+
+
+@contextlib.contextmanager
+def mount_points(root: Path, binds: Iterable[Path | str]) -> Iterator[None]:
+    """The folders in ``root`` that :func:`rooted` mounts ``binds`` on, for as long as the block runs.
+
+    The mounts vanish with their namespace but a folder made for one would stay in the cache, one
+    per run: those made here are removed afterwards (only while empty: rmdir, never a tree).
+    """
+    made: list[Path] = []
+    try:
+        for inner in binds:
+            missing: list[Path] = []
+            target = root / str(inner).lstrip("/")
+            while not target.exists():
+                missing.append(target)
+                target = target.parent
+            for folder in reversed(missing):
+                folder.mkdir()
+                made.append(folder)
+        yield
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _run(
