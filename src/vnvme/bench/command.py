@@ -65,7 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fio.add_argument("--size", type=_size, help="bytes of the namespace to use (all of it)")
     fio.add_argument("--offset", type=_size, default=0, help="where the range starts (0)")
     fio.add_argument("--verify", choices=["crc32c"], help="write a pattern and check it on read")
-    fio.add_argument("--output-format", choices=["normal", "json"], default="normal")
+    fio.add_argument(
+        "--output-format",
+        choices=["normal", "json", "json+"],
+        default="normal",
+        help="json+: json with fio's latency histogram ('bins' in clat_ns)",
+    )
     fio.add_argument("--output", metavar="FILE", help="write the report (tables or JSON) to FILE")
     fio.add_argument("--json-output", metavar="FILE", help="also write the fio-format JSON report to FILE")
     exp = parser.add_argument_group("experiment")
@@ -174,8 +179,10 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     points = run_bench(options, progress)
     stream = open(args.output, "w") if args.output else out  # noqa: SIM115 - closed below
     try:
-        if args.output_format == "json":
-            json.dump(json_report(points, options, started), stream, indent=2)
+        if args.output_format in ("json", "json+"):
+            json.dump(
+                json_report(points, options, started, bins=args.output_format == "json+"), stream, indent=2
+            )
             stream.write("\n")
         else:
             print(f"# vnvme bench: {what}, {amount} per point, against {target}", file=stream)
@@ -197,7 +204,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     return 0
 
 
-def json_report(points: list[Point], options: BenchOptions, started: float) -> dict[str, object]:
+def json_report(
+    points: list[Point], options: BenchOptions, started: float, *, bins: bool = False
+) -> dict[str, object]:
     from vnvme.bench.fio_json import to_fio_json
 
     jobs = []
@@ -230,4 +239,4 @@ def json_report(points: list[Point], options: BenchOptions, started: float) -> d
         "points": extra_points,
         "started": started,
     }
-    return to_fio_json(jobs, extra=extra)
+    return to_fio_json(jobs, extra=extra, bins=bins)
