@@ -628,7 +628,10 @@ def test_fio_json_shape_and_consistency(rig: Rig) -> None:
         assert options["iodepth"] == str(spec.iodepth) and options["numjobs"] == "1"
         assert options["rwmixread"] == str(spec.rwmixread) and options["verify"] == "0"
         assert options["offset"] == str(spec.offset)
-        assert "sync" not in job
+        assert job["sync"] == {
+            "total_ios": 0,
+            "lat_ns": {"min": 0, "max": 0, "mean": 0.0, "stddev": 0.0, "N": 0},
+        }
         for direction in ("read", "write", "trim"):
             block = job[direction]
             for key in ("io_bytes", "io_kbytes", "bw_bytes", "bw", "iops", "runtime", "total_ios"):

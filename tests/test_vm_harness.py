@@ -5,18 +5,32 @@ from __future__ import annotations
 
 import io
 import lzma
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from vnvme.spec.log_pages import VNVME_COUNTERS, VNVME_COUNTERS_SIGNATURE
 from vnvme.vm.cpio import CpioWriter
-from vnvme.vm.guest import parse_results, scenario_archive, trace_doorbells_between_marks
-from vnvme.vm.provision import ProvisionError, module_depends, module_key, module_load_order, rooted
+from vnvme.vm.guest import Guest, parse_results, scenario_archive, trace_doorbells_between_marks
+from vnvme.vm.provision import (
+    Image,
+    ProvisionError,
+    module_depends,
+    module_key,
+    module_load_order,
+    rooted,
+)
 from vnvme.vm.scenarios import (
     FIO_VERIFY_MAGIC,
     DepthResult,
     DeviceColumn,
+    VmOptions,
+    boot_with_progress,
     fio_verify_blocks,
     format_columns,
     parse_counters,
@@ -127,6 +141,102 @@ def test_rooted_command_mounts_in_a_private_namespace() -> None:
     for inner in ("/dev", "/proc", "/sys", "/tmp/run"):
         assert f"mount --rbind {inner} /cache/root{inner}" in script
     assert argv[-3:] == ["qemu-system-x86_64", "-m", "512M"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="mount namespaces need root")
+def test_a_boot_leaves_no_mount_point_in_the_cached_root(tmp_path: Path) -> None:
+    """Issue "first hour" item 9: every ``vnvme vm run`` left an empty ``vnvme-vm-*`` folder in
+    the cache, the mount point of its run folder. A root without QEMU makes the boot fail at
+    once, after the mounts were made."""
+    root = tmp_path / "cache" / "trixie"
+    (root / "opt").mkdir(parents=True)
+    (root / "opt" / "initrd").write_bytes(b"0707")
+    run_dir = tmp_path / "runs" / "vnvme-vm-1"
+    run_dir.mkdir(parents=True)
+    image = Image(root, "6.1", "6.1.0", "/opt/vmlinuz", "/opt/initrd", "none")
+    result = Guest(image, run_dir, "guest1", [], {"PHASE": "main"}).boot(timeout=60)
+    assert result.exit_code not in (0, None) and not result.timed_out
+    assert (root / "dev").is_dir()  # the mounts were made
+    assert not (root / "tmp").exists(), sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert run_dir.is_dir() and (run_dir / "guest1.initrd").is_file()  # the run's own folder stays
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="mount namespaces need root")
+def test_a_boot_says_when_it_starts_and_how_it_ended(tmp_path: Path) -> None:
+    """Issue "first hour" item 13: a guest boot takes minutes; it says so, and when it is over."""
+    root = tmp_path / "root"
+    (root / "opt").mkdir(parents=True)
+    (root / "opt" / "initrd").write_bytes(b"0707")
+    image = Image(root, "6.1", "6.1.0", "/opt/vmlinuz", "/opt/initrd", "none")
+    lines: list[str] = []
+    guest = Guest(image, tmp_path, "guest1", [], {"PHASE": "main"})
+    result = boot_with_progress(guest, VmOptions(boot_timeout=60, say=lines.append), "against nothing")
+    assert lines == [
+        "[vm] guest1: booting against nothing ...",
+        f"[vm] guest1: QEMU exited ({result.exit_code}) after {result.seconds:.0f} s, 0 guest boot(s)",
+    ]
+
+
+def test_vm_progress_shows_through_pytest_capture(tmp_path: Path) -> None:
+    """Item 13: the VM tests' progress reaches the terminal while pytest captures output (a
+    print in the same fixture does not: the control)."""
+    (tmp_path / "test_slow.py").write_text(
+        textwrap.dedent(
+            """
+            import pytest
+            from vm.conftest import vm_say  # the fixture under test
+
+            @pytest.fixture(scope="module")
+            def cache(vm_say):
+                print("[hidden] a print, captured")
+                vm_say("[vm] debootstrap: 19 s")
+                return 1
+
+            def test_one(cache):
+                assert cache == 1
+            """
+        )
+    )
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_slow.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[vm] debootstrap: 19 s\n" in done.stdout
+    assert "[hidden]" not in done.stdout + done.stderr
+
+
+def test_check_script_says_up_front_what_the_vm_tests_need(tmp_path: Path) -> None:
+    """Item 13: ``bash scripts/check`` says before anything else that it provisions and boots
+    guests, and how to leave them out; the quick form passes its arguments on to pytest."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    for tool in ("ruff", "mypy", "python"):
+        (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        (stubs / tool).chmod(0o755)
+    script = Path(__file__).parents[1] / "scripts" / "check"
+    env = dict(os.environ, PATH=f"{stubs}{os.pathsep}/usr/bin{os.pathsep}/bin")
+
+    def check(*args: str) -> str:
+        done = subprocess.run(
+            ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    first = check().splitlines()[0]
+    for words in ("provision a Debian guest cache", "root", "1.2 GB", "boot", "-m 'not vm'"):
+        assert words in first, first
+    assert calls.read_text().splitlines()[-1] == "python -m pytest -q"
+    assert check("-m", "not vm") == ""
+    assert calls.read_text().splitlines()[-1] == "python -m pytest -q -m not vm"
 
 
 def test_trace_cut_at_get_features_marks() -> None:

@@ -8,6 +8,8 @@ reason; they are never skipped. ``pytest -m "not vm"`` leaves them out on purpos
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from vnvme.vm.provision import Provisioner
@@ -30,10 +32,11 @@ SCENARIOS = [
 
 
 @pytest.fixture(scope="module", params=["6.1", "6.12"])
-def report(request: pytest.FixtureRequest) -> ScenarioReport:
-    """Debian 12's kernel and Debian 13's: they name and probe namespaces differently."""
-    image = Provisioner(say=lambda line: print(line, flush=True)).image(request.param)
-    return run_scenarios(image, VmOptions(runtime=2, ramp=1, boot_timeout=900))
+def report(request: pytest.FixtureRequest, vm_say: Callable[[str], None]) -> ScenarioReport:
+    """Debian 12's kernel and Debian 13's: they name and probe namespaces differently. Progress
+    (provisioning steps, guest boots) goes to the terminal as it happens (``vm_say``)."""
+    image = Provisioner(say=vm_say).image(request.param)
+    return run_scenarios(image, VmOptions(runtime=2, ramp=1, boot_timeout=900, say=vm_say))
 
 
 def test_every_scenario_was_judged(report: ScenarioReport) -> None:

@@ -106,9 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fio.add_argument("--verify", choices=["crc32c"], help="write a pattern and check it on read")
     fio.add_argument(
         "--output-format",
-        choices=["normal", "json"],
+        choices=["normal", "json", "json+"],
         default="normal",
-        help="normal: Markdown tables; json: fio's JSON plus a 'vnvme' block (normal)",
+        help="normal: Markdown tables; json: fio's JSON plus a 'vnvme' block; json+: json with "
+        "fio's latency histogram ('bins' in clat_ns) (normal)",
     )
     fio.add_argument("--output", metavar="FILE", help="write the report (tables or JSON) to FILE")
     fio.add_argument("--json-output", metavar="FILE", help="also write the fio-format JSON report to FILE")
@@ -291,8 +292,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     try:
         stream = open(args.output, "w") if args.output else out  # noqa: SIM115 - closed below
         try:
-            if args.output_format == "json":
-                json.dump(json_report(points, options, started), stream, indent=2)
+            if args.output_format in ("json", "json+"):
+                report = json_report(points, options, started, bins=args.output_format == "json+")
+                json.dump(report, stream, indent=2)
                 stream.write("\n")
             else:
                 print(f"# vnvme bench: {what}, {amount} per point{runs}, against {target}", file=stream)
@@ -324,9 +326,12 @@ def jobname(point: Point, options: BenchOptions) -> str:
     return name if options.repeat == 1 else f"{name}/r{point.repeat}"
 
 
-def json_report(points: list[Point], options: BenchOptions, started: float) -> dict[str, object]:
+def json_report(
+    points: list[Point], options: BenchOptions, started: float, *, bins: bool = False
+) -> dict[str, object]:
     """fio's JSON, one job per run; the 'vnvme' block has each run's counters ("points") and,
-    per (placement, variant, iodepth), the median and spread over its runs ("summary")."""
+    per (placement, variant, iodepth), the median and spread over its runs ("summary").
+    ``bins``: fio's json+ latency histogram in each job's clat_ns."""
     from vnvme.bench.fio_json import to_fio_json
 
     jobs = []
@@ -360,4 +365,4 @@ def json_report(points: list[Point], options: BenchOptions, started: float) -> d
         "summary": summary(points, lambda p: jobname(p, options)),
         "started": started,
     }
-    return to_fio_json(jobs, extra=extra)
+    return to_fio_json(jobs, extra=extra, bins=bins)

@@ -40,8 +40,10 @@ Any error status on an I/O raises :class:`NvmeError`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+import resource
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -197,6 +199,8 @@ class LatencyStats:
     stddev: float
     #: (percentile, value) pairs, exact nearest-rank values of the samples.
     percentiles: tuple[tuple[float, int], ...]
+    #: (value, how many samples had it), ascending: the whole distribution, for histograms.
+    counts: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_samples(
@@ -209,7 +213,8 @@ class LatencyStats:
         mean = math.fsum(ordered) / n
         stddev = math.sqrt(math.fsum((x - mean) ** 2 for x in ordered) / (n - 1)) if n > 1 else 0.0
         pairs = tuple((float(p), percentile_nearest_rank(ordered, p)) for p in percentiles)
-        return cls(n, ordered[0], ordered[-1], mean, stddev, pairs)
+        counts = tuple((value, len(list(same))) for value, same in itertools.groupby(ordered))
+        return cls(n, ordered[0], ordered[-1], mean, stddev, pairs, counts)
 
     def percentile(self, p: float) -> int:
         for key, value in self.percentiles:
@@ -262,6 +267,13 @@ class JobResult:
     doorbells_skipped: int
     #: Interrupts over the window when the driver or transport counts them, else None.
     interrupts: int | None
+    #: This thread's resource usage over the window (getrusage): CPU time in user and kernel
+    #: mode, context switches (voluntary + involuntary), major and minor page faults.
+    user_cpu_ns: int
+    system_cpu_ns: int
+    context_switches: int
+    major_faults: int
+    minor_faults: int
 
     @property
     def elapsed(self) -> float:
@@ -372,12 +384,17 @@ class _Job:
         self.measured_issued = 0
 
 
+#: fio counts its own thread; so does the engine where Linux can (RUSAGE_THREAD).
+_RUSAGE_WHO: Final = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     sq: int
     cq: int
     skipped: int
     interrupts: int | None
+    usage: resource.struct_rusage
 
 
 class _Run:
@@ -484,7 +501,13 @@ class _Run:
             interrupts = getattr(self.driver.transport, "interrupts_seen", None)
             if not isinstance(interrupts, int):
                 interrupts = None
-        return _Snapshot(stats.sq_doorbell_mmio, stats.cq_doorbell_mmio, stats.doorbells_skipped, interrupts)
+        return _Snapshot(
+            stats.sq_doorbell_mmio,
+            stats.cq_doorbell_mmio,
+            stats.doorbells_skipped,
+            interrupts,
+            resource.getrusage(_RUSAGE_WHO),
+        )
 
     # Section: commands
 
@@ -723,4 +746,10 @@ def run_job(
         cq_doorbell_mmio=after.cq - before.cq,
         doorbells_skipped=after.skipped - before.skipped,
         interrupts=interrupts,
+        user_cpu_ns=round((after.usage.ru_utime - before.usage.ru_utime) * 1e9),
+        system_cpu_ns=round((after.usage.ru_stime - before.usage.ru_stime) * 1e9),
+        context_switches=(after.usage.ru_nvcsw + after.usage.ru_nivcsw)
+        - (before.usage.ru_nvcsw + before.usage.ru_nivcsw),
+        major_faults=after.usage.ru_majflt - before.usage.ru_majflt,
+        minor_faults=after.usage.ru_minflt - before.usage.ru_minflt,
     )

@@ -72,15 +72,11 @@ def _say(text: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     provisioner = Provisioner(args.cache, mirror=args.mirror, say=_say)
-    started = time.monotonic()
     try:
         image = provisioner.image(args.kernel)
     except ProvisionError as exc:
         print(f"vnvme vm: provisioning failed: {exc}", file=sys.stderr)
         return 2
-    _say(
-        f"[vm] ready in {time.monotonic() - started:.0f} s: {image.qemu_version}, kernel {image.kernel_version}"
-    )
     if args.vm_command == "provision":
         return 0
     options = VmOptions(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vnvme.vm.cpio import CpioWriter
-from vnvme.vm.provision import Image, rooted
+from vnvme.vm.provision import Image, mount_points, rooted
 
 #: The QEMU guest memory must be shareable so that DMA_MAP carries file descriptors.
 GUEST_MEMORY = "512M"
@@ -210,31 +210,8 @@ class Guest:
     def boot(self, timeout: float, on_line: Callable[[str], None] | None = None) -> BootResult:
         """Boot, wait for the guest to power off (or ``timeout``), and parse what it said."""
         self.prepare()
-        command = self.command()
-        started = time.monotonic()
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        if self.cpus is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(self.proc.pid, self.cpus)
-        timed_out = False
-        seen = 0
-        deadline = started + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                timed_out = True
-                self.stop()
-                break
-            time.sleep(0.2)
-            if on_line is not None:
-                seen = self._follow(seen, on_line)
-        if on_line is not None:
-            self._follow(seen, on_line)
-        qemu_output = self.proc.stdout.read() if self.proc.stdout else ""
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        seconds = time.monotonic() - started
+        with mount_points(self.image.root, [self.run_dir]):
+            exit_code, timed_out, qemu_output, seconds = self._run(timeout, on_line)
         text = _read(self.results_path)
         blocks, notes = parse_results(text)
         console = _read(self.console_path)
@@ -242,7 +219,7 @@ class Guest:
             console += "\n[qemu] " + qemu_output.strip().replace("\n", "\n[qemu] ")
         return BootResult(
             name=self.name,
-            exit_code=self.proc.returncode,
+            exit_code=exit_code,
             timed_out=timed_out,
             seconds=seconds,
             blocks=blocks,
@@ -250,6 +227,44 @@ class Guest:
             console=console,
             trace=_read(self.trace_path),
         )
+
+    def _run(
+        self, timeout: float, on_line: Callable[[str], None] | None
+    ) -> tuple[int | None, bool, str, float]:
+        """Start QEMU and wait until it exits or ``timeout`` (then stop it): (exit code, timed
+        out, its output, seconds)."""
+        started = time.monotonic()
+        proc = self.proc = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if self.cpus is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(proc.pid, self.cpus)
+        timed_out = False
+        seen = 0
+        deadline = started + timeout
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    self.stop()
+                    break
+                time.sleep(0.2)
+                if on_line is not None:
+                    seen = self._follow(seen, on_line)
+        finally:
+            # an interrupted wait (Ctrl-C) must not leave QEMU running on the mount point
+            self.stop()
+        if on_line is not None:
+            self._follow(seen, on_line)
+        qemu_output = proc.stdout.read() if proc.stdout else ""
+        if proc.stdout:
+            proc.stdout.close()
+        return proc.returncode, timed_out, qemu_output, time.monotonic() - started
 
     def _follow(self, seen: int, on_line: Callable[[str], None]) -> int:
         """Report new @@begin / @@note lines (progress while a long scenario runs)."""

@@ -19,6 +19,7 @@ with the process, whatever happens to it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import lzma
@@ -28,7 +29,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -51,6 +52,8 @@ GUEST_MODULES = ("nvme",)
 #: Programs copied into the initramfs, with the libraries ``ldd`` names.
 GUEST_PROGRAMS = ("/usr/bin/fio", "/usr/sbin/nvme")
 _PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+#: What the cache takes on disk with both kernels (measured), for the progress line.
+CACHE_SIZE = "1.2 GB"
 
 
 class ProvisionError(RuntimeError):
@@ -90,6 +93,31 @@ def rooted(root: Path, argv: Sequence[str], binds: Iterable[Path | str] = ()) ->
     lines.append(f'exec chroot {shlex.quote(str(root))} /usr/bin/env -i {_PATH} HOME=/root LANG=C.UTF-8 "$@"')
     script = "\n".join(lines)
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "vnvme-vm", *argv]
+
+
+@contextlib.contextmanager
+def mount_points(root: Path, binds: Iterable[Path | str]) -> Iterator[None]:
+    """The folders in ``root`` that :func:`rooted` mounts ``binds`` on, for as long as the block runs.
+
+    The mounts vanish with their namespace but a folder made for one would stay in the cache, one
+    per run: those made here are removed afterwards (only while empty: rmdir, never a tree).
+    """
+    made: list[Path] = []
+    try:
+        for inner in binds:
+            missing: list[Path] = []
+            target = root / str(inner).lstrip("/")
+            while not target.exists():
+                missing.append(target)
+                target = target.parent
+            for folder in reversed(missing):
+                folder.mkdir()
+                made.append(folder)
+        yield
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _run(
@@ -353,6 +381,11 @@ class Provisioner:
             raise ProvisionError(f"unknown kernel {kernel!r}: choose from {', '.join(KERNELS)}")
         if os.geteuid() != 0:
             raise ProvisionError("provisioning and booting need root (debootstrap, chroot, mount namespaces)")
+        started = time.monotonic()
+        self.say(
+            f"[vm] guest cache {self.cache}, kernel {kernel}: provisioning what is missing "
+            f"(root, Debian's archive; about {CACHE_SIZE} and minutes the first time) ..."
+        )
         self._bootstrap()
         self._step("packages", " ".join(QEMU_PACKAGES + GUEST_TOOLS), self._packages)
         self._step(f"kernel-{kernel}", KERNELS[kernel], lambda: self._kernel(kernel))
@@ -364,13 +397,17 @@ class Provisioner:
         qemu = self._in_root(
             ["qemu-system-x86_64", "--version"], timeout=60, what="qemu-system-x86_64 --version", capture=True
         )
+        qemu_version = qemu.splitlines()[0].strip() if qemu else "?"
+        self.say(
+            f"[vm] guest cache ready in {time.monotonic() - started:.0f} s: {qemu_version}, kernel {version}"
+        )
         return Image(
             root=self.root,
             kernel_name=kernel,
             kernel_version=version,
             vmlinuz=f"/opt/vnvme/kernel-{kernel}/boot/vmlinuz-{version}",
             initrd=f"/opt/vnvme/initrd-{kernel}.cpio.gz",
-            qemu_version=qemu.splitlines()[0].strip() if qemu else "?",
+            qemu_version=qemu_version,
         )
 
 

@@ -247,6 +247,18 @@ def _progress(say: Callable[[str], None], name: str) -> Callable[[str], None]:
     return lambda line: say(f"[vm {name} {time.monotonic() - started:5.1f}s] {line}")
 
 
+def boot_with_progress(guest: Guest, options: VmOptions, what: str) -> BootResult:
+    """Boot ``guest`` saying so when it starts, what its scenario reports, and how it ended."""
+    options.say(f"[vm] {guest.name}: booting {what} ...")
+    boot = guest.boot(options.boot_timeout, _progress(options.say, guest.name))
+    if boot.timed_out:
+        ended = f"stopped after the {options.boot_timeout:.0f} s timeout"
+    else:
+        ended = f"QEMU exited ({boot.exit_code}) after {boot.seconds:.0f} s"
+    options.say(f"[vm] {guest.name}: {ended}, {boot.boots} guest boot(s)")
+    return boot
+
+
 def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
     """Boot guests against one ``vnvme serve`` and judge every scenario."""
     run_dir = Path(tempfile.mkdtemp(prefix="vnvme-vm-", dir=options.work_dir))
@@ -275,15 +287,15 @@ def run_scenarios(image: Image, options: VmOptions) -> ScenarioReport:
             VERIFY_SIZE=VERIFY_WRITE,
             VERIFY_BLOCKS=str(VERIFY_NAMESPACE_BYTES // 4096),
         )
-        say(f"[vm] guest 1 (kernel {image.kernel_version}, {image.qemu_version}) against vnvme serve ...")
         guest = Guest(image, run_dir, "guest1", vfio_user_device(socket_path), main_env, allow_reboot=True)
-        first = guest.boot(options.boot_timeout, _progress(say, "guest1"))
+        first = boot_with_progress(
+            guest, options, f"kernel {image.kernel_version} under {image.qemu_version}, against vnvme serve"
+        )
         stats_after_first = server.counters()
         blocks_on_disk = fio_verify_blocks(disk, parse_size_text(VERIFY_WRITE))
-        say("[vm] guest 2: a second boot against the same server process ...")
         quick_env = _scenario_env(options, "quick", DEPTHS="4", VERIFY_NSID="")
         guest2 = Guest(image, run_dir, "guest2", vfio_user_device(socket_path), quick_env)
-        second = guest2.boot(options.boot_timeout, _progress(say, "guest2"))
+        second = boot_with_progress(guest2, options, "a second guest against the same server process")
         final_stats = server.counters()
         server_alive = server.proc.poll() is None
     finally:
@@ -487,7 +499,7 @@ def _bench_boot(
     **kw: Any,
 ) -> BootResult:
     guest = Guest(image, run_dir, name, devices, env, **kw)
-    boot = guest.boot(options.boot_timeout, _progress(options.say, name))
+    boot = boot_with_progress(guest, options, "for fio")
     probe = boot.block("probe")
     if boot.timed_out or probe is None or not probe.ok:
         raise RuntimeError(f"{name}: the guest did not finish:\n{_tail(boot.console, 20)}")
