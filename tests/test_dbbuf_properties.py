@@ -17,7 +17,14 @@ from vnvme.controller.queues import SubmissionQueue
 from vnvme.driver.driver import QueuePair
 from vnvme.fence import full_fence
 from vnvme.spec.commands import NvmOpcode
-from vnvme.spec.dbbuf import cq_slot, max_qid_in_page, need_event, never_crossed, sq_slot
+from vnvme.spec.dbbuf import (
+    cq_slot,
+    max_qid_in_page,
+    need_event,
+    never_crossed,
+    rearm_event_idx,
+    sq_slot,
+)
 
 u16 = st.integers(0, 0xFFFF)
 
@@ -68,6 +75,19 @@ def test_eager_event_idx_rings_on_the_first_move(size: int, data: st.DataObject)
     seen = data.draw(st.integers(0, size - 1))
     step = data.draw(st.integers(1, size - 1))
     assert need_event(seen, (seen + step) % size, seen)
+
+
+@given(st.integers(2, 65536), st.data())
+def test_rearm_event_idx_rings_exactly_past_head_plus_ahead(size: int, data: st.DataObject) -> None:
+    """The two halves together: the controller publishes rearm_event_idx(head, ahead) and the
+    host, moving its index m slots on from head (wrapping at the ring's size, not at 2^16),
+    rings by need_event exactly when it passes head + ahead, and never for ahead = -1."""
+    head = data.draw(st.integers(0, size - 1), label="head")
+    ahead = data.draw(st.integers(-1, size - 2), label="ahead")
+    moved = data.draw(st.integers(1, size - 1), label="slots moved")
+    event_idx = rearm_event_idx(head, ahead, size)
+    assert 0 <= event_idx < size
+    assert need_event(event_idx, (head + moved) % size, head) == (0 <= ahead < moved)
 
 
 @given(st.integers(0, 15), st.integers(0, 3000))

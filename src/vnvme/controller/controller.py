@@ -43,7 +43,7 @@ from vnvme.spec.commands import (
     LogPageId,
     opcode_name,
 )
-from vnvme.spec.dbbuf import cq_slot, sq_slot
+from vnvme.spec.dbbuf import cq_slot, rearm_event_idx, sq_slot
 from vnvme.spec.features import InterruptCoalescing
 from vnvme.spec.log_pages import CriticalWarning
 from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg, ShutdownStatus
@@ -293,7 +293,7 @@ class Controller:
         for sq in self.sqs:
             if sq is None or not sq.shadow_mode:
                 continue
-            self._publish_sq_eventidx(sq, sq.head)
+            self._publish_sq_eventidx(sq, rearm_event_idx(sq.head, 0, sq.size))
             full_fence()  # store EventIdx -> load shadow tail
             tail = self._read_sq_shadow(sq)
             if tail is not None and tail != sq.head:
@@ -871,7 +871,7 @@ class Controller:
         # EAGER (or waiting for room): ask for a doorbell on any progress, the host's next move
         # starts at the head. NEVER: the host stops at our tail, which stays behind head - 1
         # until we learn a newer head, so EventIdx = head - 1 is never inside a crossed interval.
-        value = cq.head if cq.waiting_for_room or self._cq_eager else (cq.head - 1) % cq.size
+        value = rearm_event_idx(cq.head, 0 if cq.waiting_for_room or self._cq_eager else -1, cq.size)
         page = self.dbbuf.eventidx
         assert page is not None
         page.store(cq.slot, value)
@@ -917,7 +917,10 @@ class Controller:
             shadow.store(sq.slot, sq.tail)
             sq.shadow_last, sq.slot_kept = sq.tail, False
             sq.shadow_mode = True
-            self._publish_sq_eventidx(sq, sq.tail if not self._polling else (sq.head - 1) % sq.size)
+            if self._polling:
+                self._publish_sq_eventidx(sq, rearm_event_idx(sq.head, -1, sq.size))
+            else:
+                self._publish_sq_eventidx(sq, rearm_event_idx(sq.tail, 0, sq.size))
         for cq in self.cqs:
             if cq is None or (cq.cqid == 0 and not self.config.admin_queue_shadow):
                 continue
@@ -938,7 +941,7 @@ class Controller:
                 shadow.store(sq.slot, 0)
             sq.shadow_last, sq.slot_kept = shadow.load(sq.slot), False
             sq.shadow_mode = True
-            self._publish_sq_eventidx(sq, (sq.size - 1) if self._polling else 0)
+            self._publish_sq_eventidx(sq, rearm_event_idx(sq.head, -1 if self._polling else 0, sq.size))
         if cq is not None:
             if self.config.zero_shadow_on_create:
                 shadow.store(cq.slot, 0)
@@ -1029,7 +1032,7 @@ class Controller:
                     return processed
                 # Idle: tell the host when to ring next.
                 if self._polling:
-                    self._publish_sq_eventidx(sq, (head - 1) % n)
+                    self._publish_sq_eventidx(sq, rearm_event_idx(head, -1, n))
                     return processed
                 ahead = 0
                 if self._batch_eventidx and attempts == 0:
@@ -1046,7 +1049,7 @@ class Controller:
                         sq.renewing = False
                         if processed:
                             ahead = max(ahead, sq.predicted)
-                self._publish_sq_eventidx(sq, (head + ahead) % n)
+                self._publish_sq_eventidx(sq, rearm_event_idx(head, ahead, n))
                 full_fence()  # store EventIdx -> load shadow tail (pairs with the host's fence)
                 again = self._read_sq_shadow(sq)
                 if again is None or again == head:
