@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from host import Rig, make_rig
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
-from vnvme.controller.controller import Controller
+from vnvme.controller.doorbells import Doorbells, QueueDoorbell
 from vnvme.controller.namespace import Namespace, NullBackend
 from vnvme.controller.queues import SubmissionQueue
 from vnvme.driver.driver import QueuePair
@@ -135,19 +135,28 @@ class ShadowProtocol(RuleBasedStateMachine):
         self.submitted = 0
         self.race = 0  # commands the host stores and checks just before the next publication
         self.posted: list[int] = []  # doorbell writes decided during a race, delivered later
-        self.real_publish = Controller._publish_sq_eventidx
+        # Every SQ EventIdx store goes through one of these two: the host races in before it.
+        self.real_store, self.real_probe = Doorbells.store_eventidx, Doorbells.probe
         machine = self
 
-        def racing_publish(ctrl: Controller, sq: SubmissionQueue, value: int) -> None:
-            if sq.sqid == 1:
+        def race(queue: QueueDoorbell) -> None:
+            if isinstance(queue, SubmissionQueue) and queue.sqid == 1:
                 while machine.race and machine.qp.can_submit():
                     machine.race -= 1
                     machine._store_one()
                     machine._check(deliver=False)
                 machine.race = 0
-            machine.real_publish(ctrl, sq, value)
 
-        Controller._publish_sq_eventidx = racing_publish  # type: ignore[method-assign,assignment]
+        def racing_store(doorbells: Doorbells, queue: QueueDoorbell, value: int) -> None:
+            race(queue)
+            machine.real_store(doorbells, queue, value)
+
+        def racing_probe(doorbells: Doorbells, queue: QueueDoorbell, value: int, size: int = 1 << 32) -> int:
+            race(queue)
+            return machine.real_probe(doorbells, queue, value, size)
+
+        Doorbells.store_eventidx = racing_store  # type: ignore[method-assign,assignment]
+        Doorbells.probe = racing_probe  # type: ignore[method-assign,assignment]
 
     def _store_one(self) -> None:
         qp = self.qp
@@ -220,7 +229,7 @@ class ShadowProtocol(RuleBasedStateMachine):
         assert sq.head == self.qp.sq_tail, f"controller idle at {sq.head}, host tail {self.qp.sq_tail}"
 
     def teardown(self) -> None:
-        Controller._publish_sq_eventidx = self.real_publish  # type: ignore[method-assign]
+        Doorbells.store_eventidx, Doorbells.probe = self.real_store, self.real_probe  # type: ignore[method-assign]
         # Drain: check, run and reap until every command has completed.
         self.race = 0
         for _ in range(50):

@@ -39,7 +39,7 @@ def test_the_same_value_stored_again_a_lap_later_is_not_lost() -> None:
         function.controller = stub  # type: ignore[assignment]
         function._scan_doorbells()  # first look after enable: the page is cleared
         sq1 = 2  # dword index of SQ 1's tail doorbell (DSTRD 0)
-        function._db_words[sq1] = 5
+        function._db_page.words[sq1] = 5
         function._scan_doorbells()
         assert stub.rung == [(regs.DOORBELL_BASE + 8, 5)]
         stub.held = 5  # the controller caught up

@@ -24,12 +24,11 @@ from typing import Final
 
 from vnvme.controller import admin, faults
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
-from vnvme.controller.doorbells import DoorbellBuffers
+from vnvme.controller.doorbells import Doorbells
 from vnvme.controller.errors import CommandFailed
 from vnvme.controller.namespace import Namespace
 from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
 from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
-from vnvme.fence import full_fence as full_fence  # re-exported: tests slow the fence down
 from vnvme.memory import GuestMemory, GuestMemoryError
 from vnvme.spec import registers as regs
 from vnvme.spec.commands import (
@@ -152,7 +151,7 @@ class Controller:
         self.page_size = 4096
         self.sqs: list[SubmissionQueue | None] = [None] * (cfg.max_io_queues + 1)
         self.cqs: list[CompletionQueue | None] = [None] * (cfg.max_io_queues + 1)
-        self.dbbuf = DoorbellBuffers()
+        self.doorbells = Doorbells()
         self._pending: dict[int, SubmissionQueue] = {}
         self._touched_cqs: dict[int, CompletionQueue] = {}
         self._coalescing: dict[int, _Coalescing] = {}
@@ -181,15 +180,12 @@ class Controller:
         self._db_cq_admin = 0
         self._db_cq_io = 0
         self._invalid_doorbells = 0
-        self._shadow_reads = 0
-        self._eventidx_writes = 0
         self._rearms_won = 0
         self._rearms_lost = 0
         self._interrupts = 0
         self._completions = 0
         self._error_completions = 0
         self._dbbuf_configs = 0
-        self._shadow_catchups = 0
         self._internal_errors = 0
         self._mapped_doorbells = 0
         self._enable_count = 0
@@ -276,7 +272,7 @@ class Controller:
 
     def poll(self, now: float | None = None, budget: int | None = None) -> list[Effect]:
         """Polling mode: look at every shadow SQ tail, as if each had been rung, then process."""
-        if self.dbbuf.active and self._ready():
+        if self.doorbells.active and self._ready():
             for sq in self.sqs:
                 if sq is not None and sq.shadow_mode and not sq.blocked:
                     self._pending[sq.sqid] = sq
@@ -285,7 +281,7 @@ class Controller:
     def rearm(self) -> bool:
         """Before a polling edge sleeps: publish EAGER EventIdx values and re-check every shadow
         tail. True if nothing is pending (safe to sleep until a doorbell), False if work arrived."""
-        if not self.dbbuf.active or not self._ready():
+        if not self.doorbells.active or not self._ready():
             return not self._pending
         # From here on idle SQs publish EAGER values until the edge polls again.
         self._polling = False
@@ -293,9 +289,7 @@ class Controller:
         for sq in self.sqs:
             if sq is None or not sq.shadow_mode:
                 continue
-            self._publish_sq_eventidx(sq, rearm_event_idx(sq.head, 0, sq.size))
-            full_fence()  # store EventIdx -> load shadow tail
-            tail = self._read_sq_shadow(sq)
+            tail = self._probe_sq(sq, rearm_event_idx(sq.head, 0, sq.size))
             if tail is not None and tail != sq.head:
                 sq.rearms_lost += 1
                 self._rearms_lost += 1
@@ -387,15 +381,15 @@ class Controller:
             doorbell_cq_admin=self._db_cq_admin,
             doorbell_cq_io=self._db_cq_io,
             invalid_doorbell_writes=self._invalid_doorbells,
-            shadow_reads=self._shadow_reads,
-            eventidx_writes=self._eventidx_writes,
+            shadow_reads=self.doorbells.reads,
+            eventidx_writes=self.doorbells.eventidx_writes,
             rearms_won=self._rearms_won,
             rearms_lost=self._rearms_lost,
             interrupts_raised=self._interrupts,
             completions_posted=self._completions,
             error_completions=self._error_completions,
             dbbuf_configs=self._dbbuf_configs,
-            shadow_catchups=self._shadow_catchups,
+            shadow_catchups=self.doorbells.catchups,
             internal_errors=self._internal_errors,
             mapped_doorbell_updates=self._mapped_doorbells,
             admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
@@ -447,8 +441,8 @@ class Controller:
         very value the page already holds (a stale value from a lap ago, looked at while the
         controller was idle at the same head) changes nothing there. The shadow slot it wrote
         first is the truth. True if any SQ was marked."""
-        page = self.dbbuf.shadow
-        if page is None or not self.csts & 1 or self._fatal or self._memory_missing:
+        doorbells = self.doorbells
+        if not doorbells.active or not self.csts & 1 or self._fatal or self._memory_missing:
             return False
         found = False
         for sq in self.sqs:
@@ -457,7 +451,7 @@ class Controller:
                 and sq.shadow_mode
                 and sq.slot_kept
                 and not sq.blocked
-                and page.load(sq.slot) != sq.head
+                and doorbells.peek(sq) != sq.head
             ):
                 self._pending[sq.sqid] = sq
                 found = True
@@ -738,17 +732,9 @@ class Controller:
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return
         if sq.shadow_mode:
-            page = self.dbbuf.shadow
-            assert page is not None
-            self._shadow_reads += 1  # _load_shadow, inlined: once per doorbell
-            shadow = page.load(sq.slot)
-            sq.shadow_reads += 1
-            if shadow != sq.shadow_last:
-                sq.slot_kept = True  # the host stores its tails there: the slot is authoritative
-                sq.shadow_last = shadow
+            shadow = self.doorbells.load(sq)
             if not sq.slot_kept and not (shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n):
-                self._catch_up_shadow(sq.sqid, False, sq.slot, shadow, value)
-                sq.shadow_last = value
+                self._catch_up_shadow(sq, sq.sqid, False, shadow, value)
         else:
             sq.tail = value
         if not sq.blocked:
@@ -761,11 +747,7 @@ class Controller:
         n = cq.size
         used = (cq.tail - cq.head) % n
         if cq.shadow_mode and value < n:
-            shadow = self._load_shadow(cq.slot)
-            cq.shadow_reads += 1
-            if shadow != cq.shadow_last:
-                cq.slot_kept = True
-                cq.shadow_last = shadow
+            shadow = self.doorbells.load(cq)
             if cq.slot_kept:
                 # The host keeps its head in the slot: this MMIO is a wake-up, and a posted one
                 # may carry a head older than the slot's; the slot decides.
@@ -780,60 +762,42 @@ class Controller:
             if shadow < n and (value - cq.head) % n <= (shadow - cq.head) % n <= used:
                 head = shadow
             else:
-                self._catch_up_shadow(cq.cqid, True, cq.slot, shadow, value)
-                cq.shadow_last = value
+                self._catch_up_shadow(cq, cq.cqid, True, shadow, value)
         self._set_cq_head(cq, head)
 
-    def _catch_up_shadow(self, qid: int, is_cq: bool, slot: int, shadow: int, value: int) -> None:
-        """An MMIO doorbell value ahead of the queue's shadow slot: this host rings MMIO without
-        keeping the slot (Linux, for the admin queue). Bring the slot up to the MMIO value so the
-        shadow page stays authoritative and current. A host that keeps the slot stores it before
-        it rings, so its slot is never behind its own MMIO value: this never undoes its stores.
-        """
-        page = self.dbbuf.shadow
-        assert page is not None
-        page.store(slot, value)
-        self._shadow_catchups += 1
+    def _catch_up_shadow(
+        self, queue: SubmissionQueue | CompletionQueue, qid: int, is_cq: bool, shadow: int, value: int
+    ) -> None:
+        """An MMIO doorbell value ahead of the queue's shadow slot: see Doorbells.catch_up."""
+        self.doorbells.catch_up(queue, value)
         if self._tracing:
             self._trace("pci_nvme_dbbuf_shadow_catchup", qid, int(is_cq), shadow, value)
 
-    def _load_shadow(self, slot: int) -> int:
-        page = self.dbbuf.shadow
-        assert page is not None
-        self._shadow_reads += 1
-        return page.load(slot)
-
-    def _read_sq_shadow(self, sq: SubmissionQueue) -> int | None:
-        """The SQ tail from its shadow slot, or None if the value is not a valid tail."""
-        page = self.dbbuf.shadow
-        assert page is not None
-        self._shadow_reads += 1  # _load_shadow, inlined: twice per batch
-        value = page.load(sq.slot)
-        sq.shadow_reads += 1
+    def _sq_tail(self, sq: SubmissionQueue, value: int) -> int | None:
+        """A tail read from the SQ's shadow slot, or None if the value is not a valid tail."""
         if value >= sq.size:
             if self._tracing:
                 self._trace("pci_nvme_err_shadow_invalid_value", sq.sqid, 0, value)
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return None
-        if value != sq.shadow_last:
-            sq.slot_kept = True
-            sq.shadow_last = value
         if self._tracing:
             self._trace("pci_nvme_update_sq_tail", sq.sqid, value)
         return value
 
-    def _refresh_cq_head(self, cq: CompletionQueue) -> None:
-        """Learn how far the host has consumed, from the shadow slot."""
+    def _probe_sq(self, sq: SubmissionQueue, event_idx: int) -> int | None:
+        """Publish the SQ's EventIdx, fence, re-read its tail (None: not a valid tail)."""
+        value = self.doorbells.probe(sq, event_idx, sq.size)
+        if self._tracing:
+            self._trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
+        return self._sq_tail(sq, value)
+
+    def _refresh_cq_head(self, cq: CompletionQueue, value: int | None = None) -> None:
+        """Learn how far the host has consumed, from the shadow slot (or the ``value`` a probe
+        just read there)."""
         if not cq.shadow_mode:
             return
-        page = self.dbbuf.shadow
-        assert page is not None
-        self._shadow_reads += 1  # _load_shadow, inlined
-        value = page.load(cq.slot)
-        cq.shadow_reads += 1
-        if value != cq.shadow_last:
-            cq.slot_kept = True
-            cq.shadow_last = value
+        if value is None:
+            value = self.doorbells.load(cq)
         n = cq.size
         if value >= n or (value - cq.head) % n > (cq.tail - cq.head) % n:
             if self._tracing:
@@ -859,24 +823,19 @@ class Controller:
                 self._pending[sq.sqid] = sq
 
     def _publish_sq_eventidx(self, sq: SubmissionQueue, value: int) -> None:
-        page = self.dbbuf.eventidx
-        assert page is not None
-        page.store(sq.slot, value)
-        sq.eventidx_writes += 1
-        self._eventidx_writes += 1
+        self.doorbells.store_eventidx(sq, value)
         if self._tracing:
             self._trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
 
-    def _publish_cq_eventidx(self, cq: CompletionQueue) -> None:
+    def _cq_event_idx(self, cq: CompletionQueue) -> int:
         # EAGER (or waiting for room): ask for a doorbell on any progress, the host's next move
         # starts at the head. NEVER: the host stops at our tail, which stays behind head - 1
         # until we learn a newer head, so EventIdx = head - 1 is never inside a crossed interval.
-        value = rearm_event_idx(cq.head, 0 if cq.waiting_for_room or self._cq_eager else -1, cq.size)
-        page = self.dbbuf.eventidx
-        assert page is not None
-        page.store(cq.slot, value)
-        cq.eventidx_writes += 1
-        self._eventidx_writes += 1
+        return rearm_event_idx(cq.head, 0 if cq.waiting_for_room or self._cq_eager else -1, cq.size)
+
+    def _publish_cq_eventidx(self, cq: CompletionQueue) -> None:
+        value = self._cq_event_idx(cq)
+        self.doorbells.store_eventidx(cq, value)
         if self._tracing:
             self._trace("pci_nvme_update_cq_eventidx", cq.cqid, value)
 
@@ -887,9 +846,11 @@ class Controller:
             return True
         if cq.shadow_mode and not cq.waiting_for_room:
             cq.waiting_for_room = True
-            self._publish_cq_eventidx(cq)
-            full_fence()  # store EventIdx -> load shadow head
-            self._refresh_cq_head(cq)
+            event_idx = self._cq_event_idx(cq)
+            head = self.doorbells.probe(cq, event_idx)
+            if self._tracing:
+                self._trace("pci_nvme_update_cq_eventidx", cq.cqid, event_idx)
+            self._refresh_cq_head(cq, head)
             if not cq.is_full():
                 cq.waiting_for_room = False
                 self._publish_cq_eventidx(cq)
@@ -907,16 +868,13 @@ class Controller:
         Existing queues get their current tail / head written into their shadow slot (QEMU and
         OpenVMM do the same), so the slot holds a valid value before the controller reads it.
         """
-        self.dbbuf.configure(self.memory, shadow_addr, eventidx_addr, self.page_size)
+        self.doorbells.configure(self.memory, shadow_addr, eventidx_addr, self.page_size)
         self._dbbuf_configs += 1
-        shadow = self.dbbuf.shadow
-        assert shadow is not None
+        doorbells = self.doorbells
         for sq in self.sqs:
             if sq is None or (sq.sqid == 0 and not self.config.admin_queue_shadow):
                 continue
-            shadow.store(sq.slot, sq.tail)
-            sq.shadow_last, sq.slot_kept = sq.tail, False
-            sq.shadow_mode = True
+            doorbells.take(sq, sq.tail)
             if self._polling:
                 self._publish_sq_eventidx(sq, rearm_event_idx(sq.head, -1, sq.size))
             else:
@@ -924,29 +882,22 @@ class Controller:
         for cq in self.cqs:
             if cq is None or (cq.cqid == 0 and not self.config.admin_queue_shadow):
                 continue
-            shadow.store(cq.slot, cq.head)
-            cq.shadow_last, cq.slot_kept = cq.head, False
-            cq.shadow_mode = True
+            doorbells.take(cq, cq.head)
             self._publish_cq_eventidx(cq)
         if self._tracing:
             self._trace("pci_nvme_dbbuf_config", shadow_addr, eventidx_addr)
 
     def _attach_to_dbbuf(self, sq: SubmissionQueue | None, cq: CompletionQueue | None) -> None:
         """A queue created while shadow doorbells are on starts on its shadow slot."""
-        shadow = self.dbbuf.shadow
-        if shadow is None:
+        doorbells = self.doorbells
+        if not doorbells.active:
             return
+        fresh = 0 if self.config.zero_shadow_on_create else None
         if sq is not None:
-            if self.config.zero_shadow_on_create:
-                shadow.store(sq.slot, 0)
-            sq.shadow_last, sq.slot_kept = shadow.load(sq.slot), False
-            sq.shadow_mode = True
+            doorbells.take(sq, fresh)
             self._publish_sq_eventidx(sq, rearm_event_idx(sq.head, -1 if self._polling else 0, sq.size))
         if cq is not None:
-            if self.config.zero_shadow_on_create:
-                shadow.store(cq.slot, 0)
-            cq.shadow_last, cq.slot_kept = shadow.load(cq.slot), False
-            cq.shadow_mode = True
+            doorbells.take(cq, fresh)
             self._publish_cq_eventidx(cq)
 
     # Section: command processing
@@ -994,8 +945,8 @@ class Controller:
         attempts = 0
         while True:
             if sq.shadow_mode:
-                tail = self._read_sq_shadow(sq)
-                if tail is None:
+                tail = self.doorbells.load(sq, n)
+                if (tail >= n or self._tracing) and self._sq_tail(sq, tail) is None:
                     return processed
                 sq.tail = tail
             tail = sq.tail
@@ -1049,9 +1000,7 @@ class Controller:
                         sq.renewing = False
                         if processed:
                             ahead = max(ahead, sq.predicted)
-                self._publish_sq_eventidx(sq, rearm_event_idx(head, ahead, n))
-                full_fence()  # store EventIdx -> load shadow tail (pairs with the host's fence)
-                again = self._read_sq_shadow(sq)
+                again = self._probe_sq(sq, rearm_event_idx(head, ahead, n))
                 if again is None or again == head:
                     sq.rearms_won += 1
                     self._rearms_won += 1
@@ -1278,13 +1227,13 @@ class Controller:
             queue.drop_view()
         if self._memory_missing is None:
             self._dbbuf_wanted = (
-                self.dbbuf.active,
-                self.dbbuf.shadow_addr,
-                self.dbbuf.eventidx_addr,
-                self.dbbuf.page_size,
+                self.doorbells.active,
+                self.doorbells.shadow_addr,
+                self.doorbells.eventidx_addr,
+                self.doorbells.page_size,
             )
         was_active, shadow_addr, eventidx_addr, page_size = self._dbbuf_wanted
-        self.dbbuf.forget()
+        self.doorbells.reset()
         try:
             for cq in self.cqs:
                 if cq is not None:
@@ -1294,14 +1243,14 @@ class Controller:
                 if sq is not None:
                     sq.view, sq.remote = self.memory.window(sq.base, sq.size * SQE_SIZE)
             if was_active:
-                self.dbbuf.configure(self.memory, shadow_addr, eventidx_addr, page_size)
+                self.doorbells.configure(self.memory, shadow_addr, eventidx_addr, page_size)
             self._memory_missing = None
         except GuestMemoryError as exc:
             # Not fatal yet (see memory_changed): no view is kept, and every path that would
             # touch a queue or a doorbell page checks _memory_missing first.
             for queue in queues:
                 queue.drop_view()
-            self.dbbuf.forget()
+            self.doorbells.reset()
             self._memory_missing = str(exc)
             if self._tracing:
                 self._trace("pci_nvme_memory_missing", str(exc))
@@ -1313,7 +1262,7 @@ class Controller:
                 if queue is not None:
                     queue.release()
                     queues[qid] = None
-        self.dbbuf.forget()
+        self.doorbells.reset()
         self._pending.clear()
         self._touched_cqs.clear()
 

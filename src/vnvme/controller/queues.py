@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from vnvme.controller.doorbells import QueueDoorbell
+
 
 @dataclass(frozen=True)
 class QueueStatistics:
@@ -26,7 +28,7 @@ class QueueStatistics:
     shadow_mode: bool = False
 
 
-class SubmissionQueue:
+class SubmissionQueue(QueueDoorbell):
     __slots__ = (
         "sqid",
         "cq",
@@ -37,26 +39,20 @@ class SubmissionQueue:
         "tail",
         "view",
         "remote",
-        "slot",
-        "shadow_mode",
         "blocked",
         "entries",
-        "mmio_writes",
-        "shadow_reads",
-        "eventidx_writes",
         "rearms_won",
         "rearms_lost",
         "burst",
         "lookahead_until",
         "predicted",
         "renewing",
-        "shadow_last",
-        "slot_kept",
     )
 
     def __init__(
         self, sqid: int, cq: CompletionQueue, size: int, base: int, view: memoryview, slot: int
     ) -> None:
+        super().__init__(slot)
         self.sqid = sqid
         self.cq = cq
         self.size = size
@@ -68,13 +64,8 @@ class SubmissionQueue:
         self.view = view
         # The ring lives in remote memory: ``view`` is a local mirror, fetched entry by entry.
         self.remote = False
-        self.slot = slot  # dword index in the shadow / EventIdx pages
-        self.shadow_mode = False
         self.blocked = False  # waiting for room in its CQ
         self.entries = 0
-        self.mmio_writes = 0
-        self.shadow_reads = 0
-        self.eventidx_writes = 0
         self.rearms_won = 0
         self.rearms_lost = 0
         # SQ EventIdx policy BATCH: commands consumed since the queue was last idle, and until
@@ -85,10 +76,6 @@ class SubmissionQueue:
         # started by that prediction expiring (see Controller._expire_lookahead).
         self.predicted = 0
         self.renewing = False
-        # The value last seen in (or put into) the shadow slot, and whether the host has been
-        # seen storing there: then MMIO values are only wake-ups (a posted one may be stale).
-        self.shadow_last = 0
-        self.slot_kept = False
 
     def release(self) -> None:
         """Drop the view of guest memory (queue deleted or controller reset)."""
@@ -121,7 +108,7 @@ def _dwords(view: memoryview) -> memoryview | None:
     return view.cast("I")
 
 
-class CompletionQueue:
+class CompletionQueue(QueueDoorbell):
     __slots__ = (
         "cqid",
         "size",
@@ -133,19 +120,12 @@ class CompletionQueue:
         "vector",
         "view",
         "remote",
-        "slot",
-        "shadow_mode",
         "sqs",
         "entries",
-        "mmio_writes",
-        "shadow_reads",
-        "eventidx_writes",
         "waiting_for_room",
         "backlog",
         "irq_mark",
         "dwords",
-        "shadow_last",
-        "slot_kept",
     )
 
     def __init__(
@@ -159,6 +139,7 @@ class CompletionQueue:
         ien: bool,
         vector: int,
     ) -> None:
+        super().__init__(slot)
         self.cqid = cqid
         self.size = size
         self.base = base
@@ -172,22 +153,14 @@ class CompletionQueue:
         self.dwords = _dwords(view)
         # The ring lives in remote memory: ``view`` is a local mirror, each CQE pushed out.
         self.remote = False
-        self.slot = slot
-        self.shadow_mode = False
         self.sqs: dict[int, SubmissionQueue] = {}
         self.entries = 0
-        self.mmio_writes = 0
-        self.shadow_reads = 0
-        self.eventidx_writes = 0
         # Set while the controller has asked for a head doorbell because the CQ was full.
         self.waiting_for_room = False
         # Completions made outside a fetch (AER, Abort) that found the CQ full, in order.
         self.backlog: list[tuple[SubmissionQueue, int, int, int]] = []
         # ``entries`` when interrupts were last accounted (interrupt coalescing threshold).
         self.irq_mark = 0
-        # As for SubmissionQueue: last value seen in the shadow slot, host seen storing there.
-        self.shadow_last = 0
-        self.slot_kept = False
 
     def set_view(self, view: memoryview) -> None:
         self.view = view
