@@ -224,7 +224,7 @@ class ShadowProtocol(RuleBasedStateMachine):
         assert sq is not None
         if self.rig.controller.has_pending_work:
             return
-        if self.POLICY is SqEventIdxPolicy.BATCH and sq.lookahead_until is not None:
+        if self.POLICY is SqEventIdxPolicy.BATCH and sq.deadline is not None:
             return
         assert sq.head == self.qp.sq_tail, f"controller idle at {sq.head}, host tail {self.qp.sq_tail}"
 

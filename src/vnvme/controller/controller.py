@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from vnvme.controller import admin, faults
-from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
+from vnvme.controller.config import ControllerConfig
 from vnvme.controller.doorbells import Doorbells
 from vnvme.controller.errors import CommandFailed
+from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, CqEventIdx, SqPolicyFactory, overridden
 from vnvme.controller.namespace import Namespace
 from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
 from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
@@ -117,7 +118,11 @@ class Controller:
         memory: GuestMemory,
         namespaces: Sequence[Namespace] = (),
         config: ControllerConfig | None = None,
+        *,
+        sq_policy: SqPolicyFactory | None = None,
     ) -> None:
+        """``sq_policy``: an SQ EventIdx policy class (or factory) instead of the one
+        ``config.sq_eventidx`` names."""
         self.config = config or ControllerConfig()
         self.memory = memory
         self.namespaces: dict[int, Namespace] = {}
@@ -165,12 +170,10 @@ class Controller:
         self._memory_missing: str | None = None
         self._dbbuf_wanted: tuple[bool, int, int, int] = (False, 0, 0, 0)
         self._fatal = False
-        self._polling = cfg.sq_eventidx is SqEventIdxPolicy.POLL
-        self._batch_eventidx = cfg.sq_eventidx is SqEventIdxPolicy.BATCH
-        self._cq_eager = cfg.cq_eventidx is CqEventIdxPolicy.EAGER
         self._arbitration_burst = cfg.arbitration_burst
-        # SQs whose EventIdx was published ahead of their head (policy BATCH), by sqid.
-        self._lookahead: dict[int, SubmissionQueue] = {}
+        self._set_policies(sq_policy or SQ_POLICIES[cfg.sq_eventidx], CQ_POLICIES[cfg.cq_eventidx])
+        # SQs whose policy asked for a deadline (sq.deadline), by sqid.
+        self._deadlines: dict[int, SubmissionQueue] = {}
         self._now = 0.0
         # Statistics counters.
         self._register_reads = 0
@@ -243,7 +246,7 @@ class Controller:
         if not (
             self._pending
             or self._touched_cqs
-            or self._lookahead
+            or self._deadlines
             or self._coalescing
             or self.delayed
             or self.memory.generation != self._memory_generation
@@ -253,12 +256,12 @@ class Controller:
             if self.memory.generation != self._memory_generation:
                 self._sync_memory()  # the memory may be back
             if self._memory_missing:
-                if self._pending or self._lookahead or self.delayed:
+                if self._pending or self._deadlines or self.delayed:
                     self._memory_gone()
                 # Otherwise wait for the memory to come back; interrupts owed stay owed.
                 return self._take_effects()
-        if self._lookahead:
-            self._expire_lookahead()
+        if self._deadlines:
+            self._expire_deadlines()
         try:
             if self.delayed:
                 self.delayed.post_due(self, self._now)
@@ -283,8 +286,7 @@ class Controller:
         tail. True if nothing is pending (safe to sleep until a doorbell), False if work arrived."""
         if not self.doorbells.active or not self._ready():
             return not self._pending
-        # From here on idle SQs publish EAGER values until the edge polls again.
-        self._polling = False
+        self.sq_policy.stop_polling()
         quiet = True
         for sq in self.sqs:
             if sq is None or not sq.shadow_mode:
@@ -301,8 +303,8 @@ class Controller:
         return quiet and not self._pending
 
     def start_polling(self) -> None:
-        """Switch idle SQs to POLL EventIdx values (the edge is about to poll)."""
-        self._polling = True
+        """The edge is about to poll: idle SQs ask for no doorbell until it rearms."""
+        self.sq_policy.start_polling()
 
     @property
     def has_pending_work(self) -> bool:
@@ -310,8 +312,8 @@ class Controller:
 
     def next_deadline(self) -> float | None:
         """When :meth:`process` must run next at the latest (``now`` units), if ever: coalesced
-        interrupts, a BATCH EventIdx prediction, a completion a fault hook delays."""
-        if not self._lookahead and not self.features.interrupt_coalescing and not self.delayed:
+        interrupts, an SQ EventIdx policy's deadline, a completion a fault hook delays."""
+        if not self._deadlines and not self.features.interrupt_coalescing and not self.delayed:
             return None  # asked before every wait: the common answer without the work
         deadline = self._next_deadline()
         held = self.delayed.earliest()
@@ -319,9 +321,9 @@ class Controller:
 
     def _next_deadline(self) -> float | None:
         deadline: float | None = None
-        if self._lookahead:
+        if self._deadlines:
             deadline = min(
-                (sq.lookahead_until for sq in self._lookahead.values() if sq.lookahead_until), default=None
+                (sq.deadline for sq in self._deadlines.values() if sq.deadline is not None), default=None
             )
         time_units = InterruptCoalescing.TIME.get(self.features.interrupt_coalescing)
         if not time_units:
@@ -623,14 +625,14 @@ class Controller:
     def _controller_reset(self) -> None:
         """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
         self._drop_queues()
-        self._lookahead.clear()
+        self._deadlines.clear()
         self.delayed.clear()
         self._coalescing.clear()
         self._masked_pending.clear()
         self.features.reset()
         self.async_events.reset()
         self._fatal = False
-        self._polling = self.config.sq_eventidx is SqEventIdxPolicy.POLL
+        self.sq_policy.reset()
         self.csts = CSTS.RDY.put(CSTS.CFS.put(self.csts, 0), 0)
         if self._tracing:
             self._trace("pci_nvme_mmio_stopped")
@@ -735,6 +737,8 @@ class Controller:
             shadow = self.doorbells.load(sq)
             if not sq.slot_kept and not (shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n):
                 self._catch_up_shadow(sq, sq.sqid, False, shadow, value)
+            if self._sq_rang is not None:
+                self._sq_rang(sq, self._now)
         else:
             sq.tail = value
         if not sq.blocked:
@@ -828,10 +832,8 @@ class Controller:
             self._trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
 
     def _cq_event_idx(self, cq: CompletionQueue) -> int:
-        # EAGER (or waiting for room): ask for a doorbell on any progress, the host's next move
-        # starts at the head. NEVER: the host stops at our tail, which stays behind head - 1
-        # until we learn a newer head, so EventIdx = head - 1 is never inside a crossed interval.
-        return rearm_event_idx(cq.head, 0 if cq.waiting_for_room or self._cq_eager else -1, cq.size)
+        # Blocked on a full CQ: ask for a doorbell on any progress, whatever the policy.
+        return rearm_event_idx(cq.head, 0 if cq.waiting_for_room else self._cq_ahead, cq.size)
 
     def _publish_cq_eventidx(self, cq: CompletionQueue) -> None:
         value = self._cq_event_idx(cq)
@@ -875,10 +877,7 @@ class Controller:
             if sq is None or (sq.sqid == 0 and not self.config.admin_queue_shadow):
                 continue
             doorbells.take(sq, sq.tail)
-            if self._polling:
-                self._publish_sq_eventidx(sq, rearm_event_idx(sq.head, -1, sq.size))
-            else:
-                self._publish_sq_eventidx(sq, rearm_event_idx(sq.tail, 0, sq.size))
+            self._attach_sq_policy(sq)
         for cq in self.cqs:
             if cq is None or (cq.cqid == 0 and not self.config.admin_queue_shadow):
                 continue
@@ -895,26 +894,51 @@ class Controller:
         fresh = 0 if self.config.zero_shadow_on_create else None
         if sq is not None:
             doorbells.take(sq, fresh)
-            self._publish_sq_eventidx(sq, rearm_event_idx(sq.head, -1 if self._polling else 0, sq.size))
+            self._attach_sq_policy(sq)
         if cq is not None:
             doorbells.take(cq, fresh)
             self._publish_cq_eventidx(cq)
 
-    # Section: command processing
+    def _attach_sq_policy(self, sq: SubmissionQueue) -> None:
+        """``sq`` has just switched onto its shadow slot: publish its first EventIdx."""
+        ahead = self.sq_policy.attached(sq)
+        self._publish_sq_eventidx(sq, rearm_event_idx(sq.head if ahead < 0 else sq.tail, ahead, sq.size))
 
-    def _expire_lookahead(self) -> None:
-        """Predicted EventIdx values the host has not reached in time: look at the shadow tail
-        ourselves (the host may have placed fewer commands than the burst suggested)."""
+    # Section: EventIdx policies
+
+    def _set_policies(self, sq_policy: SqPolicyFactory, cq_policy: type[CqEventIdx]) -> None:
+        """Take the policies, caching what the hot path calls or reads."""
+        policy = self.sq_policy = sq_policy(self.config, self._refresh_cq_head)
+        self._sq_ran_dry = policy.ran_dry
+        self._sq_rearmed = policy.rearmed
+        self._sq_rang = policy.rang if overridden(policy, "rang") else None
+        self._sq_posted = policy.posted if overridden(policy, "posted") else None
+        self._cq_ahead = cq_policy.ahead
+        self._cq_on_completions = cq_policy.on_completions
+        self._completions_watched = self._cq_on_completions or self._sq_posted is not None
+
+    def _completions_posted(self, cq: CompletionQueue) -> None:
+        """Completions were posted to ``cq`` (shadow mode) in this pass: tell the policies."""
+        if self._cq_on_completions:
+            self._refresh_cq_head(cq)
+            self._publish_cq_eventidx(cq)
+        if self._sq_posted is not None:
+            self._sq_posted(cq, self._now)
+
+    def _expire_deadlines(self) -> None:
+        """Deadlines an SQ policy asked for that have passed: look at those shadow tails (e.g.
+        a host that placed fewer commands than predicted, and did not ring)."""
         now = self._now
-        for sqid, sq in list(self._lookahead.items()):
-            if sq.lookahead_until is None or self.sqs[sqid] is not sq:
-                del self._lookahead[sqid]
-            elif now >= sq.lookahead_until:
-                del self._lookahead[sqid]
-                sq.lookahead_until = None
-                sq.burst = 0  # publish exactly (EventIdx = head), unless this look finds commands
-                sq.renewing = True
+        for sqid, sq in list(self._deadlines.items()):
+            if sq.deadline is None or self.sqs[sqid] is not sq:
+                del self._deadlines[sqid]
+            elif now >= sq.deadline:
+                del self._deadlines[sqid]
+                sq.deadline = None
+                self.sq_policy.deadline_passed(sq, now)
                 self._pending[sqid] = sq
+
+    # Section: command processing
 
     def _run_pending(self, budget: int) -> None:
         if self._fatal or not self.csts & 1:  # not self._ready()
@@ -969,7 +993,6 @@ class Controller:
                     head = 0
                 sq.head = head
                 processed += 1
-                sq.burst += 1
                 sq.entries += 1
                 execute(sq, fields)
                 if self._fatal or self.sqs[sq.sqid] is not sq:
@@ -981,37 +1004,22 @@ class Controller:
             else:
                 if not sq.shadow_mode:
                     return processed
-                # Idle: tell the host when to ring next.
-                if self._polling:
-                    self._publish_sq_eventidx(sq, rearm_event_idx(head, -1, n))
+                # Idle: the policy says when the host is to ring next.
+                ahead = self._sq_ran_dry(sq, processed, attempts, self._now)
+                if ahead < 0:  # no doorbell wanted (the edge polls): nothing to probe
+                    self._publish_sq_eventidx(sq, rearm_event_idx(head, ahead, n))
                     return processed
-                ahead = 0
-                if self._batch_eventidx and attempts == 0:
-                    # The host will place as many commands as it has completions to reap: this
-                    # burst's, and any it has not consumed yet (a pipelined host's bursts are 1).
-                    expected = sq.burst
-                    if cq.shadow_mode and expected < n:
-                        self._refresh_cq_head(cq)
-                        expected = max(expected, (cq.tail - cq.head) % cq.size)
-                    ahead = max(0, min(expected, n - 1) - 1)
-                    if sq.renewing:
-                        # Woken by an expired prediction: commands found means the host is
-                        # still placing them, slower than the timeout; keep predicting.
-                        sq.renewing = False
-                        if processed:
-                            ahead = max(ahead, sq.predicted)
                 again = self._probe_sq(sq, rearm_event_idx(head, ahead, n))
                 if again is None or again == head:
                     sq.rearms_won += 1
                     self._rearms_won += 1
-                    sq.burst = 0
-                    sq.predicted = ahead
-                    if ahead:
-                        sq.lookahead_until = self._now + self.config.batch_timeout
-                        self._lookahead[sq.sqid] = sq
-                    elif sq.lookahead_until is not None:
-                        sq.lookahead_until = None
-                        self._lookahead.pop(sq.sqid, None)
+                    deadline = self._sq_rearmed(sq, ahead, self._now)
+                    if deadline is not None:
+                        sq.deadline = deadline
+                        self._deadlines[sq.sqid] = sq
+                    elif sq.deadline is not None:
+                        sq.deadline = None
+                        self._deadlines.pop(sq.sqid, None)
                     if self._tracing:
                         self._trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
                     return processed
@@ -1136,9 +1144,9 @@ class Controller:
         touched = self._touched_cqs
         coalesce_value = self.features.interrupt_coalescing
         if touched:
-            eager = self._cq_eager
-            if not coalesce_value and not eager and len(touched) == 1:
-                # The common pass: one CQ, no coalescing, nothing to publish.
+            watched = self._completions_watched
+            if not coalesce_value and not watched and len(touched) == 1:
+                # The common pass: one CQ, no coalescing, no policy to tell.
                 cq = next(iter(touched.values()))
                 touched.clear()
                 if cq.ien:
@@ -1152,9 +1160,8 @@ class Controller:
         vectors: dict[int, tuple[int, bool]] = {}
         if touched:
             for cq in touched.values():
-                if cq.shadow_mode and eager:
-                    self._refresh_cq_head(cq)
-                    self._publish_cq_eventidx(cq)
+                if cq.shadow_mode and watched:
+                    self._completions_posted(cq)
                 if not cq.ien:
                     continue
                 count, admin_cq = vectors.get(cq.vector, (0, False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from vnvme.controller.doorbells import QueueDoorbell
 
@@ -43,10 +44,8 @@ class SubmissionQueue(QueueDoorbell):
         "entries",
         "rearms_won",
         "rearms_lost",
-        "burst",
-        "lookahead_until",
-        "predicted",
-        "renewing",
+        "policy_state",
+        "deadline",
     )
 
     def __init__(
@@ -68,14 +67,10 @@ class SubmissionQueue(QueueDoorbell):
         self.entries = 0
         self.rearms_won = 0
         self.rearms_lost = 0
-        # SQ EventIdx policy BATCH: commands consumed since the queue was last idle, and until
-        # when a predicted EventIdx may stay unreached (None: no prediction outstanding).
-        self.burst = 0
-        self.lookahead_until: float | None = None
-        # How far ahead of the head the outstanding prediction lies, and whether this pass was
-        # started by that prediction expiring (see Controller._expire_lookahead).
-        self.predicted = 0
-        self.renewing = False
+        # The SQ EventIdx policy's own state for this queue (see controller/eventidx.py), and
+        # the deadline it asked for: when the controller looks at the shadow tail by itself.
+        self.policy_state: Any = None
+        self.deadline: float | None = None
 
     def release(self) -> None:
         """Drop the view of guest memory (queue deleted or controller reset)."""
