@@ -13,7 +13,6 @@ from host import Rig, make_rig
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 from vnvme.controller.doorbells import Doorbells, QueueDoorbell
 from vnvme.controller.namespace import Namespace, NullBackend
-from vnvme.controller.queues import SubmissionQueue
 from vnvme.driver.driver import QueuePair
 from vnvme.fence import full_fence
 from vnvme.spec.commands import NvmOpcode
@@ -140,7 +139,7 @@ class ShadowProtocol(RuleBasedStateMachine):
         machine = self
 
         def race(queue: QueueDoorbell) -> None:
-            if isinstance(queue, SubmissionQueue) and queue.sqid == 1:
+            if queue.slot == machine.qp.sq_slot:  # I/O SQ 1
                 while machine.race and machine.qp.can_submit():
                     machine.race -= 1
                     machine._store_one()

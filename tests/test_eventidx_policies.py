@@ -10,6 +10,7 @@ from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, EagerSqEventIdx
 from vnvme.controller.namespace import Namespace, NullBackend
 from vnvme.controller.queues import CompletionQueue, SubmissionQueue
 from vnvme.spec.commands import NvmOpcode
+from vnvme.spec.dbbuf import rearm_event_idx
 
 
 class Recording(EagerSqEventIdx):
@@ -88,7 +89,9 @@ def test_a_deadline_the_policy_asks_for_wakes_the_controller_to_look() -> None:
         qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
         qp.ring_sq()  # EAGER EventIdx from creation: this one rings, then the policy looks ahead
         assert len(qp.reap()) == 1
-        assert qp.eventidx is not None and qp.eventidx.load(qp.sq_slot) == (qp.sq_tail + 2) % qp.depth
+        sq = ctrl.sqs[1]
+        assert sq is not None and qp.eventidx is not None
+        assert qp.eventidx.load(qp.sq_slot) == rearm_event_idx(sq.head, 2, sq.size)
         deadline = ctrl.next_deadline()
         assert deadline is not None
         rung = ctrl.statistics().doorbell_sq_io
@@ -102,6 +105,25 @@ def test_a_deadline_the_policy_asks_for_wakes_the_controller_to_look() -> None:
         assert len(qp.reap()) == 1  # found by looking, not by a doorbell
     finally:
         Deadline.passed.clear()
+        r.close()
+
+
+def test_published_event_idx_values_are_rearm_event_idx() -> None:
+    """The per-I/O sites compute EventIdx inline: they must agree with spec/dbbuf.py."""
+    r = make_rig(
+        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
+        config=ControllerConfig(sq_eventidx=SqEventIdxPolicy.BATCH, cq_eventidx=CqEventIdxPolicy.NEVER),
+        trace=(),
+    )
+    try:
+        qp = r.driver.queue(1)
+        run_job(r.driver, JobSpec(rw="randread", iodepth=1, number_ios=5))
+        sq, cq = r.controller.sqs[1], r.controller.cqs[1]
+        assert sq is not None and cq is not None and qp.eventidx is not None
+        assert sq.head == 5 and cq.head == 4  # the head it learnt before the last completion
+        assert qp.eventidx.load(qp.sq_slot) == rearm_event_idx(5, 0, sq.size)  # a burst of 1
+        assert qp.eventidx.load(qp.cq_slot) == rearm_event_idx(4, -1, cq.size)  # never crossed
+    finally:
         r.close()
 
 

@@ -22,7 +22,6 @@ from host import Rig, make_rig
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 from vnvme.controller.doorbells import Doorbells, QueueDoorbell
 from vnvme.controller.namespace import Namespace, NullBackend, RamBackend
-from vnvme.controller.queues import CompletionQueue
 from vnvme.driver.transport import PAGE_SIZE, DmaBuffer
 from vnvme.spec import registers as regs
 from vnvme.spec.commands import AdminOpcode, NvmOpcode, Sqe
@@ -170,7 +169,7 @@ def test_qemu_fa5db2aa_full_cq_race_host_consumes_just_before_the_controller_ask
         real_probe = Doorbells.probe
 
         def racing_probe(doorbells: Doorbells, queue: QueueDoorbell, value: int, size: int = 1 << 32) -> int:
-            if isinstance(queue, CompletionQueue) and queue.cqid == 1 and not reaped:
+            if queue.slot == cq_slot(1, 0) and not reaped:
                 reaped.append(len(qp.reap()))  # sees EventIdx = head - 1: does not ring
             return real_probe(doorbells, queue, value, size)
 
@@ -359,7 +358,7 @@ def test_spdk_2147_host_uses_shadow_for_admin_and_io() -> None:
         assert r.controller.statistics().shadow_catchups <= 2  # the CQ ring before the switch
         assert r.driver.admin is not None and r.driver.admin.shadow is not None
         sq0, cq0 = r.controller.sqs[0], r.controller.cqs[0]
-        assert sq0 is not None and sq0.shadow_mode and sq0.slot_kept
+        assert sq0 is not None and sq0.shadow_mode and sq0.doorbell.slot_kept
         assert cq0 is not None and cq0.shadow_mode
         r.driver.write(1, 1, b"\x33" * 512)
         assert r.driver.read(1, 1, 1) == b"\x33" * 512

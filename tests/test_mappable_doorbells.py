@@ -71,7 +71,7 @@ def test_a_ring_identical_to_a_stale_page_value_is_not_lost() -> None:
         for lba in range(3):
             driver.write(1, lba, bytes([lba + 1]) * 512)  # the host keeps its shadow slot
         sq = ctrl.sqs[1]
-        assert sq is not None and sq.slot_kept and sq.head == qp.sq_tail
+        assert sq is not None and sq.doorbell.slot_kept and sq.head == qp.sq_tail
         cid = qp.submit(driver.io_sqe(qp, NvmOpcode.FLUSH, 1))
         assert qp.shadow is not None
         qp.shadow.store(qp.sq_slot, qp.sq_tail)  # the shadow store; the ring itself is "lost"

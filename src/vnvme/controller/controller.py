@@ -451,9 +451,9 @@ class Controller:
             if (
                 sq is not None
                 and sq.shadow_mode
-                and sq.slot_kept
+                and sq.doorbell.slot_kept
                 and not sq.blocked
-                and doorbells.peek(sq) != sq.head
+                and doorbells.peek(sq.doorbell) != sq.head
             ):
                 self._pending[sq.sqid] = sq
                 found = True
@@ -734,8 +734,10 @@ class Controller:
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return
         if sq.shadow_mode:
-            shadow = self.doorbells.load(sq)
-            if not sq.slot_kept and not (shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n):
+            shadow = self.doorbells.load(sq.doorbell)
+            if not sq.doorbell.slot_kept and not (
+                shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n
+            ):
                 self._catch_up_shadow(sq, sq.sqid, False, shadow, value)
             if self._sq_rang is not None:
                 self._sq_rang(sq, self._now)
@@ -751,8 +753,8 @@ class Controller:
         n = cq.size
         used = (cq.tail - cq.head) % n
         if cq.shadow_mode and value < n:
-            shadow = self.doorbells.load(cq)
-            if cq.slot_kept:
+            shadow = self.doorbells.load(cq.doorbell)
+            if cq.doorbell.slot_kept:
                 # The host keeps its head in the slot: this MMIO is a wake-up, and a posted one
                 # may carry a head older than the slot's; the slot decides.
                 self._refresh_cq_head(cq)
@@ -773,7 +775,7 @@ class Controller:
         self, queue: SubmissionQueue | CompletionQueue, qid: int, is_cq: bool, shadow: int, value: int
     ) -> None:
         """An MMIO doorbell value ahead of the queue's shadow slot: see Doorbells.catch_up."""
-        self.doorbells.catch_up(queue, value)
+        self.doorbells.catch_up(queue.doorbell, value)
         if self._tracing:
             self._trace("pci_nvme_dbbuf_shadow_catchup", qid, int(is_cq), shadow, value)
 
@@ -789,8 +791,9 @@ class Controller:
         return value
 
     def _probe_sq(self, sq: SubmissionQueue, event_idx: int) -> int | None:
-        """Publish the SQ's EventIdx, fence, re-read its tail (None: not a valid tail)."""
-        value = self.doorbells.probe(sq, event_idx, sq.size)
+        """Publish the SQ's EventIdx, fence, re-read its tail (None: not a valid tail). (_run_sq
+        does the same inline: once per I/O.)"""
+        value = self.doorbells.probe(sq.doorbell, event_idx, sq.size)
         if self._tracing:
             self._trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
         return self._sq_tail(sq, value)
@@ -801,7 +804,7 @@ class Controller:
         if not cq.shadow_mode:
             return
         if value is None:
-            value = self.doorbells.load(cq)
+            value = self.doorbells.load(cq.doorbell)
         n = cq.size
         if value >= n or (value - cq.head) % n > (cq.tail - cq.head) % n:
             if self._tracing:
@@ -827,19 +830,21 @@ class Controller:
                 self._pending[sq.sqid] = sq
 
     def _publish_sq_eventidx(self, sq: SubmissionQueue, value: int) -> None:
-        self.doorbells.store_eventidx(sq, value)
+        self.doorbells.store_eventidx(sq.doorbell, value)
         if self._tracing:
             self._trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
 
-    def _cq_event_idx(self, cq: CompletionQueue) -> int:
-        # Blocked on a full CQ: ask for a doorbell on any progress, whatever the policy.
-        return rearm_event_idx(cq.head, 0 if cq.waiting_for_room else self._cq_ahead, cq.size)
-
-    def _publish_cq_eventidx(self, cq: CompletionQueue) -> None:
-        value = self._cq_event_idx(cq)
-        self.doorbells.store_eventidx(cq, value)
+    def _publish_cq_eventidx(self, cq: CompletionQueue, *, probe: bool = False) -> int:
+        """Publish the CQ's EventIdx; with ``probe``, fence and return the shadow head read again
+        (else -1). Blocked on a full CQ it asks for any progress of the head, whatever the policy."""
+        # rearm_event_idx, inlined: once per I/O.
+        value = (cq.head + (0 if cq.waiting_for_room else self._cq_ahead)) % cq.size
         if self._tracing:
             self._trace("pci_nvme_update_cq_eventidx", cq.cqid, value)
+        if probe:
+            return self.doorbells.probe(cq.doorbell, value)
+        self.doorbells.store_eventidx(cq.doorbell, value)
+        return -1
 
     def _make_room(self, cq: CompletionQueue) -> bool:
         """The CQ looks full by the head we know. Refresh it; if still full, ask for a wake-up."""
@@ -848,11 +853,7 @@ class Controller:
             return True
         if cq.shadow_mode and not cq.waiting_for_room:
             cq.waiting_for_room = True
-            event_idx = self._cq_event_idx(cq)
-            head = self.doorbells.probe(cq, event_idx)
-            if self._tracing:
-                self._trace("pci_nvme_update_cq_eventidx", cq.cqid, event_idx)
-            self._refresh_cq_head(cq, head)
+            self._refresh_cq_head(cq, self._publish_cq_eventidx(cq, probe=True))
             if not cq.is_full():
                 cq.waiting_for_room = False
                 self._publish_cq_eventidx(cq)
@@ -876,12 +877,14 @@ class Controller:
         for sq in self.sqs:
             if sq is None or (sq.sqid == 0 and not self.config.admin_queue_shadow):
                 continue
-            doorbells.take(sq, sq.tail)
+            doorbells.take(sq.doorbell, sq.tail)
+            sq.shadow_mode = True
             self._attach_sq_policy(sq)
         for cq in self.cqs:
             if cq is None or (cq.cqid == 0 and not self.config.admin_queue_shadow):
                 continue
-            doorbells.take(cq, cq.head)
+            doorbells.take(cq.doorbell, cq.head)
+            cq.shadow_mode = True
             self._publish_cq_eventidx(cq)
         if self._tracing:
             self._trace("pci_nvme_dbbuf_config", shadow_addr, eventidx_addr)
@@ -893,10 +896,12 @@ class Controller:
             return
         fresh = 0 if self.config.zero_shadow_on_create else None
         if sq is not None:
-            doorbells.take(sq, fresh)
+            doorbells.take(sq.doorbell, fresh)
+            sq.shadow_mode = True
             self._attach_sq_policy(sq)
         if cq is not None:
-            doorbells.take(cq, fresh)
+            doorbells.take(cq.doorbell, fresh)
+            cq.shadow_mode = True
             self._publish_cq_eventidx(cq)
 
     def _attach_sq_policy(self, sq: SubmissionQueue) -> None:
@@ -969,7 +974,7 @@ class Controller:
         attempts = 0
         while True:
             if sq.shadow_mode:
-                tail = self.doorbells.load(sq, n)
+                tail = self.doorbells.load(sq.doorbell, n)
                 if (tail >= n or self._tracing) and self._sq_tail(sq, tail) is None:
                     return processed
                 sq.tail = tail
@@ -1009,8 +1014,13 @@ class Controller:
                 if ahead < 0:  # no doorbell wanted (the edge polls): nothing to probe
                     self._publish_sq_eventidx(sq, rearm_event_idx(head, ahead, n))
                     return processed
-                again = self._probe_sq(sq, rearm_event_idx(head, ahead, n))
-                if again is None or again == head:
+                event_idx = (head + ahead) % n  # rearm_event_idx, inlined: once per I/O
+                again = self.doorbells.probe(sq.doorbell, event_idx, n)  # _probe_sq, inlined
+                if self._tracing:
+                    self._trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
+                if again >= n or self._tracing:
+                    self._sq_tail(sq, again)  # an invalid value is reported, and ends the pass
+                if again == head or again >= n:
                     sq.rearms_won += 1
                     self._rearms_won += 1
                     deadline = self._sq_rearmed(sq, ahead, self._now)

@@ -21,28 +21,21 @@ from vnvme.spec import registers as regs
 
 
 class QueueDoorbell:
-    """One queue's doorbell as the controller holds it (base of both queue classes). The value
-    the doorbell carries is the queue's own ``tail`` (SQ) or ``head`` (CQ)."""
+    """One queue's part of the doorbell memory (``queue.doorbell``): its slot in the shadow and
+    EventIdx pages and what the controller knows of it. The value the doorbell carries is the
+    queue's own ``tail`` (SQ) or ``head`` (CQ); ``queue.shadow_mode`` says which one it follows.
 
-    __slots__ = (
-        "slot",
-        "shadow_mode",
-        "shadow_last",
-        "slot_kept",
-        "mmio_writes",
-        "shadow_reads",
-        "eventidx_writes",
-    )
+    One class for both queue kinds: the methods of :class:`Doorbells` see a single type, which
+    keeps CPython's attribute caches in them specialised (they run several times per I/O)."""
+
+    __slots__ = ("slot", "shadow_last", "slot_kept", "shadow_reads", "eventidx_writes")
 
     def __init__(self, slot: int) -> None:
         self.slot = slot  # dword index in the shadow / EventIdx pages
-        # Whether the queue reads its doorbell from the shadow page (Doorbell Buffer Config).
-        self.shadow_mode = False
         # The value last seen in (or put into) the shadow slot, and whether the host has been
         # seen storing there: then MMIO values are only wake-ups (a posted one may be stale).
         self.shadow_last = 0
         self.slot_kept = False
-        self.mmio_writes = 0
         self.shadow_reads = 0
         self.eventidx_writes = 0
 
@@ -113,7 +106,7 @@ class Doorbells:
     # Section: slots (only while active)
 
     def take(self, queue: QueueDoorbell, value: int | None) -> None:
-        """Switch ``queue`` onto its shadow slot, first storing ``value`` there (None: keep what
+        """A queue switches onto its shadow slot: store ``value`` there first (None: keep what
         the slot holds)."""
         shadow = self.shadow
         assert shadow is not None
@@ -122,7 +115,6 @@ class Doorbells:
         else:
             shadow.store(queue.slot, value)
         queue.shadow_last, queue.slot_kept = value, False
-        queue.shadow_mode = True
 
     def load(self, queue: QueueDoorbell, size: int = _ANY) -> int:
         """The queue's shadow slot. A value below ``size`` that differs from the last one seen
@@ -154,9 +146,21 @@ class Doorbells:
         """Publish EventIdx ``value``, full fence, re-read the shadow slot (as :meth:`load`).
         The fence pairs with the host's (store shadow, fence, load EventIdx): without both, each
         side may read the other's old value and neither acts (a lost wake-up)."""
-        self.store_eventidx(queue, value)
+        # store_eventidx and load, inlined: once per I/O.
+        eventidx, shadow = self.eventidx, self.shadow
+        assert eventidx is not None and shadow is not None
+        slot = queue.slot
+        eventidx.store(slot, value)
+        queue.eventidx_writes += 1
+        self.eventidx_writes += 1
         full_fence()
-        return self.load(queue, size)
+        tail = shadow.load(slot)
+        self.reads += 1
+        queue.shadow_reads += 1
+        if tail != queue.shadow_last and tail < size:
+            queue.slot_kept = True
+            queue.shadow_last = tail
+        return tail
 
     def catch_up(self, queue: QueueDoorbell, value: int) -> None:
         """An MMIO doorbell value ahead of the queue's shadow slot: this host rings MMIO without

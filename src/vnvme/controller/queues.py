@@ -29,7 +29,7 @@ class QueueStatistics:
     shadow_mode: bool = False
 
 
-class SubmissionQueue(QueueDoorbell):
+class SubmissionQueue:
     __slots__ = (
         "sqid",
         "cq",
@@ -40,6 +40,9 @@ class SubmissionQueue(QueueDoorbell):
         "tail",
         "view",
         "remote",
+        "doorbell",
+        "shadow_mode",
+        "mmio_writes",
         "blocked",
         "entries",
         "rearms_won",
@@ -51,7 +54,6 @@ class SubmissionQueue(QueueDoorbell):
     def __init__(
         self, sqid: int, cq: CompletionQueue, size: int, base: int, view: memoryview, slot: int
     ) -> None:
-        super().__init__(slot)
         self.sqid = sqid
         self.cq = cq
         self.size = size
@@ -63,6 +65,10 @@ class SubmissionQueue(QueueDoorbell):
         self.view = view
         # The ring lives in remote memory: ``view`` is a local mirror, fetched entry by entry.
         self.remote = False
+        self.doorbell = QueueDoorbell(slot)
+        # Whether the queue follows its shadow slot (Doorbell Buffer Config) instead of BAR writes.
+        self.shadow_mode = False
+        self.mmio_writes = 0  # trapped doorbell writes
         self.blocked = False  # waiting for room in its CQ
         self.entries = 0
         self.rearms_won = 0
@@ -85,8 +91,8 @@ class SubmissionQueue(QueueDoorbell):
             is_cq=False,
             size=self.size,
             mmio_doorbell_writes=self.mmio_writes,
-            shadow_reads=self.shadow_reads,
-            eventidx_writes=self.eventidx_writes,
+            shadow_reads=self.doorbell.shadow_reads,
+            eventidx_writes=self.doorbell.eventidx_writes,
             entries=self.entries,
             rearms_won=self.rearms_won,
             rearms_lost=self.rearms_lost,
@@ -103,7 +109,7 @@ def _dwords(view: memoryview) -> memoryview | None:
     return view.cast("I")
 
 
-class CompletionQueue(QueueDoorbell):
+class CompletionQueue:
     __slots__ = (
         "cqid",
         "size",
@@ -115,6 +121,9 @@ class CompletionQueue(QueueDoorbell):
         "vector",
         "view",
         "remote",
+        "doorbell",
+        "shadow_mode",
+        "mmio_writes",
         "sqs",
         "entries",
         "waiting_for_room",
@@ -134,7 +143,6 @@ class CompletionQueue(QueueDoorbell):
         ien: bool,
         vector: int,
     ) -> None:
-        super().__init__(slot)
         self.cqid = cqid
         self.size = size
         self.base = base
@@ -148,6 +156,10 @@ class CompletionQueue(QueueDoorbell):
         self.dwords = _dwords(view)
         # The ring lives in remote memory: ``view`` is a local mirror, each CQE pushed out.
         self.remote = False
+        self.doorbell = QueueDoorbell(slot)
+        # Whether the queue follows its shadow slot (Doorbell Buffer Config) instead of BAR writes.
+        self.shadow_mode = False
+        self.mmio_writes = 0  # trapped doorbell writes
         self.sqs: dict[int, SubmissionQueue] = {}
         self.entries = 0
         # Set while the controller has asked for a head doorbell because the CQ was full.
@@ -188,8 +200,8 @@ class CompletionQueue(QueueDoorbell):
             is_cq=True,
             size=self.size,
             mmio_doorbell_writes=self.mmio_writes,
-            shadow_reads=self.shadow_reads,
-            eventidx_writes=self.eventidx_writes,
+            shadow_reads=self.doorbell.shadow_reads,
+            eventidx_writes=self.doorbell.eventidx_writes,
             entries=self.entries,
             shadow_mode=self.shadow_mode,
         )
