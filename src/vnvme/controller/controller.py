@@ -8,8 +8,9 @@ Threading model: one controller is used from one thread at a time.
 
 Processing model. A BAR doorbell write marks its SQ pending; :meth:`Controller.process` runs
 pending SQs round robin, posts completions, then signals interrupts (one per CQ pass, after
-coalescing). With shadow doorbells an SQ's tail is read from the shadow page, and an idle SQ
-publishes EventIdx by the configured policy (see :class:`~vnvme.controller.config.SqEventIdxPolicy`).
+coalescing). With shadow doorbells an SQ's tail is read from the shadow page (every slot access
+goes through :class:`~vnvme.controller.doorbells.Doorbells`), and an idle SQ publishes EventIdx
+as its policy says (:mod:`vnvme.controller.eventidx`, told of the moments named there).
 A polling edge calls :meth:`Controller.poll` instead of waiting for doorbells, and
 :meth:`Controller.rearm` before it stops polling.
 """
@@ -1011,10 +1012,10 @@ class Controller:
                     return processed
                 # Idle: the policy says when the host is to ring next.
                 ahead = self._sq_ran_dry(sq, processed, attempts, self._now)
-                if ahead < 0:  # no doorbell wanted (the edge polls): nothing to probe
-                    self._publish_sq_eventidx(sq, rearm_event_idx(head, ahead, n))
-                    return processed
                 event_idx = (head + ahead) % n  # rearm_event_idx, inlined: once per I/O
+                if ahead < 0:  # no doorbell wanted (the edge polls): nothing to probe
+                    self._publish_sq_eventidx(sq, event_idx)
+                    return processed
                 again = self.doorbells.probe(sq.doorbell, event_idx, n)  # _probe_sq, inlined
                 if self._tracing:
                     self._trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
