@@ -159,7 +159,6 @@ class NvmeFunction:
         self._bar0_fd = fd
         self._bar0_map = mmap.mmap(fd, self.bar0_size, flags=mmap.MAP_SHARED)
         self._db_page = MappedDoorbellPage(memoryview(self._bar0_map)[start:end])
-        self.controller.doorbells.mapped = self._db_page
         bar0.mmap_fd = fd
         bar0.sparse = [(start, length)]
 
@@ -425,7 +424,6 @@ class NvmeFunction:
         self.detach()
         self.controller.close()
         if self.mappable_doorbells:
-            self.controller.doorbells.mapped = None
             self._db_page.release()
             self._bar0_map.close()
             os.close(self._bar0_fd)

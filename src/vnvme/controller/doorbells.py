@@ -1,9 +1,9 @@
 """Where doorbells live: every queue's doorbell state, the shadow doorbell and EventIdx pages,
 and the BAR doorbell page an edge lets its client map.
 
-:class:`QueueDoorbell` is each queue's part (its slot, whether it follows the slot, what was
-last seen there, counters); :class:`Doorbells` owns the pages and is the only code that loads
-or stores a slot. Its :meth:`Doorbells.probe` is the controller's half of the ordering rule of
+:class:`QueueDoorbell` is each queue's part (its slot, what was last seen there, counters);
+:class:`Doorbells` owns the guest pages and is the only code that loads or stores a slot;
+:class:`MappedDoorbellPage` is the BAR page and how an edge finds news in it. Its :meth:`Doorbells.probe` is the controller's half of the ordering rule of
 :mod:`vnvme.spec.dbbuf` (store EventIdx, full fence, re-read), written once.
 
 A controller reset calls :meth:`Doorbells.reset`, after which nothing is ever read from or
@@ -52,8 +52,8 @@ _ANY = 1 << 32
 
 
 class Doorbells:
-    """The controller's doorbell memory: the two guest pages given by Doorbell Buffer Config
-    (with each queue's slots in them) and, if the edge maps one, the BAR doorbell page."""
+    """The controller's doorbell memory: the two guest pages given by Doorbell Buffer Config,
+    with each queue's slots in them."""
 
     __slots__ = (
         "shadow",
@@ -64,7 +64,6 @@ class Doorbells:
         "reads",
         "eventidx_writes",
         "catchups",
-        "mapped",
     )
 
     def __init__(self) -> None:
@@ -77,7 +76,6 @@ class Doorbells:
         self.reads = 0
         self.eventidx_writes = 0
         self.catchups = 0
-        self.mapped: MappedDoorbellPage | None = None
 
     @property
     def active(self) -> bool:
@@ -177,7 +175,8 @@ class Doorbells:
 
 class MappedDoorbellPage:
     """The BAR0 doorbell registers as memory the client maps and stores into directly (a vfio-user
-    sparse mmap area). No trap announces a store, so the edge polls the page: :meth:`news`."""
+    sparse mmap area). No trap announces a store, so the edge polls the page: :meth:`news`. The
+    edge that offers the mapping (vnvme.function) owns the memory and this object."""
 
     __slots__ = ("view", "words", "seen", "epoch")
 
