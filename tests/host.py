@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from vnvme.controller.config import ControllerConfig
 from vnvme.controller.controller import Controller
+from vnvme.controller.eventidx import SqPolicyFactory
 from vnvme.controller.namespace import Namespace, NullBackend, RamBackend
 from vnvme.driver import HostMemory, InProcessTransport, NvmeDriver
 from vnvme.memory import GuestMemory
@@ -44,10 +45,13 @@ def make_rig(
     controller_polls: bool = False,
     trace: Sequence[str] = ("pci_nvme_*",),
     host_memory_size: int = 32 << 20,
+    sq_policy: SqPolicyFactory | None = None,
     **driver_options: object,
 ) -> Rig:
     memory = GuestMemory()
-    controller = Controller(memory, default_namespaces() if namespaces is None else namespaces, config)
+    controller = Controller(
+        memory, default_namespaces() if namespaces is None else namespaces, config, sq_policy=sq_policy
+    )
     sink = ListSink()
     if trace:
         controller.enable_trace(trace)

@@ -61,11 +61,11 @@ def test_a_host_placing_fewer_than_predicted_is_served_after_the_timeout() -> No
         renewed = ctrl.next_deadline()
         assert renewed is not None and renewed > deadline
         sq = ctrl.sqs[1]
-        assert sq is not None and sq.predicted > 0
+        assert sq is not None and sq.policy_state.predicted > 0
         # ...and the first look that finds nothing publishes an exact EventIdx again.
         ctrl.process(now=renewed)
         assert ctrl.next_deadline() is None
-        assert sq.predicted == 0
+        assert sq.policy_state.predicted == 0
         assert ctrl.statistics().completions_posted == posted + 1
     finally:
         r.close()

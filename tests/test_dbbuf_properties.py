@@ -11,13 +11,19 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from host import Rig, make_rig
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
-from vnvme.controller.controller import Controller
+from vnvme.controller.doorbells import Doorbells, QueueDoorbell
 from vnvme.controller.namespace import Namespace, NullBackend
-from vnvme.controller.queues import SubmissionQueue
 from vnvme.driver.driver import QueuePair
 from vnvme.fence import full_fence
 from vnvme.spec.commands import NvmOpcode
-from vnvme.spec.dbbuf import cq_slot, max_qid_in_page, need_event, never_crossed, sq_slot
+from vnvme.spec.dbbuf import (
+    cq_slot,
+    max_qid_in_page,
+    need_event,
+    never_crossed,
+    rearm_event_idx,
+    sq_slot,
+)
 
 u16 = st.integers(0, 0xFFFF)
 
@@ -70,6 +76,19 @@ def test_eager_event_idx_rings_on_the_first_move(size: int, data: st.DataObject)
     assert need_event(seen, (seen + step) % size, seen)
 
 
+@given(st.integers(2, 65536), st.data())
+def test_rearm_event_idx_rings_exactly_past_head_plus_ahead(size: int, data: st.DataObject) -> None:
+    """The two halves together: the controller publishes rearm_event_idx(head, ahead) and the
+    host, moving its index m slots on from head (wrapping at the ring's size, not at 2^16),
+    rings by need_event exactly when it passes head + ahead, and never for ahead = -1."""
+    head = data.draw(st.integers(0, size - 1), label="head")
+    ahead = data.draw(st.integers(-1, size - 2), label="ahead")
+    moved = data.draw(st.integers(1, size - 1), label="slots moved")
+    event_idx = rearm_event_idx(head, ahead, size)
+    assert 0 <= event_idx < size
+    assert need_event(event_idx, (head + moved) % size, head) == (0 <= ahead < moved)
+
+
 @given(st.integers(0, 15), st.integers(0, 3000))
 def test_slots_match_the_doorbell_register_layout(dstrd: int, qid: int) -> None:
     # SQ y at dword (2y) << DSTRD, CQ y at (2y + 1) << DSTRD: the BAR doorbell offsets / 4.
@@ -115,19 +134,28 @@ class ShadowProtocol(RuleBasedStateMachine):
         self.submitted = 0
         self.race = 0  # commands the host stores and checks just before the next publication
         self.posted: list[int] = []  # doorbell writes decided during a race, delivered later
-        self.real_publish = Controller._publish_sq_eventidx
+        # Every SQ EventIdx store goes through one of these two: the host races in before it.
+        self.real_store, self.real_probe = Doorbells.store_eventidx, Doorbells.probe
         machine = self
 
-        def racing_publish(ctrl: Controller, sq: SubmissionQueue, value: int) -> None:
-            if sq.sqid == 1:
+        def race(queue: QueueDoorbell) -> None:
+            if queue.slot == machine.qp.sq_slot:  # I/O SQ 1
                 while machine.race and machine.qp.can_submit():
                     machine.race -= 1
                     machine._store_one()
                     machine._check(deliver=False)
                 machine.race = 0
-            machine.real_publish(ctrl, sq, value)
 
-        Controller._publish_sq_eventidx = racing_publish  # type: ignore[method-assign,assignment]
+        def racing_store(doorbells: Doorbells, queue: QueueDoorbell, value: int) -> None:
+            race(queue)
+            machine.real_store(doorbells, queue, value)
+
+        def racing_probe(doorbells: Doorbells, queue: QueueDoorbell, value: int, size: int = 1 << 32) -> int:
+            race(queue)
+            return machine.real_probe(doorbells, queue, value, size)
+
+        Doorbells.store_eventidx = racing_store  # type: ignore[method-assign,assignment]
+        Doorbells.probe = racing_probe  # type: ignore[method-assign,assignment]
 
     def _store_one(self) -> None:
         qp = self.qp
@@ -195,12 +223,12 @@ class ShadowProtocol(RuleBasedStateMachine):
         assert sq is not None
         if self.rig.controller.has_pending_work:
             return
-        if self.POLICY is SqEventIdxPolicy.BATCH and sq.lookahead_until is not None:
+        if self.POLICY is SqEventIdxPolicy.BATCH and sq.deadline is not None:
             return
         assert sq.head == self.qp.sq_tail, f"controller idle at {sq.head}, host tail {self.qp.sq_tail}"
 
     def teardown(self) -> None:
-        Controller._publish_sq_eventidx = self.real_publish  # type: ignore[method-assign]
+        Doorbells.store_eventidx, Doorbells.probe = self.real_store, self.real_probe  # type: ignore[method-assign]
         # Drain: check, run and reap until every command has completed.
         self.race = 0
         for _ in range(50):

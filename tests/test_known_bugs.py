@@ -16,12 +16,12 @@ from collections.abc import Callable
 
 import pytest
 
-import vnvme.controller.controller as controller_module
+import vnvme.controller.doorbells as doorbells_module
 import vnvme.memory as memory_module
 from host import Rig, make_rig
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
+from vnvme.controller.doorbells import Doorbells, QueueDoorbell
 from vnvme.controller.namespace import Namespace, NullBackend, RamBackend
-from vnvme.controller.queues import CompletionQueue
 from vnvme.driver.transport import PAGE_SIZE, DmaBuffer
 from vnvme.spec import registers as regs
 from vnvme.spec.commands import AdminOpcode, NvmOpcode, Sqe
@@ -166,12 +166,12 @@ def test_qemu_fa5db2aa_full_cq_race_host_consumes_just_before_the_controller_ask
         ctrl = r.controller
         buf = r.host_memory.alloc(4096)
         reaped: list[int] = []
-        real_publish = ctrl._publish_cq_eventidx
+        real_probe = Doorbells.probe
 
-        def racing_publish(cq: CompletionQueue) -> None:
-            if cq.cqid == 1 and cq.waiting_for_room and not reaped:
+        def racing_probe(doorbells: Doorbells, queue: QueueDoorbell, value: int, size: int = 1 << 32) -> int:
+            if queue.slot == cq_slot(1, 0) and not reaped:
                 reaped.append(len(qp.reap()))  # sees EventIdx = head - 1: does not ring
-            real_publish(cq)
+            return real_probe(doorbells, queue, value, size)
 
         for _ in range(7):
             qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
@@ -180,7 +180,7 @@ def test_qemu_fa5db2aa_full_cq_race_host_consumes_just_before_the_controller_ask
         assert qp.shadow is not None
         qp.shadow.store(sq_slot(2, 0), 3)
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(ctrl, "_publish_cq_eventidx", racing_publish)
+            m.setattr(Doorbells, "probe", racing_probe)
             r.transport.mmio_write(regs.sq_tail_doorbell(2, 0), 4, 3)
         assert reaped == [7]
         assert _reads(r) == 10  # SQ 2's commands ran without a CQ doorbell
@@ -217,7 +217,7 @@ def test_openvmm_4080_reset_with_shadow_doorbells_active_never_touches_the_old_p
         assert r.driver.dbbuf_pages is not None
         old_shadow, old_eventidx = r.driver.dbbuf_pages
         _reset_by(r, kind)
-        assert not r.controller.dbbuf.active
+        assert not r.controller.doorbells.active
         # The pages now belong to someone else. Every shadow slot reads as tail 3: a controller
         # still reading them would fetch (zeroed, so Flush-like garbage) commands by itself.
         old_shadow.view[:] = struct.pack("<I", 3) * (PAGE_SIZE // 4)
@@ -358,7 +358,7 @@ def test_spdk_2147_host_uses_shadow_for_admin_and_io() -> None:
         assert r.controller.statistics().shadow_catchups <= 2  # the CQ ring before the switch
         assert r.driver.admin is not None and r.driver.admin.shadow is not None
         sq0, cq0 = r.controller.sqs[0], r.controller.cqs[0]
-        assert sq0 is not None and sq0.shadow_mode and sq0.slot_kept
+        assert sq0 is not None and sq0.shadow_mode and sq0.doorbell.slot_kept
         assert cq0 is not None and cq0.shadow_mode
         r.driver.write(1, 1, b"\x33" * 512)
         assert r.driver.read(1, 1, 1) == b"\x33" * 512
@@ -380,7 +380,7 @@ def test_eventidx_race_tail_written_while_the_controller_publishes_is_processed(
         qp = r.driver.queue(1)
         buf = r.host_memory.alloc(4096)
         injected: list[int] = []
-        real_fence: Callable[[], None] = controller_module.full_fence
+        real_fence: Callable[[], None] = doorbells_module.full_fence
 
         def slowed_fence() -> None:
             if not injected:
@@ -390,7 +390,7 @@ def test_eventidx_race_tail_written_while_the_controller_publishes_is_processed(
                 qp.shadow.store(qp.sq_slot, qp.sq_tail)
             real_fence()
 
-        monkeypatch.setattr(controller_module, "full_fence", slowed_fence)
+        monkeypatch.setattr(doorbells_module, "full_fence", slowed_fence)
         first = qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 8, 1, buf, length=4096))
         qp.ring_sq()  # one MMIO; the controller runs, publishes EventIdx, the host races in
         stats = r.controller.statistics()
@@ -416,7 +416,7 @@ def test_eventidx_race_rearm_attempts_are_bounded_and_counted(monkeypatch: pytes
     try:
         qp = r.driver.queue(1)
         buf = r.host_memory.alloc(4096)
-        real_fence: Callable[[], None] = controller_module.full_fence
+        real_fence: Callable[[], None] = doorbells_module.full_fence
         budget = [2]
 
         def hostile_fence() -> None:
@@ -427,7 +427,7 @@ def test_eventidx_race_rearm_attempts_are_bounded_and_counted(monkeypatch: pytes
                 qp.shadow.store(qp.sq_slot, qp.sq_tail)
             real_fence()
 
-        monkeypatch.setattr(controller_module, "full_fence", hostile_fence)
+        monkeypatch.setattr(doorbells_module, "full_fence", hostile_fence)
         qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
         r.controller.mmio_write(qp.sq_db, 4, qp.sq_tail)  # the doorbell alone, no pass yet
         qp.last_sq_tail = qp.sq_tail

@@ -39,7 +39,7 @@ def test_the_same_value_stored_again_a_lap_later_is_not_lost() -> None:
         function.controller = stub  # type: ignore[assignment]
         function._scan_doorbells()  # first look after enable: the page is cleared
         sq1 = 2  # dword index of SQ 1's tail doorbell (DSTRD 0)
-        function._db_words[sq1] = 5
+        function._db_page.words[sq1] = 5
         function._scan_doorbells()
         assert stub.rung == [(regs.DOORBELL_BASE + 8, 5)]
         stub.held = 5  # the controller caught up
@@ -71,7 +71,7 @@ def test_a_ring_identical_to_a_stale_page_value_is_not_lost() -> None:
         for lba in range(3):
             driver.write(1, lba, bytes([lba + 1]) * 512)  # the host keeps its shadow slot
         sq = ctrl.sqs[1]
-        assert sq is not None and sq.slot_kept and sq.head == qp.sq_tail
+        assert sq is not None and sq.doorbell.slot_kept and sq.head == qp.sq_tail
         cid = qp.submit(driver.io_sqe(qp, NvmOpcode.FLUSH, 1))
         assert qp.shadow is not None
         qp.shadow.store(qp.sq_slot, qp.sq_tail)  # the shadow store; the ring itself is "lost"

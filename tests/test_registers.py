@@ -477,7 +477,7 @@ def test_nvm_subsystem_reset(rig: Rig) -> None:
     assert rig.driver.read_reg(Reg.CSTS) == compose((CSTS.NSSRO, 1))
     assert rig.driver.read_reg(Reg.CC) == 0
     assert all(q is None for q in (*rig.controller.sqs, *rig.controller.cqs))
-    assert not rig.controller.dbbuf.active
+    assert not rig.controller.doorbells.active
     assert rig.driver.read_reg(Reg.NSSR) == 0  # NSSR reads as zero
     # The host brings the controller up again; NSSRO stays set until the host clears it.
     rig.driver.probe()

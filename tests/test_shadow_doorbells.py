@@ -50,7 +50,7 @@ def test_unmapped_buffers_are_a_data_transfer_error() -> None:
     r = make_rig(shadow_doorbells=False)
     try:
         assert _dbbuf(r, 0x10_0000_0000, 0x10_0000_1000) == Status.DATA_TRANSFER_ERROR | DNR
-        assert not r.controller.dbbuf.active
+        assert not r.controller.doorbells.active
     finally:
         r.close()
 

@@ -8,46 +8,29 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TextIO
 
-from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
+from vnvme.controller import variants
 from vnvme.controller.controller import Controller
 from vnvme.controller.namespace import Namespace, NullBackend, RamBackend
+from vnvme.controller.variants import VARIANTS as ALL_VARIANTS
+from vnvme.controller.variants import DoorbellVariant
 from vnvme.driver import HostMemory, InProcessTransport, NvmeDriver
 from vnvme.memory import GuestMemory
 from vnvme.spec.identify import Oacs
 from vnvme.spec.registers import CAP
 from vnvme.workload import WorkloadResult, run_random_io
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    shadow_doorbells: bool
-    sq_eventidx: SqEventIdxPolicy = SqEventIdxPolicy.EAGER
-    cq_eventidx: CqEventIdxPolicy = CqEventIdxPolicy.NEVER
-
-    @property
-    def controller_polls(self) -> bool:
-        return self.sq_eventidx is SqEventIdxPolicy.POLL
+#: The variants compared (declared in vnvme.controller.variants).
+VARIANTS: tuple[DoorbellVariant, ...] = tuple(ALL_VARIANTS[name] for name in variants.DEMO)
 
 
-VARIANTS: tuple[Variant, ...] = (
-    Variant("no dbbuf", False),
-    Variant("dbbuf, CQ EventIdx never", True),
-    Variant("dbbuf, CQ EventIdx eager", True, cq_eventidx=CqEventIdxPolicy.EAGER),
-    Variant("dbbuf, controller polls", True, sq_eventidx=SqEventIdxPolicy.POLL),
-)
-
-
-def _build(variant: Variant) -> tuple[Controller, InProcessTransport, NvmeDriver, HostMemory]:
+def _build(variant: DoorbellVariant) -> tuple[Controller, InProcessTransport, NvmeDriver, HostMemory]:
     namespaces = [Namespace(1, NullBackend(1 << 30), 512), Namespace(2, RamBackend(64 << 20), 4096)]
-    config = ControllerConfig(sq_eventidx=variant.sq_eventidx, cq_eventidx=variant.cq_eventidx)
-    controller = Controller(GuestMemory(), namespaces, config)
+    controller = Controller(GuestMemory(), namespaces, variant.config())
     host_memory = HostMemory(32 << 20)
-    transport = InProcessTransport.attach(controller, host_memory, controller_polls=variant.controller_polls)
-    driver = NvmeDriver(transport, shadow_doorbells=variant.shadow_doorbells)
+    transport = InProcessTransport.attach(controller, host_memory, controller_polls=variant.polls)
+    driver = NvmeDriver(transport, shadow_doorbells=variant.shadow)
     driver.probe()
     return controller, transport, driver, host_memory
 
@@ -63,7 +46,7 @@ def _close(
 
 def bring_up(out: TextIO) -> None:
     """Narrate one bring-up and a verified write / read, with the counters."""
-    controller, transport, driver, memory = _build(VARIANTS[1])
+    controller, transport, driver, memory = _build(ALL_VARIANTS["dbbuf-eager"])
     try:
         info = driver.controller_info
         out.write("== bring-up (Linux nvme-pci order) ==\n")
@@ -106,7 +89,7 @@ def bring_up(out: TextIO) -> None:
 
 def compare(
     out: TextIO, depths: Sequence[int], ios: int, block_size: int
-) -> list[tuple[Variant, WorkloadResult]]:
+) -> list[tuple[DoorbellVariant, WorkloadResult]]:
     out.write(
         f"== {block_size // 1024}k random reads, null namespace (reads return zeroes), {ios} I/Os per depth, "
         "in-process ==\n"
@@ -114,7 +97,7 @@ def compare(
     out.write(
         f"{'variant':28} {'depth':>5} {'IOPS':>9} {'SQ db/IO':>9} {'CQ db/IO':>9} {'db/IO':>7} {'IRQ/IO':>7}\n"
     )
-    results: list[tuple[Variant, WorkloadResult]] = []
+    results: list[tuple[DoorbellVariant, WorkloadResult]] = []
     for variant in VARIANTS:
         controller, transport, driver, memory = _build(variant)
         try:
@@ -125,7 +108,7 @@ def compare(
                 results.append((variant, result))
                 n = result.ios
                 out.write(
-                    f"{variant.name:28} {depth:5d} {result.iops:9.0f} {result.sq_doorbells / n:9.3f} "
+                    f"{variant.label:28} {depth:5d} {result.iops:9.0f} {result.sq_doorbells / n:9.3f} "
                     f"{result.cq_doorbells / n:9.3f} {result.doorbells_per_io:7.3f} {result.interrupts / n:7.3f}\n"
                 )
                 out.flush()

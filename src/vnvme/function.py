@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from vnvme.controller.config import ControllerConfig
 from vnvme.controller.controller import Controller
+from vnvme.controller.doorbells import MappedDoorbellPage
 from vnvme.controller.namespace import Namespace
 from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
 from vnvme.memory import GuestMemory
@@ -157,34 +158,19 @@ class NvmeFunction:
         os.ftruncate(fd, self.bar0_size)
         self._bar0_fd = fd
         self._bar0_map = mmap.mmap(fd, self.bar0_size, flags=mmap.MAP_SHARED)
-        self._db_view = memoryview(self._bar0_map)[start:end]
-        self._db_words = self._db_view.cast("I")
-        # Per doorbell offset: the (page value, controller value) pair last acted on.
-        self._db_seen: dict[int, tuple[int, int]] = {}
-        self._db_epoch = -1
+        self._db_page = MappedDoorbellPage(memoryview(self._bar0_map)[start:end])
         bar0.mmap_fd = fd
         bar0.sparse = [(start, length)]
 
     def _scan_doorbells(self) -> None:
-        """Compare each live queue's doorbell in the page with what the controller holds. A
-        store cannot be seen as an event, and a host may store the same value twice a lap apart,
-        so a (page value, controller value) pair not looked at yet is what counts as news."""
+        """Act on each live queue's doorbell the page holds news for (MappedDoorbellPage.news).
+        A new enable clears the page: safe, as run() follows the CC write before the host can
+        read CSTS.RDY = 1."""
         ctrl = self.controller
         if not ctrl.enabled or ctrl.fatal:
             return
-        if ctrl.enable_count != self._db_epoch:
-            # Every enable starts from doorbells of 0: whatever the page held before is stale.
-            # Safe to clear: run() follows the CC write before the host can read CSTS.RDY = 1.
-            self._db_epoch = ctrl.enable_count
-            self._db_view[:] = bytes(len(self._db_view))
-            self._db_seen.clear()
-        words, seen = self._db_words, self._db_seen
-        for offset, held in ctrl.doorbell_values():
-            value = words[(offset - regs.DOORBELL_BASE) >> 2]
-            if seen.get(offset) != (value, held):
-                seen[offset] = (value, held)
-                if value != held:
-                    self._handle(ctrl.mapped_doorbell(offset, value))
+        for offset, value in self._db_page.news(ctrl.doorbell_values(), ctrl.enable_count):
+            self._handle(ctrl.mapped_doorbell(offset, value))
         ctrl.check_shadow_tails()
 
     # Section: Device interface
@@ -384,10 +370,9 @@ class NvmeFunction:
         if (
             self.mappable_doorbells
             and count == 4
-            and regs.DOORBELL_BASE <= offset < regs.DOORBELL_BASE + len(self._db_view)
+            and regs.DOORBELL_BASE <= offset < regs.DOORBELL_BASE + len(self._db_page)
         ):
-            # A trapped write into the mappable page: the page holds the latest value too.
-            self._db_words[(offset - regs.DOORBELL_BASE) // 4] = int.from_bytes(data, "little")
+            self._db_page.write(offset, int.from_bytes(data, "little"))
         effects = self.controller.mmio_write(offset, count, int.from_bytes(data, "little"))
         if effects:
             self._handle(effects)
@@ -449,8 +434,7 @@ class NvmeFunction:
         self.detach()
         self.controller.close()
         if self.mappable_doorbells:
-            self._db_words.release()
-            self._db_view.release()
+            self._db_page.release()
             self._bar0_map.close()
             os.close(self._bar0_fd)
 

@@ -22,6 +22,7 @@ from typing import Any, TextIO, TypeVar
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 from vnvme.controller.faults import apply_rules, parse_fault_rule
 from vnvme.controller.namespace import Namespace, NullBackend, parse_namespace_spec
+from vnvme.controller.variants import SERVE_CQ_EVENTIDX, SERVE_SQ_CHOICES, SERVE_SQ_EVENTIDX
 from vnvme.effects import TraceEvent
 from vnvme.function import NvmeFunction
 from vnvme.trace import JsonLinesSink, format_event, matching_events
@@ -71,15 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cq-eventidx",
         choices=[p.value for p in CqEventIdxPolicy],
-        default=CqEventIdxPolicy.NEVER.value,
+        default=SERVE_CQ_EVENTIDX.value,
         help="CQ EventIdx policy: 'never' (default) reads the shadow CQ head whenever the controller "
         "needs room, so the host rings no CQ doorbell; 'eager' publishes EventIdx = head as QEMU "
         "does (one CQ doorbell per completion batch)",
     )
     parser.add_argument(
         "--sq-eventidx",
-        choices=["eager", "batch"],
-        default="batch",
+        choices=SERVE_SQ_CHOICES,
+        default=SERVE_SQ_EVENTIDX.value,
         help="SQ EventIdx policy while event driven: 'batch' (default) publishes EventIdx = head + "
         "k - 1 after a burst of k commands, so a closed-loop host rings once per batch it places, "
         "and reads the shadow tail itself after --batch-timeout if the host placed fewer; 'eager' "

@@ -128,7 +128,7 @@ def test_the_sparse_doorbell_area() -> None:
                 assert info.flags & vu.RegionFlags.MMAP and info.flags & vu.RegionFlags.CAPS
                 page = mmap.mmap(info.fd, 0x1000, offset=info.offset + 0x1000)
                 page[0:4] = (5).to_bytes(4, "little")
-                assert bytes(function._db_view[0:4]) == (5).to_bytes(4, "little")
+                assert bytes(function._db_page.view[0:4]) == (5).to_bytes(4, "little")
                 page.close()
             finally:
                 os.close(info.fd)

@@ -121,7 +121,7 @@ def test_region_info_offers_the_doorbell_page_as_a_sparse_mmap_area() -> None:
         # A store through the client's mapping is what the device scans.
         mapping = mmap.mmap(reply.fds[0], area[1], offset=offset + area[0])
         mapping[0:4] = (3).to_bytes(4, "little")
-        assert bytes(function._db_view[0:4]) == (3).to_bytes(4, "little")
+        assert bytes(function._db_page.view[0:4]) == (3).to_bytes(4, "little")
         mapping.close()
         os.close(reply.fds[0])
     finally:
@@ -152,7 +152,7 @@ def test_the_doorbell_page_over_a_served_connection() -> None:
         mapping = mmap.mmap(third.fds[0], 0x1000, offset=offset + 0x1000)
         try:
             mapping[4:8] = (9).to_bytes(4, "little")
-            assert bytes(p.function._db_view[4:8]) == (9).to_bytes(4, "little")
+            assert bytes(p.function._db_page.view[4:8]) == (9).to_bytes(4, "little")
         finally:
             mapping.close()
             os.close(third.fds[0])

@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from vnvme.bench.engine import JobResult, JobSpec, run_job
+from vnvme.controller import variants
+from vnvme.controller.variants import VARIANTS as ALL_VARIANTS
+from vnvme.controller.variants import DoorbellVariant
 from vnvme.driver import NvmeDriver
 from vnvme.driver.driver import NvmeError, NvmeTimeout
 from vnvme.vfio_user.client import VfioUserTransport
@@ -39,39 +42,12 @@ class BenchError(RuntimeError):
 #: What a server that fails, refuses or goes away raises in the client and the driver.
 _SERVER_FAILURES = (OSError, Disconnected, ProtocolError, NvmeError, NvmeTimeout)
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    label: str
-    serve_args: tuple[str, ...] = ()
-    shadow: bool = True  # the driver sends Doorbell Buffer Config
-    posted: bool = False  # doorbell writes do not wait for their reply (QEMU's default)
-    mapped: bool = False  # doorbells are stores into a mapped page
-
-
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        Variant("no-dbbuf", "no dbbuf", ("--no-shadow-doorbells",), shadow=False),
-        Variant("dbbuf", "dbbuf"),
-        Variant("dbbuf-eager", "dbbuf, SQ EventIdx eager", ("--sq-eventidx", "eager")),
-        Variant("dbbuf-cq-eager", "dbbuf, CQ EventIdx eager", ("--cq-eventidx", "eager")),
-        Variant("dbbuf-poll", "dbbuf, controller polls", ("--poll",)),
-        Variant(
-            "posted-no-dbbuf",
-            "no dbbuf, posted writes",
-            ("--no-shadow-doorbells",),
-            shadow=False,
-            posted=True,
-        ),
-        Variant("posted-dbbuf", "dbbuf, posted writes", posted=True),
-        Variant("mappable", "dbbuf, mappable doorbells", ("--mappable-doorbells",), mapped=True),
-    )
-}
-DEFAULT_VARIANTS = ("no-dbbuf", "dbbuf")
+Variant = DoorbellVariant
+#: What ``--variants`` offers, in order (declared in vnvme.controller.variants).
+VARIANTS: dict[str, Variant] = {name: ALL_VARIANTS[name] for name in variants.BENCH}
+DEFAULT_VARIANTS = variants.BENCH_DEFAULT
 #: The variants that make sense against a server we do not start ourselves.
-EXTERNAL_VARIANTS = ("no-dbbuf", "dbbuf", "posted-no-dbbuf", "posted-dbbuf")
+EXTERNAL_VARIANTS = variants.BENCH_EXTERNAL
 
 
 @dataclass(frozen=True)
@@ -285,7 +261,7 @@ def _server_for(
         server = ServerProcess(command, path, placement.server_cpus, ours=False)
     else:
         command = [sys.executable, "-m", "vnvme", "serve", "--socket", path, "--quiet"]
-        command += ["--namespace", options.namespace, *variant.serve_args]
+        command += ["--namespace", options.namespace, *variant.serve_args()]
         server = ServerProcess(command, path, placement.server_cpus, ours=True)
     try:
         yield server

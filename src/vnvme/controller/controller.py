@@ -8,8 +8,9 @@ Threading model: one controller is used from one thread at a time.
 
 Processing model. A BAR doorbell write marks its SQ pending; :meth:`Controller.process` runs
 pending SQs round robin, posts completions, then signals interrupts (one per CQ pass, after
-coalescing). With shadow doorbells an SQ's tail is read from the shadow page, and an idle SQ
-publishes EventIdx by the configured policy (see :class:`~vnvme.controller.config.SqEventIdxPolicy`).
+coalescing). With shadow doorbells an SQ's tail is read from the shadow page (every slot access
+goes through :class:`~vnvme.controller.doorbells.Doorbells`), and an idle SQ publishes EventIdx
+as its policy says (:mod:`vnvme.controller.eventidx`, told of the moments named there).
 A polling edge calls :meth:`Controller.poll` instead of waiting for doorbells, and
 :meth:`Controller.rearm` before it stops polling.
 """
@@ -23,13 +24,13 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from vnvme.controller import admin, faults
-from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
-from vnvme.controller.doorbells import DoorbellBuffers
+from vnvme.controller.config import ControllerConfig
+from vnvme.controller.doorbells import Doorbells
 from vnvme.controller.errors import CommandFailed
+from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, CqEventIdx, SqPolicyFactory, overridden
 from vnvme.controller.namespace import Namespace
 from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
 from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
-from vnvme.fence import full_fence as full_fence  # re-exported: tests slow the fence down
 from vnvme.memory import GuestMemory, GuestMemoryError
 from vnvme.spec import registers as regs
 from vnvme.spec.commands import (
@@ -43,7 +44,7 @@ from vnvme.spec.commands import (
     LogPageId,
     opcode_name,
 )
-from vnvme.spec.dbbuf import cq_slot, sq_slot
+from vnvme.spec.dbbuf import cq_slot, rearm_event_idx, sq_slot
 from vnvme.spec.features import InterruptCoalescing
 from vnvme.spec.log_pages import CriticalWarning
 from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg, ShutdownStatus
@@ -118,7 +119,11 @@ class Controller:
         memory: GuestMemory,
         namespaces: Sequence[Namespace] = (),
         config: ControllerConfig | None = None,
+        *,
+        sq_policy: SqPolicyFactory | None = None,
     ) -> None:
+        """``sq_policy``: an SQ EventIdx policy class (or factory) instead of the one
+        ``config.sq_eventidx`` names."""
         self.config = config or ControllerConfig()
         self.memory = memory
         self.namespaces: dict[int, Namespace] = {}
@@ -152,7 +157,7 @@ class Controller:
         self.page_size = 4096
         self.sqs: list[SubmissionQueue | None] = [None] * (cfg.max_io_queues + 1)
         self.cqs: list[CompletionQueue | None] = [None] * (cfg.max_io_queues + 1)
-        self.dbbuf = DoorbellBuffers()
+        self.doorbells = Doorbells()
         self._pending: dict[int, SubmissionQueue] = {}
         self._touched_cqs: dict[int, CompletionQueue] = {}
         self._coalescing: dict[int, _Coalescing] = {}
@@ -166,12 +171,10 @@ class Controller:
         self._memory_missing: str | None = None
         self._dbbuf_wanted: tuple[bool, int, int, int] = (False, 0, 0, 0)
         self._fatal = False
-        self._polling = cfg.sq_eventidx is SqEventIdxPolicy.POLL
-        self._batch_eventidx = cfg.sq_eventidx is SqEventIdxPolicy.BATCH
-        self._cq_eager = cfg.cq_eventidx is CqEventIdxPolicy.EAGER
         self._arbitration_burst = cfg.arbitration_burst
-        # SQs whose EventIdx was published ahead of their head (policy BATCH), by sqid.
-        self._lookahead: dict[int, SubmissionQueue] = {}
+        self._set_policies(sq_policy or SQ_POLICIES[cfg.sq_eventidx], CQ_POLICIES[cfg.cq_eventidx])
+        # SQs whose policy asked for a deadline (sq.deadline), by sqid.
+        self._deadlines: dict[int, SubmissionQueue] = {}
         self._now = 0.0
         # Statistics counters.
         self._register_reads = 0
@@ -181,15 +184,12 @@ class Controller:
         self._db_cq_admin = 0
         self._db_cq_io = 0
         self._invalid_doorbells = 0
-        self._shadow_reads = 0
-        self._eventidx_writes = 0
         self._rearms_won = 0
         self._rearms_lost = 0
         self._interrupts = 0
         self._completions = 0
         self._error_completions = 0
         self._dbbuf_configs = 0
-        self._shadow_catchups = 0
         self._internal_errors = 0
         self._mapped_doorbells = 0
         self._enable_count = 0
@@ -247,7 +247,7 @@ class Controller:
         if not (
             self._pending
             or self._touched_cqs
-            or self._lookahead
+            or self._deadlines
             or self._coalescing
             or self.delayed
             or self.memory.generation != self._memory_generation
@@ -257,12 +257,12 @@ class Controller:
             if self.memory.generation != self._memory_generation:
                 self._sync_memory()  # the memory may be back
             if self._memory_missing:
-                if self._pending or self._lookahead or self.delayed:
+                if self._pending or self._deadlines or self.delayed:
                     self._memory_gone()
                 # Otherwise wait for the memory to come back; interrupts owed stay owed.
                 return self._take_effects()
-        if self._lookahead:
-            self._expire_lookahead()
+        if self._deadlines:
+            self._expire_deadlines()
         try:
             if self.delayed:
                 self.delayed.post_due(self, self._now)
@@ -276,7 +276,7 @@ class Controller:
 
     def poll(self, now: float | None = None, budget: int | None = None) -> list[Effect]:
         """Polling mode: look at every shadow SQ tail, as if each had been rung, then process."""
-        if self.dbbuf.active and self._ready():
+        if self.doorbells.active and self._ready():
             for sq in self.sqs:
                 if sq is not None and sq.shadow_mode and not sq.blocked:
                     self._pending[sq.sqid] = sq
@@ -285,17 +285,14 @@ class Controller:
     def rearm(self) -> bool:
         """Before a polling edge sleeps: publish EAGER EventIdx values and re-check every shadow
         tail. True if nothing is pending (safe to sleep until a doorbell), False if work arrived."""
-        if not self.dbbuf.active or not self._ready():
+        if not self.doorbells.active or not self._ready():
             return not self._pending
-        # From here on idle SQs publish EAGER values until the edge polls again.
-        self._polling = False
+        self.sq_policy.stop_polling()
         quiet = True
         for sq in self.sqs:
             if sq is None or not sq.shadow_mode:
                 continue
-            self._publish_sq_eventidx(sq, sq.head)
-            full_fence()  # store EventIdx -> load shadow tail
-            tail = self._read_sq_shadow(sq)
+            tail = self._probe_sq(sq, rearm_event_idx(sq.head, 0, sq.size))
             if tail is not None and tail != sq.head:
                 sq.rearms_lost += 1
                 self._rearms_lost += 1
@@ -307,8 +304,8 @@ class Controller:
         return quiet and not self._pending
 
     def start_polling(self) -> None:
-        """Switch idle SQs to POLL EventIdx values (the edge is about to poll)."""
-        self._polling = True
+        """The edge is about to poll: idle SQs ask for no doorbell until it rearms."""
+        self.sq_policy.start_polling()
 
     @property
     def has_pending_work(self) -> bool:
@@ -316,8 +313,8 @@ class Controller:
 
     def next_deadline(self) -> float | None:
         """When :meth:`process` must run next at the latest (``now`` units), if ever: coalesced
-        interrupts, a BATCH EventIdx prediction, a completion a fault hook delays."""
-        if not self._lookahead and not self.features.interrupt_coalescing and not self.delayed:
+        interrupts, an SQ EventIdx policy's deadline, a completion a fault hook delays."""
+        if not self._deadlines and not self.features.interrupt_coalescing and not self.delayed:
             return None  # asked before every wait: the common answer without the work
         deadline = self._next_deadline()
         held = self.delayed.earliest()
@@ -325,9 +322,9 @@ class Controller:
 
     def _next_deadline(self) -> float | None:
         deadline: float | None = None
-        if self._lookahead:
+        if self._deadlines:
             deadline = min(
-                (sq.lookahead_until for sq in self._lookahead.values() if sq.lookahead_until), default=None
+                (sq.deadline for sq in self._deadlines.values() if sq.deadline is not None), default=None
             )
         time_units = InterruptCoalescing.TIME.get(self.features.interrupt_coalescing)
         if not time_units:
@@ -387,15 +384,15 @@ class Controller:
             doorbell_cq_admin=self._db_cq_admin,
             doorbell_cq_io=self._db_cq_io,
             invalid_doorbell_writes=self._invalid_doorbells,
-            shadow_reads=self._shadow_reads,
-            eventidx_writes=self._eventidx_writes,
+            shadow_reads=self.doorbells.reads,
+            eventidx_writes=self.doorbells.eventidx_writes,
             rearms_won=self._rearms_won,
             rearms_lost=self._rearms_lost,
             interrupts_raised=self._interrupts,
             completions_posted=self._completions,
             error_completions=self._error_completions,
             dbbuf_configs=self._dbbuf_configs,
-            shadow_catchups=self._shadow_catchups,
+            shadow_catchups=self.doorbells.catchups,
             internal_errors=self._internal_errors,
             mapped_doorbell_updates=self._mapped_doorbells,
             admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
@@ -447,17 +444,17 @@ class Controller:
         very value the page already holds (a stale value from a lap ago, looked at while the
         controller was idle at the same head) changes nothing there. The shadow slot it wrote
         first is the truth. True if any SQ was marked."""
-        page = self.dbbuf.shadow
-        if page is None or not self.csts & 1 or self._fatal or self._memory_missing:
+        doorbells = self.doorbells
+        if not doorbells.active or not self.csts & 1 or self._fatal or self._memory_missing:
             return False
         found = False
         for sq in self.sqs:
             if (
                 sq is not None
                 and sq.shadow_mode
-                and sq.slot_kept
+                and sq.doorbell.slot_kept
                 and not sq.blocked
-                and page.load(sq.slot) != sq.head
+                and doorbells.peek(sq.doorbell) != sq.head
             ):
                 self._pending[sq.sqid] = sq
                 found = True
@@ -629,14 +626,14 @@ class Controller:
     def _controller_reset(self) -> None:
         """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
         self._drop_queues()
-        self._lookahead.clear()
+        self._deadlines.clear()
         self.delayed.clear()
         self._coalescing.clear()
         self._masked_pending.clear()
         self.features.reset()
         self.async_events.reset()
         self._fatal = False
-        self._polling = self.config.sq_eventidx is SqEventIdxPolicy.POLL
+        self.sq_policy.reset()
         self.csts = CSTS.RDY.put(CSTS.CFS.put(self.csts, 0), 0)
         if self._tracing:
             self._trace("pci_nvme_mmio_stopped")
@@ -738,17 +735,13 @@ class Controller:
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return
         if sq.shadow_mode:
-            page = self.dbbuf.shadow
-            assert page is not None
-            self._shadow_reads += 1  # _load_shadow, inlined: once per doorbell
-            shadow = page.load(sq.slot)
-            sq.shadow_reads += 1
-            if shadow != sq.shadow_last:
-                sq.slot_kept = True  # the host stores its tails there: the slot is authoritative
-                sq.shadow_last = shadow
-            if not sq.slot_kept and not (shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n):
-                self._catch_up_shadow(sq.sqid, False, sq.slot, shadow, value)
-                sq.shadow_last = value
+            shadow = self.doorbells.load(sq.doorbell)
+            if not sq.doorbell.slot_kept and not (
+                shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n
+            ):
+                self._catch_up_shadow(sq, sq.sqid, False, shadow, value)
+            if self._sq_rang is not None:
+                self._sq_rang(sq, self._now)
         else:
             sq.tail = value
         if not sq.blocked:
@@ -761,12 +754,8 @@ class Controller:
         n = cq.size
         used = (cq.tail - cq.head) % n
         if cq.shadow_mode and value < n:
-            shadow = self._load_shadow(cq.slot)
-            cq.shadow_reads += 1
-            if shadow != cq.shadow_last:
-                cq.slot_kept = True
-                cq.shadow_last = shadow
-            if cq.slot_kept:
+            shadow = self.doorbells.load(cq.doorbell)
+            if cq.doorbell.slot_kept:
                 # The host keeps its head in the slot: this MMIO is a wake-up, and a posted one
                 # may carry a head older than the slot's; the slot decides.
                 self._refresh_cq_head(cq)
@@ -780,60 +769,43 @@ class Controller:
             if shadow < n and (value - cq.head) % n <= (shadow - cq.head) % n <= used:
                 head = shadow
             else:
-                self._catch_up_shadow(cq.cqid, True, cq.slot, shadow, value)
-                cq.shadow_last = value
+                self._catch_up_shadow(cq, cq.cqid, True, shadow, value)
         self._set_cq_head(cq, head)
 
-    def _catch_up_shadow(self, qid: int, is_cq: bool, slot: int, shadow: int, value: int) -> None:
-        """An MMIO doorbell value ahead of the queue's shadow slot: this host rings MMIO without
-        keeping the slot (Linux, for the admin queue). Bring the slot up to the MMIO value so the
-        shadow page stays authoritative and current. A host that keeps the slot stores it before
-        it rings, so its slot is never behind its own MMIO value: this never undoes its stores.
-        """
-        page = self.dbbuf.shadow
-        assert page is not None
-        page.store(slot, value)
-        self._shadow_catchups += 1
+    def _catch_up_shadow(
+        self, queue: SubmissionQueue | CompletionQueue, qid: int, is_cq: bool, shadow: int, value: int
+    ) -> None:
+        """An MMIO doorbell value ahead of the queue's shadow slot: see Doorbells.catch_up."""
+        self.doorbells.catch_up(queue.doorbell, value)
         if self._tracing:
             self._trace("pci_nvme_dbbuf_shadow_catchup", qid, int(is_cq), shadow, value)
 
-    def _load_shadow(self, slot: int) -> int:
-        page = self.dbbuf.shadow
-        assert page is not None
-        self._shadow_reads += 1
-        return page.load(slot)
-
-    def _read_sq_shadow(self, sq: SubmissionQueue) -> int | None:
-        """The SQ tail from its shadow slot, or None if the value is not a valid tail."""
-        page = self.dbbuf.shadow
-        assert page is not None
-        self._shadow_reads += 1  # _load_shadow, inlined: twice per batch
-        value = page.load(sq.slot)
-        sq.shadow_reads += 1
+    def _sq_tail(self, sq: SubmissionQueue, value: int) -> int | None:
+        """A tail read from the SQ's shadow slot, or None if the value is not a valid tail."""
         if value >= sq.size:
             if self._tracing:
                 self._trace("pci_nvme_err_shadow_invalid_value", sq.sqid, 0, value)
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return None
-        if value != sq.shadow_last:
-            sq.slot_kept = True
-            sq.shadow_last = value
         if self._tracing:
             self._trace("pci_nvme_update_sq_tail", sq.sqid, value)
         return value
 
-    def _refresh_cq_head(self, cq: CompletionQueue) -> None:
-        """Learn how far the host has consumed, from the shadow slot."""
+    def _probe_sq(self, sq: SubmissionQueue, event_idx: int) -> int | None:
+        """Publish the SQ's EventIdx, fence, re-read its tail (None: not a valid tail). (_run_sq
+        does the same inline: once per I/O.)"""
+        value = self.doorbells.probe(sq.doorbell, event_idx, sq.size)
+        if self._tracing:
+            self._trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
+        return self._sq_tail(sq, value)
+
+    def _refresh_cq_head(self, cq: CompletionQueue, value: int | None = None) -> None:
+        """Learn how far the host has consumed, from the shadow slot (or the ``value`` a probe
+        just read there)."""
         if not cq.shadow_mode:
             return
-        page = self.dbbuf.shadow
-        assert page is not None
-        self._shadow_reads += 1  # _load_shadow, inlined
-        value = page.load(cq.slot)
-        cq.shadow_reads += 1
-        if value != cq.shadow_last:
-            cq.slot_kept = True
-            cq.shadow_last = value
+        if value is None:
+            value = self.doorbells.load(cq.doorbell)
         n = cq.size
         if value >= n or (value - cq.head) % n > (cq.tail - cq.head) % n:
             if self._tracing:
@@ -859,26 +831,21 @@ class Controller:
                 self._pending[sq.sqid] = sq
 
     def _publish_sq_eventidx(self, sq: SubmissionQueue, value: int) -> None:
-        page = self.dbbuf.eventidx
-        assert page is not None
-        page.store(sq.slot, value)
-        sq.eventidx_writes += 1
-        self._eventidx_writes += 1
+        self.doorbells.store_eventidx(sq.doorbell, value)
         if self._tracing:
             self._trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
 
-    def _publish_cq_eventidx(self, cq: CompletionQueue) -> None:
-        # EAGER (or waiting for room): ask for a doorbell on any progress, the host's next move
-        # starts at the head. NEVER: the host stops at our tail, which stays behind head - 1
-        # until we learn a newer head, so EventIdx = head - 1 is never inside a crossed interval.
-        value = cq.head if cq.waiting_for_room or self._cq_eager else (cq.head - 1) % cq.size
-        page = self.dbbuf.eventidx
-        assert page is not None
-        page.store(cq.slot, value)
-        cq.eventidx_writes += 1
-        self._eventidx_writes += 1
+    def _publish_cq_eventidx(self, cq: CompletionQueue, *, probe: bool = False) -> int:
+        """Publish the CQ's EventIdx; with ``probe``, fence and return the shadow head read again
+        (else -1). Blocked on a full CQ it asks for any progress of the head, whatever the policy."""
+        # rearm_event_idx, inlined: once per I/O.
+        value = (cq.head + (0 if cq.waiting_for_room else self._cq_ahead)) % cq.size
         if self._tracing:
             self._trace("pci_nvme_update_cq_eventidx", cq.cqid, value)
+        if probe:
+            return self.doorbells.probe(cq.doorbell, value)
+        self.doorbells.store_eventidx(cq.doorbell, value)
+        return -1
 
     def _make_room(self, cq: CompletionQueue) -> bool:
         """The CQ looks full by the head we know. Refresh it; if still full, ask for a wake-up."""
@@ -887,9 +854,7 @@ class Controller:
             return True
         if cq.shadow_mode and not cq.waiting_for_room:
             cq.waiting_for_room = True
-            self._publish_cq_eventidx(cq)
-            full_fence()  # store EventIdx -> load shadow head
-            self._refresh_cq_head(cq)
+            self._refresh_cq_head(cq, self._publish_cq_eventidx(cq, probe=True))
             if not cq.is_full():
                 cq.waiting_for_room = False
                 self._publish_cq_eventidx(cq)
@@ -907,22 +872,19 @@ class Controller:
         Existing queues get their current tail / head written into their shadow slot (QEMU and
         OpenVMM do the same), so the slot holds a valid value before the controller reads it.
         """
-        self.dbbuf.configure(self.memory, shadow_addr, eventidx_addr, self.page_size)
+        self.doorbells.configure(self.memory, shadow_addr, eventidx_addr, self.page_size)
         self._dbbuf_configs += 1
-        shadow = self.dbbuf.shadow
-        assert shadow is not None
+        doorbells = self.doorbells
         for sq in self.sqs:
             if sq is None or (sq.sqid == 0 and not self.config.admin_queue_shadow):
                 continue
-            shadow.store(sq.slot, sq.tail)
-            sq.shadow_last, sq.slot_kept = sq.tail, False
+            doorbells.take(sq.doorbell, sq.tail)
             sq.shadow_mode = True
-            self._publish_sq_eventidx(sq, sq.tail if not self._polling else (sq.head - 1) % sq.size)
+            self._attach_sq_policy(sq)
         for cq in self.cqs:
             if cq is None or (cq.cqid == 0 and not self.config.admin_queue_shadow):
                 continue
-            shadow.store(cq.slot, cq.head)
-            cq.shadow_last, cq.slot_kept = cq.head, False
+            doorbells.take(cq.doorbell, cq.head)
             cq.shadow_mode = True
             self._publish_cq_eventidx(cq)
         if self._tracing:
@@ -930,37 +892,59 @@ class Controller:
 
     def _attach_to_dbbuf(self, sq: SubmissionQueue | None, cq: CompletionQueue | None) -> None:
         """A queue created while shadow doorbells are on starts on its shadow slot."""
-        shadow = self.dbbuf.shadow
-        if shadow is None:
+        doorbells = self.doorbells
+        if not doorbells.active:
             return
+        fresh = 0 if self.config.zero_shadow_on_create else None
         if sq is not None:
-            if self.config.zero_shadow_on_create:
-                shadow.store(sq.slot, 0)
-            sq.shadow_last, sq.slot_kept = shadow.load(sq.slot), False
+            doorbells.take(sq.doorbell, fresh)
             sq.shadow_mode = True
-            self._publish_sq_eventidx(sq, (sq.size - 1) if self._polling else 0)
+            self._attach_sq_policy(sq)
         if cq is not None:
-            if self.config.zero_shadow_on_create:
-                shadow.store(cq.slot, 0)
-            cq.shadow_last, cq.slot_kept = shadow.load(cq.slot), False
+            doorbells.take(cq.doorbell, fresh)
             cq.shadow_mode = True
             self._publish_cq_eventidx(cq)
 
-    # Section: command processing
+    def _attach_sq_policy(self, sq: SubmissionQueue) -> None:
+        """``sq`` has just switched onto its shadow slot: publish its first EventIdx."""
+        ahead = self.sq_policy.attached(sq)
+        self._publish_sq_eventidx(sq, rearm_event_idx(sq.head if ahead < 0 else sq.tail, ahead, sq.size))
 
-    def _expire_lookahead(self) -> None:
-        """Predicted EventIdx values the host has not reached in time: look at the shadow tail
-        ourselves (the host may have placed fewer commands than the burst suggested)."""
+    # Section: EventIdx policies
+
+    def _set_policies(self, sq_policy: SqPolicyFactory, cq_policy: type[CqEventIdx]) -> None:
+        """Take the policies, caching what the hot path calls or reads."""
+        policy = self.sq_policy = sq_policy(self.config, self._refresh_cq_head)
+        self._sq_ran_dry = policy.ran_dry
+        self._sq_rearmed = policy.rearmed
+        self._sq_rang = policy.rang if overridden(policy, "rang") else None
+        self._sq_posted = policy.posted if overridden(policy, "posted") else None
+        self._cq_ahead = cq_policy.ahead
+        self._cq_on_completions = cq_policy.on_completions
+        self._completions_watched = self._cq_on_completions or self._sq_posted is not None
+
+    def _completions_posted(self, cq: CompletionQueue) -> None:
+        """Completions were posted to ``cq`` (shadow mode) in this pass: tell the policies."""
+        if self._cq_on_completions:
+            self._refresh_cq_head(cq)
+            self._publish_cq_eventidx(cq)
+        if self._sq_posted is not None:
+            self._sq_posted(cq, self._now)
+
+    def _expire_deadlines(self) -> None:
+        """Deadlines an SQ policy asked for that have passed: look at those shadow tails (e.g.
+        a host that placed fewer commands than predicted, and did not ring)."""
         now = self._now
-        for sqid, sq in list(self._lookahead.items()):
-            if sq.lookahead_until is None or self.sqs[sqid] is not sq:
-                del self._lookahead[sqid]
-            elif now >= sq.lookahead_until:
-                del self._lookahead[sqid]
-                sq.lookahead_until = None
-                sq.burst = 0  # publish exactly (EventIdx = head), unless this look finds commands
-                sq.renewing = True
+        for sqid, sq in list(self._deadlines.items()):
+            if sq.deadline is None or self.sqs[sqid] is not sq:
+                del self._deadlines[sqid]
+            elif now >= sq.deadline:
+                del self._deadlines[sqid]
+                sq.deadline = None
+                self.sq_policy.deadline_passed(sq, now)
                 self._pending[sqid] = sq
+
+    # Section: command processing
 
     def _run_pending(self, budget: int) -> None:
         if self._fatal or not self.csts & 1:  # not self._ready()
@@ -991,8 +975,8 @@ class Controller:
         attempts = 0
         while True:
             if sq.shadow_mode:
-                tail = self._read_sq_shadow(sq)
-                if tail is None:
+                tail = self.doorbells.load(sq.doorbell, n)
+                if (tail >= n or self._tracing) and self._sq_tail(sq, tail) is None:
                     return processed
                 sq.tail = tail
             tail = sq.tail
@@ -1015,7 +999,6 @@ class Controller:
                     head = 0
                 sq.head = head
                 processed += 1
-                sq.burst += 1
                 sq.entries += 1
                 execute(sq, fields)
                 if self._fatal or self.sqs[sq.sqid] is not sq:
@@ -1027,39 +1010,27 @@ class Controller:
             else:
                 if not sq.shadow_mode:
                     return processed
-                # Idle: tell the host when to ring next.
-                if self._polling:
-                    self._publish_sq_eventidx(sq, (head - 1) % n)
+                # Idle: the policy says when the host is to ring next.
+                ahead = self._sq_ran_dry(sq, processed, attempts, self._now)
+                event_idx = (head + ahead) % n  # rearm_event_idx, inlined: once per I/O
+                if ahead < 0:  # no doorbell wanted (the edge polls): nothing to probe
+                    self._publish_sq_eventidx(sq, event_idx)
                     return processed
-                ahead = 0
-                if self._batch_eventidx and attempts == 0:
-                    # The host will place as many commands as it has completions to reap: this
-                    # burst's, and any it has not consumed yet (a pipelined host's bursts are 1).
-                    expected = sq.burst
-                    if cq.shadow_mode and expected < n:
-                        self._refresh_cq_head(cq)
-                        expected = max(expected, (cq.tail - cq.head) % cq.size)
-                    ahead = max(0, min(expected, n - 1) - 1)
-                    if sq.renewing:
-                        # Woken by an expired prediction: commands found means the host is
-                        # still placing them, slower than the timeout; keep predicting.
-                        sq.renewing = False
-                        if processed:
-                            ahead = max(ahead, sq.predicted)
-                self._publish_sq_eventidx(sq, (head + ahead) % n)
-                full_fence()  # store EventIdx -> load shadow tail (pairs with the host's fence)
-                again = self._read_sq_shadow(sq)
-                if again is None or again == head:
+                again = self.doorbells.probe(sq.doorbell, event_idx, n)  # _probe_sq, inlined
+                if self._tracing:
+                    self._trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
+                if again >= n or self._tracing:
+                    self._sq_tail(sq, again)  # an invalid value is reported, and ends the pass
+                if again == head or again >= n:
                     sq.rearms_won += 1
                     self._rearms_won += 1
-                    sq.burst = 0
-                    sq.predicted = ahead
-                    if ahead:
-                        sq.lookahead_until = self._now + self.config.batch_timeout
-                        self._lookahead[sq.sqid] = sq
-                    elif sq.lookahead_until is not None:
-                        sq.lookahead_until = None
-                        self._lookahead.pop(sq.sqid, None)
+                    deadline = self._sq_rearmed(sq, ahead, self._now)
+                    if deadline is not None:
+                        sq.deadline = deadline
+                        self._deadlines[sq.sqid] = sq
+                    elif sq.deadline is not None:
+                        sq.deadline = None
+                        self._deadlines.pop(sq.sqid, None)
                     if self._tracing:
                         self._trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
                     return processed
@@ -1184,9 +1155,9 @@ class Controller:
         touched = self._touched_cqs
         coalesce_value = self.features.interrupt_coalescing
         if touched:
-            eager = self._cq_eager
-            if not coalesce_value and not eager and len(touched) == 1:
-                # The common pass: one CQ, no coalescing, nothing to publish.
+            watched = self._completions_watched
+            if not coalesce_value and not watched and len(touched) == 1:
+                # The common pass: one CQ, no coalescing, no policy to tell.
                 cq = next(iter(touched.values()))
                 touched.clear()
                 if cq.ien:
@@ -1200,9 +1171,8 @@ class Controller:
         vectors: dict[int, tuple[int, bool]] = {}
         if touched:
             for cq in touched.values():
-                if cq.shadow_mode and eager:
-                    self._refresh_cq_head(cq)
-                    self._publish_cq_eventidx(cq)
+                if cq.shadow_mode and watched:
+                    self._completions_posted(cq)
                 if not cq.ien:
                     continue
                 count, admin_cq = vectors.get(cq.vector, (0, False))
@@ -1275,13 +1245,13 @@ class Controller:
             queue.drop_view()
         if self._memory_missing is None:
             self._dbbuf_wanted = (
-                self.dbbuf.active,
-                self.dbbuf.shadow_addr,
-                self.dbbuf.eventidx_addr,
-                self.dbbuf.page_size,
+                self.doorbells.active,
+                self.doorbells.shadow_addr,
+                self.doorbells.eventidx_addr,
+                self.doorbells.page_size,
             )
         was_active, shadow_addr, eventidx_addr, page_size = self._dbbuf_wanted
-        self.dbbuf.forget()
+        self.doorbells.reset()
         try:
             for cq in self.cqs:
                 if cq is not None:
@@ -1291,14 +1261,14 @@ class Controller:
                 if sq is not None:
                     sq.view, sq.remote = self.memory.window(sq.base, sq.size * SQE_SIZE)
             if was_active:
-                self.dbbuf.configure(self.memory, shadow_addr, eventidx_addr, page_size)
+                self.doorbells.configure(self.memory, shadow_addr, eventidx_addr, page_size)
             self._memory_missing = None
         except GuestMemoryError as exc:
             # Not fatal yet (see memory_changed): no view is kept, and every path that would
             # touch a queue or a doorbell page checks _memory_missing first.
             for queue in queues:
                 queue.drop_view()
-            self.dbbuf.forget()
+            self.doorbells.reset()
             self._memory_missing = str(exc)
             if self._tracing:
                 self._trace("pci_nvme_memory_missing", str(exc))
@@ -1310,7 +1280,7 @@ class Controller:
                 if queue is not None:
                     queue.release()
                     queues[qid] = None
-        self.dbbuf.forget()
+        self.doorbells.reset()
         self._pending.clear()
         self._touched_cqs.clear()
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
+
+from vnvme.controller.doorbells import QueueDoorbell
 
 
 @dataclass(frozen=True)
@@ -37,21 +40,15 @@ class SubmissionQueue:
         "tail",
         "view",
         "remote",
-        "slot",
+        "doorbell",
         "shadow_mode",
+        "mmio_writes",
         "blocked",
         "entries",
-        "mmio_writes",
-        "shadow_reads",
-        "eventidx_writes",
         "rearms_won",
         "rearms_lost",
-        "burst",
-        "lookahead_until",
-        "predicted",
-        "renewing",
-        "shadow_last",
-        "slot_kept",
+        "policy_state",
+        "deadline",
     )
 
     def __init__(
@@ -68,27 +65,18 @@ class SubmissionQueue:
         self.view = view
         # The ring lives in remote memory: ``view`` is a local mirror, fetched entry by entry.
         self.remote = False
-        self.slot = slot  # dword index in the shadow / EventIdx pages
+        self.doorbell = QueueDoorbell(slot)
+        # Whether the queue follows its shadow slot (Doorbell Buffer Config) instead of BAR writes.
         self.shadow_mode = False
+        self.mmio_writes = 0  # trapped doorbell writes
         self.blocked = False  # waiting for room in its CQ
         self.entries = 0
-        self.mmio_writes = 0
-        self.shadow_reads = 0
-        self.eventidx_writes = 0
         self.rearms_won = 0
         self.rearms_lost = 0
-        # SQ EventIdx policy BATCH: commands consumed since the queue was last idle, and until
-        # when a predicted EventIdx may stay unreached (None: no prediction outstanding).
-        self.burst = 0
-        self.lookahead_until: float | None = None
-        # How far ahead of the head the outstanding prediction lies, and whether this pass was
-        # started by that prediction expiring (see Controller._expire_lookahead).
-        self.predicted = 0
-        self.renewing = False
-        # The value last seen in (or put into) the shadow slot, and whether the host has been
-        # seen storing there: then MMIO values are only wake-ups (a posted one may be stale).
-        self.shadow_last = 0
-        self.slot_kept = False
+        # The SQ EventIdx policy's own state for this queue (see controller/eventidx.py), and
+        # the deadline it asked for: when the controller looks at the shadow tail by itself.
+        self.policy_state: Any = None
+        self.deadline: float | None = None
 
     def release(self) -> None:
         """Drop the view of guest memory (queue deleted or controller reset)."""
@@ -103,8 +91,8 @@ class SubmissionQueue:
             is_cq=False,
             size=self.size,
             mmio_doorbell_writes=self.mmio_writes,
-            shadow_reads=self.shadow_reads,
-            eventidx_writes=self.eventidx_writes,
+            shadow_reads=self.doorbell.shadow_reads,
+            eventidx_writes=self.doorbell.eventidx_writes,
             entries=self.entries,
             rearms_won=self.rearms_won,
             rearms_lost=self.rearms_lost,
@@ -133,19 +121,15 @@ class CompletionQueue:
         "vector",
         "view",
         "remote",
-        "slot",
+        "doorbell",
         "shadow_mode",
+        "mmio_writes",
         "sqs",
         "entries",
-        "mmio_writes",
-        "shadow_reads",
-        "eventidx_writes",
         "waiting_for_room",
         "backlog",
         "irq_mark",
         "dwords",
-        "shadow_last",
-        "slot_kept",
     )
 
     def __init__(
@@ -172,22 +156,18 @@ class CompletionQueue:
         self.dwords = _dwords(view)
         # The ring lives in remote memory: ``view`` is a local mirror, each CQE pushed out.
         self.remote = False
-        self.slot = slot
+        self.doorbell = QueueDoorbell(slot)
+        # Whether the queue follows its shadow slot (Doorbell Buffer Config) instead of BAR writes.
         self.shadow_mode = False
+        self.mmio_writes = 0  # trapped doorbell writes
         self.sqs: dict[int, SubmissionQueue] = {}
         self.entries = 0
-        self.mmio_writes = 0
-        self.shadow_reads = 0
-        self.eventidx_writes = 0
         # Set while the controller has asked for a head doorbell because the CQ was full.
         self.waiting_for_room = False
         # Completions made outside a fetch (AER, Abort) that found the CQ full, in order.
         self.backlog: list[tuple[SubmissionQueue, int, int, int]] = []
         # ``entries`` when interrupts were last accounted (interrupt coalescing threshold).
         self.irq_mark = 0
-        # As for SubmissionQueue: last value seen in the shadow slot, host seen storing there.
-        self.shadow_last = 0
-        self.slot_kept = False
 
     def set_view(self, view: memoryview) -> None:
         self.view = view
@@ -220,8 +200,8 @@ class CompletionQueue:
             is_cq=True,
             size=self.size,
             mmio_doorbell_writes=self.mmio_writes,
-            shadow_reads=self.shadow_reads,
-            eventidx_writes=self.eventidx_writes,
+            shadow_reads=self.doorbell.shadow_reads,
+            eventidx_writes=self.doorbell.eventidx_writes,
             entries=self.entries,
             shadow_mode=self.shadow_mode,
         )

@@ -37,7 +37,7 @@ from vnvme.spec.commands import (
     NvmOpcode,
     Sqe,
 )
-from vnvme.spec.dbbuf import U16_MASK, cq_slot, sq_slot
+from vnvme.spec.dbbuf import cq_slot, need_event, sq_slot
 from vnvme.spec.identify import (
     IDENTIFY_CONTROLLER,
     IDENTIFY_NAMESPACE,
@@ -154,9 +154,7 @@ class QueuePair:
         assert self.shadow is not None and self.eventidx is not None
         self.shadow.store(slot, value)
         full_fence()  # store shadow value -> load EventIdx (pairs with the controller's fence)
-        event_idx = self.eventidx.load(slot)
-        # need_event(event_idx, value, old), inlined: this runs for every doorbell decision.
-        return ((value - event_idx - 1) & U16_MASK) < ((value - old) & U16_MASK)
+        return need_event(self.eventidx.load(slot), value, old)
 
     # Section: submission
 

@@ -31,6 +31,18 @@ def need_event(event_idx: int, new: int, old: int) -> bool:
     return ((new - event_idx - 1) & U16_MASK) < ((new - old) & U16_MASK)
 
 
+def rearm_event_idx(head: int, ahead: int, size: int) -> int:
+    """Controller-side: the EventIdx that asks for a doorbell once the host moves its index from
+    ``head`` past ``head + ahead`` (in a ring of ``size`` slots).
+
+    ``ahead`` = 0 asks for the first entry placed (or consumed), k - 1 for the k-th, and -1 for
+    none: a host index never passes ``head - 1``, as a ring holds at most ``size - 1`` entries
+    (NVMe 1.3 §4.1; see :func:`never_crossed`). With :func:`need_event` on the host side: a move
+    of m >= 1 slots from ``head`` rings exactly when 0 <= ``ahead`` < m.
+    """
+    return (head + ahead) % size
+
+
 def sq_slot(qid: int, dstrd: int) -> int:
     """Dword index of SQ ``qid``'s tail in the shadow and EventIdx pages: (2y) << DSTRD."""
     return (2 * qid) << dstrd

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from vnvme.bench.runner import ServerProcess
+from vnvme.controller.variants import VARIANTS as DOORBELL_VARIANTS
+from vnvme.controller.variants import VM_COMPARE
 from vnvme.spec.identify import Oacs
 from vnvme.spec.log_pages import VNVME_COUNTERS, VNVME_COUNTERS_SIGNATURE
 from vnvme.vm.guest import (
@@ -511,11 +513,11 @@ def compare(image: Image, options: VmOptions, *, include_qemu_vfio_user: bool = 
     run_dir = Path(tempfile.mkdtemp(prefix="vnvme-vm-compare-", dir=options.work_dir))
     columns: list[DeviceColumn] = []
     try:
-        for label, extra, description in (
-            ("vnvme dbbuf", [], "vnvme serve (defaults: shadow doorbells, SQ EventIdx batch)"),
-            ("vnvme no dbbuf", ["--no-shadow-doorbells"], "vnvme serve --no-shadow-doorbells"),
-            ("vnvme dbbuf poll", ["--poll"], "vnvme serve --poll (the controller polls the shadow tails)"),
-        ):
+        for name in VM_COMPARE:
+            variant = DOORBELL_VARIANTS[name]
+            extra = variant.serve_args()
+            label = "vnvme " + name.replace("-", " ")
+            description = f"vnvme serve{''.join(' ' + arg for arg in extra)} ({variant.label})"
             socket_path = str(run_dir / "vnvme.sock")
             server = ServerProcess(vnvme_serve_command(socket_path, *extra), socket_path, None, ours=True)
             try:

@@ -1,0 +1,218 @@
+"""EventIdx policies: when the controller asks the host for a doorbell.
+
+The controller calls its SQ policy at a few named moments and does what the answer says; the
+arithmetic is :func:`vnvme.spec.dbbuf.rearm_event_idx` (EventIdx = head + ahead), the memory
+accesses are :class:`vnvme.controller.doorbells.Doorbells`. Like the core, a policy has no
+clock: ``now`` is an argument, and a deadline it returns comes back as
+:meth:`SqEventIdx.deadline_passed` once the edge's ``now`` reaches it.
+
+Moments (an SQ is told only while it follows its shadow slot):
+
+- :meth:`~SqEventIdx.attached`: the SQ switched onto its shadow slot (Doorbell Buffer Config,
+  or created afterwards); the answer is the EventIdx to start with.
+- :meth:`~SqEventIdx.rang`: a doorbell was written for the SQ (trapped or mapped).
+- :meth:`~SqEventIdx.ran_dry`: the SQ is idle at its head: the answer is ``ahead``. For
+  ``ahead`` >= 0 the controller publishes EventIdx and probes (fence, re-read); if the host moved
+  the tail meanwhile it keeps going and asks again with ``attempts`` counting the lost probes.
+  ``ahead`` = -1 asks for no doorbell at all (the edge is polling): published, not probed.
+- :meth:`~SqEventIdx.rearmed`: a probe found the SQ still idle; the answer is a deadline (``now``
+  units) by which the controller looks at the shadow tail anyway, or None.
+- :meth:`~SqEventIdx.deadline_passed`: that deadline passed; the controller looks right after.
+- :meth:`~SqEventIdx.posted`: completions were posted to a CQ (once per CQ per pass).
+
+:meth:`~SqEventIdx.rang` and :meth:`~SqEventIdx.posted` are hot and unused by the policies
+here: the controller calls them only if a subclass overrides them. The controller caches every
+bound method once, so a policy costs a call per moment and allocates nothing per I/O.
+Per-SQ state a policy keeps lives in ``sq.policy_state`` (set by :meth:`~SqEventIdx.attached`).
+
+The shape follows QEMU's IOThread adaptive polling (a few events in, a time budget out) and
+aioquic's pluggable congestion control (one small class per algorithm behind one interface).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
+from vnvme.controller.queues import CompletionQueue, SubmissionQueue
+
+#: Learn a CQ's head from its shadow slot (the controller's; a policy may ask before deciding).
+RefreshCqHead = Callable[[CompletionQueue], None]
+
+
+class SqEventIdx:
+    """SQ EventIdx policy. The base publishes exactly what the controller has consumed (ahead
+    0) and, while the edge polls, nothing the host can cross (ahead -1)."""
+
+    #: The configuration value that selects this policy (None: not selectable by name).
+    name: ClassVar[SqEventIdxPolicy | None] = None
+    #: Whether an edge that polls starts out polling after every controller reset.
+    polls_from_reset: ClassVar[bool] = False
+
+    def __init__(self, config: ControllerConfig, refresh_cq_head: RefreshCqHead) -> None:
+        self.config = config
+        self.refresh_cq_head = refresh_cq_head
+        self.polling = self.polls_from_reset
+
+    def reset(self) -> None:
+        """Controller reset: every queue is gone."""
+        self.polling = self.polls_from_reset
+
+    def start_polling(self) -> None:
+        """The edge is about to poll every shadow tail itself: no SQ needs to ring."""
+        self.polling = True
+
+    def stop_polling(self) -> None:
+        """The edge is about to sleep until a doorbell (it rearms every SQ right after)."""
+        self.polling = False
+
+    def attached(self, sq: SubmissionQueue) -> int:
+        """``ahead`` for an SQ that starts following its shadow slot (at its tail, or at its
+        head if -1)."""
+        return -1 if self.polling else 0
+
+    def rang(self, sq: SubmissionQueue, now: float) -> None:
+        """A doorbell was written for ``sq`` (called only if overridden). A register write
+        carries no time: ``now`` is that of the last pass. The tail is read at the next pass."""
+
+    def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
+        """``sq`` is idle at its head after taking ``processed`` commands in this pass, with
+        ``attempts`` probes lost so far: how far ahead of the head to ask for a doorbell."""
+        return -1 if self.polling else 0
+
+    def rearmed(self, sq: SubmissionQueue, ahead: int, now: float) -> float | None:
+        """The probe after publishing ``ahead`` found ``sq`` idle: a deadline, or None."""
+        return None
+
+    def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
+        """The deadline :meth:`rearmed` returned has passed; the controller looks next."""
+
+    def posted(self, cq: CompletionQueue, now: float) -> None:
+        """Completions were posted to ``cq`` in this pass (called only if overridden)."""
+
+
+class EagerSqEventIdx(SqEventIdx):
+    """EventIdx = the tail just consumed: one doorbell per batch the host submits while idle."""
+
+    name = SqEventIdxPolicy.EAGER
+
+
+class PollSqEventIdx(SqEventIdx):
+    """The edge polls: EventIdx where the host never crosses it, until it rearms to sleep."""
+
+    name = SqEventIdxPolicy.POLL
+    polls_from_reset = True
+
+
+class _Burst:
+    """Policy BATCH's per-SQ state."""
+
+    __slots__ = ("mark", "predicted", "renewing")
+
+    def __init__(self) -> None:
+        # ``sq.entries`` when the SQ last went idle: the burst is what it took since. (0 at
+        # first, as the count of an SQ switched onto its slot always started at its creation.)
+        self.mark = 0
+        # How far ahead of the head the outstanding prediction lies, and whether this pass was
+        # started by that prediction expiring.
+        self.predicted = 0
+        self.renewing = False
+
+
+class BatchSqEventIdx(SqEventIdx):
+    """EventIdx ahead of the head by the batch the host is expected to place next (see
+    :attr:`SqEventIdxPolicy.BATCH <vnvme.controller.config.SqEventIdxPolicy.BATCH>`)."""
+
+    name = SqEventIdxPolicy.BATCH
+
+    def __init__(self, config: ControllerConfig, refresh_cq_head: RefreshCqHead) -> None:
+        super().__init__(config, refresh_cq_head)
+        self.timeout = config.batch_timeout
+
+    def attached(self, sq: SubmissionQueue) -> int:
+        sq.policy_state = _Burst()
+        return -1 if self.polling else 0
+
+    def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
+        if self.polling:
+            return -1
+        if attempts:
+            return 0  # the host is moving the tail right now: ask for its very next entry
+        state: _Burst = sq.policy_state
+        # The host will place as many commands as it has completions to reap: this burst's,
+        # and any it has not consumed yet (a pipelined host's bursts are 1).
+        n = sq.size
+        expected = sq.entries - state.mark
+        cq = sq.cq
+        if cq.shadow_mode and expected < n:
+            self.refresh_cq_head(cq)
+            expected = max(expected, (cq.tail - cq.head) % cq.size)
+        ahead = max(0, min(expected, n - 1) - 1)
+        if state.renewing:
+            # Woken by an expired prediction: commands found means the host is still placing
+            # them, slower than the timeout; keep predicting.
+            state.renewing = False
+            if processed:
+                ahead = max(ahead, state.predicted)
+        return ahead
+
+    def rearmed(self, sq: SubmissionQueue, ahead: int, now: float) -> float | None:
+        state: _Burst = sq.policy_state
+        state.mark = sq.entries
+        state.predicted = ahead
+        return now + self.timeout if ahead else None
+
+    def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
+        state: _Burst = sq.policy_state
+        state.mark = sq.entries  # publish exactly (EventIdx = head), unless this look finds commands
+        state.renewing = True
+
+
+#: What the controller takes as an SQ policy: a policy class, or anything that makes one.
+SqPolicyFactory = Callable[[ControllerConfig, RefreshCqHead], SqEventIdx]
+
+#: Every SQ policy ``ControllerConfig.sq_eventidx`` can name.
+SQ_POLICIES: dict[SqEventIdxPolicy, type[SqEventIdx]] = {
+    cls.name: cls for cls in (EagerSqEventIdx, PollSqEventIdx, BatchSqEventIdx) if cls.name is not None
+}
+
+
+class CqEventIdx:
+    """CQ EventIdx policy: EventIdx = head + :attr:`ahead` while the CQ has room (a CQ blocked
+    full always asks for the next head move), republished after every completion pass if
+    :attr:`on_completions`."""
+
+    name: ClassVar[CqEventIdxPolicy]
+    ahead: ClassVar[int]
+    on_completions: ClassVar[bool]
+
+
+class NeverCqEventIdx(CqEventIdx):
+    """The host stops at the controller's tail, behind head - 1 until a newer head is learnt:
+    never crossed, no CQ doorbell in steady state."""
+
+    name = CqEventIdxPolicy.NEVER
+    ahead = -1
+    on_completions = False
+
+
+class EagerCqEventIdx(CqEventIdx):
+    """A doorbell on any progress of the head, republished after every pass (QEMU since
+    fa5db2aa): one CQ doorbell per completion batch."""
+
+    name = CqEventIdxPolicy.EAGER
+    ahead = 0
+    on_completions = True
+
+
+#: Every CQ policy ``ControllerConfig.cq_eventidx`` can name.
+CQ_POLICIES: dict[CqEventIdxPolicy, type[CqEventIdx]] = {
+    cls.name: cls for cls in (NeverCqEventIdx, EagerCqEventIdx)
+}
+
+
+def overridden(policy: SqEventIdx, moment: str) -> bool:
+    """Whether ``policy``'s class does something at ``moment`` (the controller skips the call
+    otherwise: :meth:`SqEventIdx.rang` and :meth:`SqEventIdx.posted` run per I/O)."""
+    return getattr(type(policy), moment) is not getattr(SqEventIdx, moment)

@@ -1,0 +1,176 @@
+"""The SQ EventIdx policy interface: the controller calls a policy at its named moments and does
+what the answers say (see controller/eventidx.py)."""
+
+from __future__ import annotations
+
+from host import make_rig
+from vnvme.bench.engine import JobSpec, run_job
+from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
+from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, EagerSqEventIdx
+from vnvme.controller.namespace import Namespace, NullBackend
+from vnvme.controller.queues import CompletionQueue, SubmissionQueue
+from vnvme.spec.commands import NvmOpcode
+from vnvme.spec.dbbuf import rearm_event_idx
+
+
+class Recording(EagerSqEventIdx):
+    """EAGER, noting every moment it is told of for I/O queue 1."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.moments: list[tuple[str, int]] = []
+
+    def attached(self, sq: SubmissionQueue) -> int:
+        self.moments.append(("attached", sq.sqid))
+        return super().attached(sq)
+
+    def rang(self, sq: SubmissionQueue, now: float) -> None:
+        if sq.sqid == 1:
+            self.moments.append(("rang", sq.sqid))
+
+    def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
+        if sq.sqid == 1:
+            self.moments.append(("ran_dry", processed))
+        return super().ran_dry(sq, processed, attempts, now)
+
+    def rearmed(self, sq: SubmissionQueue, ahead: int, now: float) -> float | None:
+        if sq.sqid == 1:
+            self.moments.append(("rearmed", ahead))
+        return None
+
+    def posted(self, cq: CompletionQueue, now: float) -> None:
+        if cq.cqid == 1:
+            self.moments.append(("posted", cq.tail))
+
+
+def _rig(policy: type[EagerSqEventIdx]):  # type: ignore[no-untyped-def]
+    return make_rig(namespaces=[Namespace(1, NullBackend(1 << 20), 4096)], sq_policy=policy, trace=())
+
+
+def test_the_controller_tells_the_policy_each_moment() -> None:
+    r = _rig(Recording)
+    try:
+        policy = r.controller.sq_policy
+        assert isinstance(policy, Recording)
+        assert ("attached", 0) in policy.moments and ("attached", 1) in policy.moments
+        qp = r.driver.queue(1)
+        buf = r.host_memory.alloc(4096)
+        policy.moments.clear()
+        for _ in range(2):
+            qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+        qp.ring_sq()  # one doorbell for both; the controller runs at once (in-process)
+        assert policy.moments == [("rang", 1), ("ran_dry", 2), ("rearmed", 0), ("posted", 2)]
+        assert len(qp.reap()) == 2
+    finally:
+        r.close()
+
+
+class Deadline(EagerSqEventIdx):
+    """Asks for no doorbell until the 3rd command from the head, and to be woken 1 s later (the
+    in-process transport's ``now`` is the monotonic clock)."""
+
+    passed: list[int] = []
+
+    def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
+        return 2 if sq.sqid == 1 else 0
+
+    def rearmed(self, sq: SubmissionQueue, ahead: int, now: float) -> float | None:
+        return now + 1.0 if ahead else None
+
+    def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
+        self.passed.append(sq.sqid)
+
+
+def test_a_deadline_the_policy_asks_for_wakes_the_controller_to_look() -> None:
+    r = _rig(Deadline)
+    try:
+        ctrl, qp = r.controller, r.driver.queue(1)
+        buf = r.host_memory.alloc(4096)
+        qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+        qp.ring_sq()  # EAGER EventIdx from creation: this one rings, then the policy looks ahead
+        assert len(qp.reap()) == 1
+        sq = ctrl.sqs[1]
+        assert sq is not None and qp.eventidx is not None
+        assert qp.eventidx.load(qp.sq_slot) == rearm_event_idx(sq.head, 2, sq.size)
+        deadline = ctrl.next_deadline()
+        assert deadline is not None
+        rung = ctrl.statistics().doorbell_sq_io
+        qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+        qp.ring_sq()  # below EventIdx: no doorbell
+        assert ctrl.statistics().doorbell_sq_io == rung
+        r.transport._handle(ctrl.process(now=deadline - 0.5))
+        assert qp.reap() == [] and Deadline.passed == []
+        r.transport._handle(ctrl.process(now=deadline))
+        assert Deadline.passed == [1]
+        assert len(qp.reap()) == 1  # found by looking, not by a doorbell
+    finally:
+        Deadline.passed.clear()
+        r.close()
+
+
+def test_published_event_idx_values_are_rearm_event_idx() -> None:
+    """The per-I/O sites compute EventIdx inline: they must agree with spec/dbbuf.py."""
+    r = make_rig(
+        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
+        config=ControllerConfig(sq_eventidx=SqEventIdxPolicy.BATCH, cq_eventidx=CqEventIdxPolicy.NEVER),
+        trace=(),
+    )
+    try:
+        qp = r.driver.queue(1)
+        run_job(r.driver, JobSpec(rw="randread", iodepth=1, number_ios=5))
+        sq, cq = r.controller.sqs[1], r.controller.cqs[1]
+        assert sq is not None and cq is not None and qp.eventidx is not None
+        assert sq.head == 5 and cq.head == 4  # the head it learnt before the last completion
+        assert qp.eventidx.load(qp.sq_slot) == rearm_event_idx(5, 0, sq.size)  # a burst of 1
+        assert qp.eventidx.load(qp.cq_slot) == rearm_event_idx(4, -1, cq.size)  # never crossed
+    finally:
+        r.close()
+
+
+class Polling(EagerSqEventIdx):
+    def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
+        return -1
+
+
+def test_asking_for_no_doorbell_publishes_head_minus_one_and_does_not_probe() -> None:
+    r = _rig(Polling)
+    try:
+        ctrl, qp = r.controller, r.driver.queue(1)
+        buf = r.host_memory.alloc(4096)
+        qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+        qp.ring_sq()
+        assert len(qp.reap()) == 1
+        sq = ctrl.sqs[1]
+        assert sq is not None and (sq.rearms_won, sq.rearms_lost) == (0, 0)  # no probe
+        assert qp.eventidx is not None and qp.eventidx.load(qp.sq_slot) == (sq.head - 1) % sq.size
+        qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+        rung = ctrl.statistics().doorbell_sq_io
+        qp.ring_sq()
+        assert ctrl.statistics().doorbell_sq_io == rung  # never crossed: the host keeps it
+        r.transport._handle(ctrl.poll())
+        assert len(qp.reap()) == 1
+    finally:
+        r.close()
+
+
+def test_every_configurable_policy_has_its_class() -> None:
+    assert {SQ_POLICIES[p].name for p in SqEventIdxPolicy} == set(SqEventIdxPolicy)
+    assert {CQ_POLICIES[p].name for p in CqEventIdxPolicy} == set(CqEventIdxPolicy)
+
+
+def test_the_configured_policies_run_io() -> None:
+    for sq_policy in SqEventIdxPolicy:
+        for cq_policy in CqEventIdxPolicy:
+            config = ControllerConfig(sq_eventidx=sq_policy, cq_eventidx=cq_policy)
+            r = make_rig(
+                namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
+                config=config,
+                trace=(),
+                controller_polls=sq_policy is SqEventIdxPolicy.POLL,
+            )
+            try:
+                assert isinstance(r.controller.sq_policy, SQ_POLICIES[sq_policy])
+                result = run_job(r.driver, JobSpec(rw="randread", iodepth=4, number_ios=64))
+                assert result.ios == 64
+            finally:
+                r.close()
