@@ -33,7 +33,7 @@ from typing import Any
 
 from vnvme.bench.engine import JobSpec, run_job
 from vnvme.driver import NvmeDriver
-from vnvme.vfio_user.client import VfioUserTransport
+from vnvme.driver.vfio_user import VfioUserTransport
 
 HERE = os.path.abspath(__file__)
 VALGRIND = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--dump-line=no"]

@@ -17,8 +17,8 @@ import tempfile
 import time
 
 from vnvme.driver import NvmeDriver
+from vnvme.driver.vfio_user import VfioUserTransport
 from vnvme.spec import registers as regs
-from vnvme.vfio_user.client import VfioUserTransport
 from vnvme.workload import run_random_io
 
 

@@ -20,9 +20,9 @@ import pytest
 
 from test_serve import Server
 from vnvme.driver import NvmeDriver, NvmeError
+from vnvme.driver.vfio_user import VfioUserTransport
 from vnvme.spec.commands import FeatureId
 from vnvme.spec.status import Status
-from vnvme.vfio_user.client import VfioUserTransport
 
 _LBAS = range(0, 512, 8)  # 64 writes of 4 KiB (8 x 512-byte LBAs) over a 8 MiB file
 

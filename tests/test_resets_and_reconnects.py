@@ -18,7 +18,7 @@ import pytest
 
 from test_serve import Server
 from vnvme.driver import NvmeDriver
-from vnvme.vfio_user.client import VfioUserTransport
+from vnvme.driver.vfio_user import VfioUserTransport
 
 CYCLES = 100
 WARM_UP = 10

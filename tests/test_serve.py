@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from vnvme.driver import NvmeDriver
+from vnvme.driver.vfio_user import VfioUserTransport
 from vnvme.spec.commands import FeatureId
 from vnvme.spec.registers import CSTS, Reg
-from vnvme.vfio_user.client import VfioUserTransport
 from vnvme.workload import run_random_io
 
 

@@ -31,7 +31,7 @@ from vnvme.controller.variants import VARIANTS as ALL_VARIANTS
 from vnvme.controller.variants import DoorbellVariant
 from vnvme.driver import NvmeDriver
 from vnvme.driver.driver import NvmeError, NvmeTimeout
-from vnvme.vfio_user.client import VfioUserTransport
+from vnvme.driver.vfio_user import VfioUserTransport
 from vnvme.vfio_user.protocol import Disconnected, ProtocolError
 
 
