@@ -16,10 +16,10 @@ import sys
 import tempfile
 import time
 
+from vnvme.bench.engine import JobSpec, run_job
 from vnvme.driver import NvmeDriver
 from vnvme.driver.vfio_user import VfioUserTransport
 from vnvme.spec import registers as regs
-from vnvme.workload import run_random_io
 
 
 def main() -> int:
@@ -55,7 +55,7 @@ def main() -> int:
                 elapsed = time.perf_counter() - start
                 print(f"synchronous trapped doorbell (REGION_WRITE + reply): {elapsed / n * 1e6:.1f} us")
             for depth in (1, 8):
-                result = run_random_io(driver, iodepth=depth, ios=args.ios)
+                result = run_job(driver, JobSpec(iodepth=depth, number_ios=args.ios, iodepth_batch_submit=0))
                 per_io = (result.sq_doorbells + result.cq_doorbells) / result.ios
                 print(
                     f"shadow doorbells {'on ' if shadow else 'off'} depth {depth}: "

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from vnvme.bench.engine import JobSpec, run_job
 from vnvme.driver import NvmeDriver
 from vnvme.driver.vfio_user import VfioUserTransport
 from vnvme.spec.commands import FeatureId
 from vnvme.spec.registers import CSTS, Reg
-from vnvme.workload import run_random_io
 
 
 class Server:
@@ -103,7 +103,7 @@ def test_second_process_brings_up_the_controller_and_does_verified_io(server: Se
                 driver.write(nsid, lba, bytes([nsid, lba]) * 2048)
             for lba in range(0, 64, 8):
                 assert driver.read(nsid, lba, 8) == bytes([nsid, lba]) * 2048
-        result = run_random_io(driver, iodepth=8, ios=400)
+        result = run_job(driver, JobSpec(iodepth=8, number_ios=400, iodepth_batch_submit=0))
         assert result.ios == 400
         # Shadow doorbells work across processes: far fewer than 2 doorbells per I/O.
         assert (result.sq_doorbells + result.cq_doorbells) / result.ios <= 0.5
@@ -139,7 +139,7 @@ def test_reconnect_second_client_refused_and_posted_writes(server: Server) -> No
     try:
         driver = _driver(second)
         assert driver.read(1, 0, 1) == b"\x42" * 512  # ram namespace content survives
-        run_random_io(driver, iodepth=4, ios=200)
+        run_job(driver, JobSpec(iodepth=4, number_ios=200, iodepth_batch_submit=0))
         driver.close()
     finally:
         second.close()
@@ -232,7 +232,7 @@ def test_mappable_doorbells_cost_no_messages(tmp_path: Path) -> None:
             driver.write(1, 0, b"\x99" * 4096)
             assert driver.read(1, 0, 8) == b"\x99" * 4096
             requests = transport.client.stats.requests
-            result = run_random_io(driver, iodepth=4, ios=300)
+            result = run_job(driver, JobSpec(iodepth=4, number_ios=300, iodepth_batch_submit=0))
             # Doorbells are stores into the shared page: not one message per I/O.
             assert transport.client.stats.requests == requests
             assert transport.mapped_doorbell_writes > 0 and result.ios == 300
@@ -259,7 +259,7 @@ def test_polling_controller_from_a_toml_file_with_a_trace_file(tmp_path: Path) -
         transport = s.transport()
         try:
             driver = _driver(transport)
-            result = run_random_io(driver, iodepth=2, ios=300)
+            result = run_job(driver, JobSpec(iodepth=2, number_ios=300, iodepth_batch_submit=0))
             # The controller polls the shadow tails: the host rings (next to) nothing.
             assert result.sq_doorbells + result.cq_doorbells <= 2
             driver.close()
@@ -300,7 +300,7 @@ def test_memory_without_a_file_descriptor_is_reached_by_dma_messages(server: Ser
         assert driver.dbbuf_enabled
         driver.write(1, 40, bytes(range(256)) * 16)
         assert driver.read(1, 40, 8) == bytes(range(256)) * 16
-        run_random_io(driver, iodepth=4, ios=100)
+        run_job(driver, JobSpec(iodepth=4, number_ios=100, iodepth_batch_submit=0))
         assert transport.client.dma_requests_served > 100
         driver.reset_controller()
         assert driver.read(1, 40, 8) == bytes(range(256)) * 16

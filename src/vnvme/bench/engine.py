@@ -1,6 +1,6 @@
 """A closed-loop workload engine in fio's vocabulary, driving :class:`NvmeDriver` queue pairs.
 
-It generalises :func:`vnvme.workload.run_random_io`: ``numjobs`` jobs, each with its own I/O
+The one workload engine (``vnvme bench``, ``vnvme demo``, tests): ``numjobs`` jobs, each with its own I/O
 queue pair (``driver.io[j]``), keep ``iodepth`` commands in flight. A round submits on every job
 (as many commands as its free slots allow) and rings each SQ once (blk-mq ``commit_rqs``), then
 reaps whatever every queue has ready (one CQ head update per reap); when nothing is ready
@@ -295,7 +295,7 @@ class JobResult:
     def bw_bytes(self) -> float:
         return self.bytes / self.elapsed if self.elapsed_ns > 0 else 0.0
 
-    # Aliases (fio's total_ios; vnvme.workload.WorkloadResult's seconds and doorbell names).
+    # Aliases (fio's total_ios; seconds and doorbell names as vnvme.demo reports them).
 
     @property
     def total_ios(self) -> int:
