@@ -64,10 +64,10 @@ from vnvme.spec.registers import CC
 from vnvme.spec.status import DNR, Status
 
 if TYPE_CHECKING:
-    from vnvme.controller.controller import Controller
+    from vnvme.controller.context import AdminContext
 
 Result = tuple[int, int] | None
-Handler = Callable[["Controller", SubmissionQueue, tuple[int, ...]], Result]
+Handler = Callable[["AdminContext", SubmissionQueue, tuple[int, ...]], Result]
 
 _SUCCESS: Final = (0, 0)
 
@@ -82,7 +82,7 @@ def _fail(status: int, reason: str) -> CommandFailed:
 class FeatureState:
     """Current feature values (§5.21.1). Saving is not supported; reset restores defaults."""
 
-    def __init__(self, ctrl: Controller) -> None:
+    def __init__(self, ctrl: AdminContext) -> None:
         self._ctrl = ctrl
         self.reset()
 
@@ -114,7 +114,7 @@ class FeatureState:
 class AsyncEvents:
     """Outstanding Asynchronous Event Requests and events waiting for one (§5.2)."""
 
-    def __init__(self, ctrl: Controller) -> None:
+    def __init__(self, ctrl: AdminContext) -> None:
         self._ctrl = ctrl
         self.outstanding: list[tuple[SubmissionQueue, int]] = []
         self.queued: list[tuple[int, int, int]] = []
@@ -136,8 +136,8 @@ class AsyncEvents:
         if event_type in self.masked or any(e[0] == event_type and e[1] == info for e in self.queued):
             return
         ctrl = self._ctrl
-        if ctrl._tracing:
-            ctrl._trace("pci_nvme_enqueue_event", event_type, info, log_page)
+        if ctrl.tracing:
+            ctrl.trace("pci_nvme_enqueue_event", event_type, info, log_page)
         self.queued.append((event_type, info, log_page))
         self.dispatch()
 
@@ -151,8 +151,8 @@ class AsyncEvents:
             sq, cid = self.outstanding.pop(0)
             self.queued.pop(0)
             self.masked.add(event_type)
-            if ctrl._tracing:
-                ctrl._trace("pci_nvme_aer_post_cqe", event_type, info, log_page)
+            if ctrl.tracing:
+                ctrl.trace("pci_nvme_aer_post_cqe", event_type, info, log_page)
             ctrl.post_completion(sq, cid, 0, async_event_dw0(event_type, info, log_page))
 
     def log_page_read(self, event_type: int) -> None:
@@ -211,14 +211,14 @@ class SmartCounters:
 # Section: queue management
 
 
-def create_io_cq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def create_io_cq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     cdw10, cdw11, prp1 = f[CDW10], f[CDW11], f[PRP1]
     qid = CreateQueue.QID.get(cdw10)
     size = CreateQueue.QSIZE.get(cdw10) + 1
     ien = bool(CreateQueue.IEN.get(cdw11))
     vector = CreateQueue.IV.get(cdw11)
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_create_cq", qid, vector, size, cdw11 & 0xFFFF, int(ien))
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_create_cq", qid, vector, size, cdw11 & 0xFFFF, int(ien))
     if qid == 0 or qid > ctrl.features.ncqa + 1 or ctrl.cqs[qid] is not None:
         raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"invalid cqid {qid}")
     if size < 2 or size > ctrl.config.max_queue_entries:
@@ -238,18 +238,17 @@ def create_io_cq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
         raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
     cq = CompletionQueue(qid, size, prp1, view, cq_slot(qid, ctrl.dstrd), ien=ien, vector=vector)
     cq.remote = remote
-    ctrl.cqs[qid] = cq
-    ctrl._attach_to_dbbuf(None, cq)
+    ctrl.add_cq(cq)
     return _SUCCESS
 
 
-def create_io_sq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def create_io_sq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     cdw10, cdw11, prp1 = f[CDW10], f[CDW11], f[PRP1]
     qid = CreateQueue.QID.get(cdw10)
     size = CreateQueue.QSIZE.get(cdw10) + 1
     cqid = CreateQueue.CQID.get(cdw11)
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_create_sq", qid, cqid, size, cdw11 & 0xFFFF)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_create_sq", qid, cqid, size, cdw11 & 0xFFFF)
     if qid == 0 or qid > ctrl.features.nsqa + 1 or ctrl.sqs[qid] is not None:
         raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"invalid sqid {qid}")
     cq = ctrl.cqs[cqid] if 0 < cqid < len(ctrl.cqs) else None
@@ -270,46 +269,39 @@ def create_io_sq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
     new_sq = SubmissionQueue(qid, cq, size, prp1, view, sq_slot(qid, ctrl.dstrd))
     new_sq.remote = remote
     new_sq.priority = CreateQueue.QPRIO.get(cdw11)
-    cq.sqs[qid] = new_sq
-    ctrl.sqs[qid] = new_sq
-    ctrl._attach_to_dbbuf(new_sq, None)
+    ctrl.add_sq(new_sq)
     return _SUCCESS
 
 
-def delete_io_sq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def delete_io_sq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     qid = DeleteQueue.QID.get(f[CDW10])
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_del_sq", qid)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_del_sq", qid)
     target = ctrl.sqs[qid] if 0 < qid < len(ctrl.sqs) else None
     if target is None:
         raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"sqid {qid} does not exist")
     # Commands are executed as they are fetched, so none are left to abort with SQ Deletion.
-    del target.cq.sqs[qid]
-    ctrl.sqs[qid] = None
-    target.release()
-    ctrl._pending.pop(qid, None)
+    ctrl.remove_sq(target)
     return _SUCCESS
 
 
-def delete_io_cq(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def delete_io_cq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     qid = DeleteQueue.QID.get(f[CDW10])
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_del_cq", qid)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_del_cq", qid)
     target = ctrl.cqs[qid] if 0 < qid < len(ctrl.cqs) else None
     if target is None:
         raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"cqid {qid} does not exist")
     if target.sqs:
         raise _fail(Status.INVALID_QUEUE_DELETION, f"cqid {qid} still has submission queues")
-    ctrl.cqs[qid] = None
-    ctrl._touched_cqs.pop(qid, None)
-    target.release()
+    ctrl.remove_cq(target)
     return _SUCCESS
 
 
 # Section: Identify
 
 
-def identify_controller_data(ctrl: Controller) -> bytes:
+def identify_controller_data(ctrl: AdminContext) -> bytes:
     cfg = ctrl.config
     oacs = Oacs.DOORBELL_BUFFER_CONFIG if cfg.shadow_doorbells else Oacs(0)
     oncs = Oncs.COMPARE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.SAVE_SELECT
@@ -347,7 +339,7 @@ def identify_controller_data(ctrl: Controller) -> bytes:
     return bytes(data)
 
 
-def _identify_namespace_data(ctrl: Controller, nsid: int) -> bytes:
+def _identify_namespace_data(ctrl: AdminContext, nsid: int) -> bytes:
     ns = ctrl.namespaces.get(nsid)
     if ns is None:
         return bytes(IDENTIFY_SIZE)  # an inactive NSID reads as zeroes
@@ -370,11 +362,11 @@ def _identify_namespace_data(ctrl: Controller, nsid: int) -> bytes:
     )
 
 
-def identify(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def identify(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     cns = f[CDW10] & 0xFF
     nsid = f[NSID]
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_identify", f[CID], cns, nsid)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_identify", f[CID], cns, nsid)
     if cns == Cns.CONTROLLER:
         data = ctrl.identify_controller
     elif cns == Cns.NAMESPACE:
@@ -432,14 +424,14 @@ def _temperature_selector(cdw11: int) -> int:
     return thsel
 
 
-def _check_vector(ctrl: Controller, cdw11: int) -> int:
+def _check_vector(ctrl: AdminContext, cdw11: int) -> int:
     vector = feat.InterruptVectorConfiguration.IV.get(cdw11)
     if vector >= ctrl.config.interrupt_vectors:
         raise _fail(Status.INVALID_FIELD, f"interrupt vector {vector}")
     return vector
 
 
-def _feature_value(ctrl: Controller, fid: int, cdw11: int, *, default: bool) -> int:
+def _feature_value(ctrl: AdminContext, fid: int, cdw11: int, *, default: bool) -> int:
     state = ctrl.features
     if default:
         fresh = FeatureState(ctrl)
@@ -469,12 +461,12 @@ def _feature_value(ctrl: Controller, fid: int, cdw11: int, *, default: bool) -> 
     raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
 
 
-def get_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def get_features(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     cdw10, cdw11 = f[CDW10], f[CDW11]
     fid = FeatureFields.FID.get(cdw10)
     sel = FeatureFields.SEL.get(cdw10)
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_getfeat", f[CID], f[NSID], fid, sel, cdw11)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_getfeat", f[CID], f[NSID], fid, sel, cdw11)
     if fid not in _FEATURE_CAPABILITIES:
         raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
     if sel == FeatureSelect.SUPPORTED_CAPABILITIES:
@@ -486,13 +478,13 @@ def get_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
     return 0, _feature_value(ctrl, fid, cdw11, default=default)
 
 
-def set_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def set_features(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     cdw10, cdw11 = f[CDW10], f[CDW11]
     fid = FeatureFields.FID.get(cdw10)
     save = FeatureFields.SV.get(cdw10)
     state = ctrl.features
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_setfeat", f[CID], f[NSID], fid, save, cdw11)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_setfeat", f[CID], f[NSID], fid, save, cdw11)
     if fid not in _FEATURE_CAPABILITIES:
         raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
     if save:
@@ -561,7 +553,7 @@ def set_features(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
 # Section: log pages
 
 
-def _smart_page(ctrl: Controller) -> bytes:
+def _smart_page(ctrl: AdminContext) -> bytes:
     smart = ctrl.smart
     return bytes(
         SMART_HEALTH.pack(
@@ -584,11 +576,11 @@ def _smart_page(ctrl: Controller) -> bytes:
     )
 
 
-def _firmware_slot_page(ctrl: Controller) -> bytes:
+def _firmware_slot_page(ctrl: AdminContext) -> bytes:
     return bytes(FIRMWARE_SLOT.pack({"afi": 1, "frs1": ascii_field(ctrl.config.firmware, 8)}))
 
 
-def _effects_page(ctrl: Controller) -> bytes:
+def _effects_page(ctrl: AdminContext) -> bytes:
     page = bytearray(COMMANDS_SUPPORTED_AND_EFFECTS_SIZE)
     for opcode, effects in admin_effects(ctrl).items():
         page[ADMIN_EFFECTS_OFFSET + 4 * opcode : ADMIN_EFFECTS_OFFSET + 4 * opcode + 4] = int(
@@ -601,7 +593,7 @@ def _effects_page(ctrl: Controller) -> bytes:
     return bytes(page)
 
 
-def _counters_page(ctrl: Controller) -> bytes:
+def _counters_page(ctrl: AdminContext) -> bytes:
     stats = ctrl.statistics()
     values: dict[str, int | bytes] = {
         name: getattr(stats, name) for name in VNVME_COUNTERS.fields if hasattr(stats, name)
@@ -612,15 +604,15 @@ def _counters_page(ctrl: Controller) -> bytes:
     return bytes(VNVME_COUNTERS.pack(values))
 
 
-def get_log_page(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def get_log_page(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     cdw10, cdw11 = f[CDW10], f[CDW11]
     lid = GetLogPage.LID.get(cdw10)
     rae = GetLogPage.RAE.get(cdw10)
     numd = (GetLogPage.NUMDU.get(cdw11) << 16 | GetLogPage.NUMDL.get(cdw10)) + 1
     length = numd * 4
     offset = f[CDW12] | (f[CDW13] << 32)
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_get_log", f[CID], lid, GetLogPage.LSP.get(cdw10), rae, length, offset)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_get_log", f[CID], lid, GetLogPage.LSP.get(cdw10), rae, length, offset)
     event_type: int | None = None
     if lid == LogPageId.ERROR_INFORMATION:
         data = ctrl.error_log.page()
@@ -652,24 +644,24 @@ def get_log_page(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> R
 # Section: the rest
 
 
-def async_event_request(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_aer", f[CID])
+def async_event_request(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_aer", f[CID])
     ctrl.async_events.request(sq, f[CID])
     return None
 
 
-def abort(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def abort(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     target_sqid = AbortFields.SQID.get(f[CDW10])
     target_cid = AbortFields.CID.get(f[CDW10])
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_abort", f[CID], target_sqid, target_cid)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_abort", f[CID], target_sqid, target_cid)
     # Every other command completes as it is fetched; only AERs wait, on the admin queue.
     aborted = target_sqid == 0 and ctrl.async_events.abort(target_cid)
     return 0, 0 if aborted else 1  # DW0 bit 0: 1 = command not aborted
 
 
-def doorbell_buffer_config(ctrl: Controller, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+def doorbell_buffer_config(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
     shadow_addr, eventidx_addr = f[PRP1], f[PRP2]
     mask = ctrl.page_size - 1
     # NVMe 1.3 Doorbell Buffer Config: both buffers are one memory page, page aligned.
@@ -699,7 +691,7 @@ _ADMIN_TABLE: Final[dict[int, tuple[Handler, CommandEffects]]] = {
 }
 
 
-def admin_handlers(ctrl: Controller) -> dict[int, Handler]:
+def admin_handlers(ctrl: AdminContext) -> dict[int, Handler]:
     """The admin opcode table of a controller (Doorbell Buffer Config only if advertised)."""
     table = {opcode: handler for opcode, (handler, _effects) in _ADMIN_TABLE.items()}
     if not ctrl.config.shadow_doorbells:
@@ -707,5 +699,5 @@ def admin_handlers(ctrl: Controller) -> dict[int, Handler]:
     return table
 
 
-def admin_effects(ctrl: Controller) -> dict[int, CommandEffects]:
+def admin_effects(ctrl: AdminContext) -> dict[int, CommandEffects]:
     return {opcode: _ADMIN_TABLE[opcode][1] for opcode in ctrl.admin_handlers}

@@ -163,7 +163,7 @@ class Controller:
         self._coalescing: dict[int, _Coalescing] = {}
         self._masked_pending: set[int] = set()
         self._effects: list[Effect] = []
-        self._tracing = False
+        self.tracing = False
         self._trace_set: frozenset[str] = frozenset()
         self._memory_generation = memory.generation
         # Set while some queue's or doorbell page's memory is not mapped (see _sync_memory),
@@ -175,7 +175,7 @@ class Controller:
         self._set_policies(sq_policy or SQ_POLICIES[cfg.sq_eventidx], CQ_POLICIES[cfg.cq_eventidx])
         # SQs whose policy asked for a deadline (sq.deadline), by sqid.
         self._deadlines: dict[int, SubmissionQueue] = {}
-        self._now = 0.0
+        self.now = 0.0
         # Statistics counters.
         self._register_reads = 0
         self._register_writes = 0
@@ -223,8 +223,8 @@ class Controller:
             pos = offset + byte
             dword = self._read_dword(pos & ~3)
             value |= ((dword >> (8 * (pos & 3))) & 0xFF) << (8 * byte)
-        if self._tracing:
-            self._trace("pci_nvme_mmio_read", offset, size, value)
+        if self.tracing:
+            self.trace("pci_nvme_mmio_read", offset, size, value)
         return value
 
     def mmio_write(self, offset: int, size: int, value: int) -> list[Effect]:
@@ -243,7 +243,7 @@ class Controller:
     def process(self, now: float | None = None, budget: int | None = None) -> list[Effect]:
         """Run pending submission queues (up to ``budget`` commands) and deliver interrupts."""
         if now is not None:
-            self._now = now
+            self.now = now
         if not (
             self._pending
             or self._touched_cqs
@@ -265,7 +265,7 @@ class Controller:
             self._expire_deadlines()
         try:
             if self.delayed:
-                self.delayed.post_due(self, self._now)
+                self.delayed.post_due(self, self.now)
             self._run_pending(_DEFAULT_BUDGET if budget is None else budget)
             self._deliver_interrupts()
         except Exception as exc:
@@ -368,12 +368,12 @@ class Controller:
     def enable_trace(self, patterns: Iterable[str]) -> frozenset[str]:
         """Turn on the trace events matching ``patterns`` (globs); returns the selection."""
         self._trace_set = matching_events(patterns)
-        self._tracing = bool(self._trace_set)
+        self.tracing = bool(self._trace_set)
         return self._trace_set
 
     def disable_trace(self) -> None:
         self._trace_set = frozenset()
-        self._tracing = False
+        self.tracing = False
 
     def statistics(self) -> ControllerStatistics:
         return ControllerStatistics(
@@ -528,8 +528,8 @@ class Controller:
 
     def _register_write(self, offset: int, value: int) -> None:
         self._register_writes += 1
-        if self._tracing:
-            self._trace("pci_nvme_mmio_write", offset, 4, value)
+        if self.tracing:
+            self.trace("pci_nvme_mmio_write", offset, 4, value)
         if offset == Reg.CC:
             self._write_cc(value)
         elif offset == Reg.INTMS:
@@ -575,8 +575,8 @@ class Controller:
             self._shutdown(shn)
         elif old_shn and not shn:
             self.csts = CSTS.SHST.put(self.csts, ShutdownStatus.NORMAL)
-            if self._tracing:
-                self._trace("pci_nvme_mmio_shutdown_cleared")
+            if self.tracing:
+                self.trace("pci_nvme_mmio_shutdown_cleared")
 
     def _start(self) -> None:
         """CC.EN 0 -> 1 (§7.6.1): validate CC and the admin queue registers, create the admin queues."""
@@ -609,8 +609,8 @@ class Controller:
         if reason is not None:
             # The controller cannot become ready; CFS tells the host at once instead of
             # letting it wait CAP.TO for CSTS.RDY.
-            if self._tracing:
-                self._trace("pci_nvme_err_startfail", reason)
+            if self.tracing:
+                self.trace("pci_nvme_err_startfail", reason)
             self._set_fatal(f"enable failed: {reason}")
             return
         self.page_size = page
@@ -620,8 +620,8 @@ class Controller:
         cq.sqs[0] = sq
         self.cqs[0], self.sqs[0] = cq, sq
         self.csts = CSTS.RDY.put(self.csts, 1)
-        if self._tracing:
-            self._trace("pci_nvme_mmio_start_success")
+        if self.tracing:
+            self.trace("pci_nvme_mmio_start_success")
 
     def _controller_reset(self) -> None:
         """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
@@ -635,12 +635,12 @@ class Controller:
         self._fatal = False
         self.sq_policy.reset()
         self.csts = CSTS.RDY.put(CSTS.CFS.put(self.csts, 0), 0)
-        if self._tracing:
-            self._trace("pci_nvme_mmio_stopped")
+        if self.tracing:
+            self.trace("pci_nvme_mmio_stopped")
 
     def _subsystem_reset(self) -> None:
-        if self._tracing:
-            self._trace("pci_nvme_nssr")
+        if self.tracing:
+            self.trace("pci_nvme_nssr")
         self._controller_reset()
         self.cc = 0
         self.csts = CSTS.NSSRO.put(0, 1)
@@ -654,8 +654,8 @@ class Controller:
             self._set_fatal(f"flush on shutdown failed: {exc}")
             return
         self.csts = CSTS.SHST.put(self.csts, ShutdownStatus.COMPLETE)
-        if self._tracing:
-            self._trace("pci_nvme_mmio_shutdown_set", shn)
+        if self.tracing:
+            self.trace("pci_nvme_mmio_shutdown_set", shn)
 
     def _ready(self) -> bool:
         return bool(self.csts & 1) and not self._fatal
@@ -716,20 +716,20 @@ class Controller:
 
     def _invalid_doorbell(self, qid: int, is_cq: bool, value: int, info: AsyncEventErrorInfo) -> None:
         self._invalid_doorbells += 1
-        if self._tracing:
+        if self.tracing:
             name = (
                 "pci_nvme_err_db_invalid_queue"
                 if info is AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER
                 else "pci_nvme_err_db_invalid_value"
             )
-            self._trace(name, qid, int(is_cq), value)
+            self.trace(name, qid, int(is_cq), value)
         if self._ready():
             self.async_events.enqueue(AsyncEventType.ERROR_STATUS, info, LogPageId.ERROR_INFORMATION)
 
     def _sq_doorbell(self, sq: SubmissionQueue, value: int) -> None:
         sq.mmio_writes += 1
-        if self._tracing:
-            self._trace("pci_nvme_mmio_doorbell_sq", sq.sqid, value)
+        if self.tracing:
+            self.trace("pci_nvme_mmio_doorbell_sq", sq.sqid, value)
         n = sq.size
         if value >= n:
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
@@ -741,7 +741,7 @@ class Controller:
             ):
                 self._catch_up_shadow(sq, sq.sqid, False, shadow, value)
             if self._sq_rang is not None:
-                self._sq_rang(sq, self._now)
+                self._sq_rang(sq, self.now)
         else:
             sq.tail = value
         if not sq.blocked:
@@ -749,8 +749,8 @@ class Controller:
 
     def _cq_doorbell(self, cq: CompletionQueue, value: int) -> None:
         cq.mmio_writes += 1
-        if self._tracing:
-            self._trace("pci_nvme_mmio_doorbell_cq", cq.cqid, value)
+        if self.tracing:
+            self.trace("pci_nvme_mmio_doorbell_cq", cq.cqid, value)
         n = cq.size
         used = (cq.tail - cq.head) % n
         if cq.shadow_mode and value < n:
@@ -777,26 +777,26 @@ class Controller:
     ) -> None:
         """An MMIO doorbell value ahead of the queue's shadow slot: see Doorbells.catch_up."""
         self.doorbells.catch_up(queue.doorbell, value)
-        if self._tracing:
-            self._trace("pci_nvme_dbbuf_shadow_catchup", qid, int(is_cq), shadow, value)
+        if self.tracing:
+            self.trace("pci_nvme_dbbuf_shadow_catchup", qid, int(is_cq), shadow, value)
 
     def _sq_tail(self, sq: SubmissionQueue, value: int) -> int | None:
         """A tail read from the SQ's shadow slot, or None if the value is not a valid tail."""
         if value >= sq.size:
-            if self._tracing:
-                self._trace("pci_nvme_err_shadow_invalid_value", sq.sqid, 0, value)
+            if self.tracing:
+                self.trace("pci_nvme_err_shadow_invalid_value", sq.sqid, 0, value)
             self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return None
-        if self._tracing:
-            self._trace("pci_nvme_update_sq_tail", sq.sqid, value)
+        if self.tracing:
+            self.trace("pci_nvme_update_sq_tail", sq.sqid, value)
         return value
 
     def _probe_sq(self, sq: SubmissionQueue, event_idx: int) -> int | None:
         """Publish the SQ's EventIdx, fence, re-read its tail (None: not a valid tail). (_run_sq
         does the same inline: once per I/O.)"""
         value = self.doorbells.probe(sq.doorbell, event_idx, sq.size)
-        if self._tracing:
-            self._trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
+        if self.tracing:
+            self.trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
         return self._sq_tail(sq, value)
 
     def _refresh_cq_head(self, cq: CompletionQueue, value: int | None = None) -> None:
@@ -808,12 +808,12 @@ class Controller:
             value = self.doorbells.load(cq.doorbell)
         n = cq.size
         if value >= n or (value - cq.head) % n > (cq.tail - cq.head) % n:
-            if self._tracing:
-                self._trace("pci_nvme_err_shadow_invalid_value", cq.cqid, 1, value)
+            if self.tracing:
+                self.trace("pci_nvme_err_shadow_invalid_value", cq.cqid, 1, value)
             self._invalid_doorbell(cq.cqid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
             return
-        if self._tracing:
-            self._trace("pci_nvme_update_cq_head", cq.cqid, value)
+        if self.tracing:
+            self.trace("pci_nvme_update_cq_head", cq.cqid, value)
         if value != cq.head:
             self._set_cq_head(cq, value)
 
@@ -832,16 +832,16 @@ class Controller:
 
     def _publish_sq_eventidx(self, sq: SubmissionQueue, value: int) -> None:
         self.doorbells.store_eventidx(sq.doorbell, value)
-        if self._tracing:
-            self._trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
+        if self.tracing:
+            self.trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
 
     def _publish_cq_eventidx(self, cq: CompletionQueue, *, probe: bool = False) -> int:
         """Publish the CQ's EventIdx; with ``probe``, fence and return the shadow head read again
         (else -1). Blocked on a full CQ it asks for any progress of the head, whatever the policy."""
         # rearm_event_idx, inlined: once per I/O.
         value = (cq.head + (0 if cq.waiting_for_room else self._cq_ahead)) % cq.size
-        if self._tracing:
-            self._trace("pci_nvme_update_cq_eventidx", cq.cqid, value)
+        if self.tracing:
+            self.trace("pci_nvme_update_cq_eventidx", cq.cqid, value)
         if probe:
             return self.doorbells.probe(cq.doorbell, value)
         self.doorbells.store_eventidx(cq.doorbell, value)
@@ -860,8 +860,8 @@ class Controller:
                 self._publish_cq_eventidx(cq)
                 return True
         cq.waiting_for_room = True
-        if self._tracing:
-            self._trace("pci_nvme_err_cq_full", cq.cqid)
+        if self.tracing:
+            self.trace("pci_nvme_err_cq_full", cq.cqid)
         return False
 
     # Section: shadow doorbell buffers
@@ -887,10 +887,10 @@ class Controller:
             doorbells.take(cq.doorbell, cq.head)
             cq.shadow_mode = True
             self._publish_cq_eventidx(cq)
-        if self._tracing:
-            self._trace("pci_nvme_dbbuf_config", shadow_addr, eventidx_addr)
+        if self.tracing:
+            self.trace("pci_nvme_dbbuf_config", shadow_addr, eventidx_addr)
 
-    def _attach_to_dbbuf(self, sq: SubmissionQueue | None, cq: CompletionQueue | None) -> None:
+    def attach_to_dbbuf(self, sq: SubmissionQueue | None, cq: CompletionQueue | None) -> None:
         """A queue created while shadow doorbells are on starts on its shadow slot."""
         doorbells = self.doorbells
         if not doorbells.active:
@@ -929,12 +929,12 @@ class Controller:
             self._refresh_cq_head(cq)
             self._publish_cq_eventidx(cq)
         if self._sq_posted is not None:
-            self._sq_posted(cq, self._now)
+            self._sq_posted(cq, self.now)
 
     def _expire_deadlines(self) -> None:
         """Deadlines an SQ policy asked for that have passed: look at those shadow tails (e.g.
         a host that placed fewer commands than predicted, and did not ring)."""
-        now = self._now
+        now = self.now
         for sqid, sq in list(self._deadlines.items()):
             if sq.deadline is None or self.sqs[sqid] is not sq:
                 del self._deadlines[sqid]
@@ -976,7 +976,7 @@ class Controller:
         while True:
             if sq.shadow_mode:
                 tail = self.doorbells.load(sq.doorbell, n)
-                if (tail >= n or self._tracing) and self._sq_tail(sq, tail) is None:
+                if (tail >= n or self.tracing) and self._sq_tail(sq, tail) is None:
                     return processed
                 sq.tail = tail
             tail = sq.tail
@@ -1011,36 +1011,36 @@ class Controller:
                 if not sq.shadow_mode:
                     return processed
                 # Idle: the policy says when the host is to ring next.
-                ahead = self._sq_ran_dry(sq, processed, attempts, self._now)
+                ahead = self._sq_ran_dry(sq, processed, attempts, self.now)
                 event_idx = (head + ahead) % n  # rearm_event_idx, inlined: once per I/O
                 if ahead < 0:  # no doorbell wanted (the edge polls): nothing to probe
                     self._publish_sq_eventidx(sq, event_idx)
                     return processed
                 again = self.doorbells.probe(sq.doorbell, event_idx, n)  # _probe_sq, inlined
-                if self._tracing:
-                    self._trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
-                if again >= n or self._tracing:
+                if self.tracing:
+                    self.trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
+                if again >= n or self.tracing:
                     self._sq_tail(sq, again)  # an invalid value is reported, and ends the pass
                 if again == head or again >= n:
                     sq.rearms_won += 1
                     self._rearms_won += 1
-                    deadline = self._sq_rearmed(sq, ahead, self._now)
+                    deadline = self._sq_rearmed(sq, ahead, self.now)
                     if deadline is not None:
                         sq.deadline = deadline
                         self._deadlines[sq.sqid] = sq
                     elif sq.deadline is not None:
                         sq.deadline = None
                         self._deadlines.pop(sq.sqid, None)
-                    if self._tracing:
-                        self._trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
+                    if self.tracing:
+                        self.trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
                     return processed
                 # The host moved the tail while we published: it may not ring. Keep going.
                 sq.rearms_lost += 1
                 self._rearms_lost += 1
                 attempts += 1
                 if attempts >= self.config.max_rearm_attempts:
-                    if self._tracing:
-                        self._trace("pci_nvme_err_rearm_exhausted", sq.sqid, attempts)
+                    if self.tracing:
+                        self.trace("pci_nvme_err_rearm_exhausted", sq.sqid, attempts)
                     self._pending[sq.sqid] = sq
                     return processed
 
@@ -1052,15 +1052,13 @@ class Controller:
         try:
             if sq.sqid == 0:
                 self._admin_counts[opcode] += 1
-                if self._tracing:
-                    self._trace("pci_nvme_admin_cmd", cid, 0, opcode, opcode_name(opcode, True))
+                if self.tracing:
+                    self.trace("pci_nvme_admin_cmd", cid, 0, opcode, opcode_name(opcode, True))
                 handler = self.admin_handlers.get(opcode)
             else:
                 self._io_counts[opcode] += 1
-                if self._tracing:
-                    self._trace(
-                        "pci_nvme_io_cmd", cid, fields[3], sq.sqid, opcode, opcode_name(opcode, False)
-                    )
+                if self.tracing:
+                    self.trace("pci_nvme_io_cmd", cid, fields[3], sq.sqid, opcode, opcode_name(opcode, False))
                 handler = self.io_handlers.get(opcode)
             if handler is None:
                 raise CommandFailed(Status.INVALID_OPCODE | DNR, "invalid opcode")
@@ -1072,21 +1070,20 @@ class Controller:
             status, dw0 = result
         except CommandFailed as failure:
             status = failure.status
-            if self._tracing:
-                self._trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, failure.reason)
+            if self.tracing:
+                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, failure.reason)
         except GuestMemoryError as exc:
             status = Status.DATA_TRANSFER_ERROR | DNR
-            if self._tracing:
-                self._trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, str(exc))
+            if self.tracing:
+                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, str(exc))
         except Exception as exc:  # an emulator bug: fail the command, keep serving
             log.exception("command opcode %#x on sqid %d failed", opcode, sq.sqid)
             self._internal_errors += 1
             status = Status.INTERNAL_ERROR
-            if self._tracing:
-                self._trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, repr(exc))
+            if self.tracing:
+                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, repr(exc))
         if status:
-            self._error_completions += 1
-            self.error_log.record(sq.sqid, cid, status, fields[3])
+            self.record_error(sq.sqid, cid, status, fields[3])
         cq = sq.cq
         room = cq.tail + 1  # post_completion, inlined
         if room == cq.size:
@@ -1095,6 +1092,33 @@ class Controller:
             cq.backlog.append((sq, cid, status, dw0))
         else:
             self._write_cqe(cq, sq, cid, status, dw0)
+
+    def record_error(self, sqid: int, cid: int, status: int, nsid: int, *, lba: int = 0) -> None:
+        """A command completes with an error status: counted, and an Error Information entry."""
+        self._error_completions += 1
+        self.error_log.record(sqid, cid, status, nsid, lba=lba)
+
+    # Section: queues admin commands create and delete
+
+    def add_cq(self, cq: CompletionQueue) -> None:
+        self.cqs[cq.cqid] = cq
+        self.attach_to_dbbuf(None, cq)
+
+    def add_sq(self, sq: SubmissionQueue) -> None:
+        sq.cq.sqs[sq.sqid] = sq
+        self.sqs[sq.sqid] = sq
+        self.attach_to_dbbuf(sq, None)
+
+    def remove_sq(self, sq: SubmissionQueue) -> None:
+        del sq.cq.sqs[sq.sqid]
+        self.sqs[sq.sqid] = None
+        sq.release()
+        self._pending.pop(sq.sqid, None)
+
+    def remove_cq(self, cq: CompletionQueue) -> None:
+        self.cqs[cq.cqid] = None
+        self._touched_cqs.pop(cq.cqid, None)
+        cq.release()
 
     def post_completion(self, sq: SubmissionQueue, cid: int, status: int, dw0: int) -> None:
         """Post a CQE for a command of ``sq`` (the CQ has room: checked before fetching)."""
@@ -1126,8 +1150,8 @@ class Controller:
         cq.entries += 1
         self._completions += 1
         self._touched_cqs[cq.cqid] = cq
-        if self._tracing:
-            self._trace("pci_nvme_enqueue_req_completion", cid, cq.cqid, dw0 & 0xFFFFFFFF, status)
+        if self.tracing:
+            self.trace("pci_nvme_enqueue_req_completion", cid, cq.cqid, dw0 & 0xFFFFFFFF, status)
 
     def _fetch_remote_sqe(self, sq: SubmissionQueue, head: int) -> bool:
         offset = head * SQE_SIZE
@@ -1187,7 +1211,7 @@ class Controller:
                 continue
             state = self._coalescing.setdefault(vector, _Coalescing())
             if state.count == 0:
-                state.since = self._now
+                state.since = self.now
             state.count += count
         if self._coalescing:
             self._deliver_coalesced(coalesce_value)
@@ -1197,21 +1221,21 @@ class Controller:
         threshold = InterruptCoalescing.THR.get(coalesce_value) + 1
         deadline = InterruptCoalescing.TIME.get(coalesce_value) * 100e-6
         for vector, state in self._coalescing.items():
-            if state.count and (state.count >= threshold or self._now - state.since >= deadline):
+            if state.count and (state.count >= threshold or self.now - state.since >= deadline):
                 state.count = 0
                 self._raise(vector)
 
     def _raise(self, vector: int) -> None:
         if vector < 32 and self.intms >> vector & 1:
             self._masked_pending.add(vector)
-            if self._tracing:
-                self._trace("pci_nvme_irq_masked", vector)
+            if self.tracing:
+                self.trace("pci_nvme_irq_masked", vector)
             return
         self._interrupts += 1
         effect = _RAISE[vector] if vector < _RAISE_CACHED else RaiseInterrupt(vector)
         self._effects.append(effect)
-        if self._tracing:
-            self._trace("pci_nvme_irq_msix", vector)
+        if self.tracing:
+            self.trace("pci_nvme_irq_msix", vector)
 
     def _raise_unmasked(self) -> None:
         for vector in sorted(self._masked_pending):
@@ -1270,8 +1294,8 @@ class Controller:
                 queue.drop_view()
             self.doorbells.reset()
             self._memory_missing = str(exc)
-            if self._tracing:
-                self._trace("pci_nvme_memory_missing", str(exc))
+            if self.tracing:
+                self.trace("pci_nvme_memory_missing", str(exc))
 
     def _drop_queues(self) -> None:
         self._memory_missing = None
@@ -1288,17 +1312,18 @@ class Controller:
         self._fatal = True
         self._pending.clear()
         self.csts = CSTS.CFS.put(self.csts, 1)
-        if self._tracing:
-            self._trace("pci_nvme_err_fatal", reason)
+        if self.tracing:
+            self.trace("pci_nvme_err_fatal", reason)
         self._effects.append(ControllerFatal(reason))
 
-    def _trace(self, name: str, *args: int | str) -> None:
+    def trace(self, name: str, *args: int | str) -> None:
+        """Emit trace event ``name`` if it is on (callers test ``tracing`` first)."""
         if name in self._trace_set:
             self._effects.append(TraceEvent(name, args))
 
     def _trace_err_mmio(self, offset: int, size: int, value: int, reason: str) -> None:
-        if self._tracing:
-            self._trace("pci_nvme_err_mmio", offset, size, value, reason)
+        if self.tracing:
+            self.trace("pci_nvme_err_mmio", offset, size, value, reason)
 
     def _take_effects(self) -> list[Effect]:
         effects = self._effects

@@ -48,6 +48,7 @@ from vnvme.spec.commands import NvmOpcode
 from vnvme.spec.status import DNR, Status
 
 if TYPE_CHECKING:
+    from vnvme.controller.context import IoContext
     from vnvme.controller.controller import Controller
     from vnvme.controller.namespace import Namespace
     from vnvme.controller.queues import SubmissionQueue
@@ -164,7 +165,7 @@ class DelayedCompletions:
     def earliest(self) -> float | None:
         return self._heap[0].deadline if self._heap else None
 
-    def post_due(self, ctrl: Controller, now: float) -> None:
+    def post_due(self, ctrl: IoContext, now: float) -> None:
         """Post every held completion whose deadline ``now`` has reached."""
         heap = self._heap
         while heap and heap[0].deadline <= now and not ctrl.fatal:
@@ -180,18 +181,17 @@ class DelayedCompletions:
 
 
 def _complete(
-    ctrl: Controller, sq: SubmissionQueue, cid: int, status: int, dw0: int, nsid: int, lba: int
+    ctrl: IoContext, sq: SubmissionQueue, cid: int, status: int, dw0: int, nsid: int, lba: int
 ) -> None:
     if status:
-        ctrl._error_completions += 1
-        ctrl.error_log.record(sq.sqid, cid, status, nsid, lba=lba)
+        ctrl.record_error(sq.sqid, cid, status, nsid, lba=lba)
     ctrl.post_completion(sq, cid, status, dw0)
 
 
 # Section: running a command under a hook
 
 
-def _outcome(ctrl: Controller, command: IoCommand, fault: Fail | MediaError) -> tuple[int, int]:
+def _outcome(ctrl: IoContext, command: IoCommand, fault: Fail | MediaError) -> tuple[int, int]:
     """Status and Error Information LBA of a command that does not run."""
     if isinstance(fault, Fail):
         return fault.status, 0
@@ -200,7 +200,7 @@ def _outcome(ctrl: Controller, command: IoCommand, fault: Fail | MediaError) -> 
     return status | (DNR if fault.dnr else 0), command.slba if fault.lba is None else fault.lba
 
 
-def _run_now(handler: Handler, ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> int:
+def _run_now(handler: Handler, ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> int:
     """Run the command for a delayed completion; its status (as the controller would set it)."""
     try:
         result = handler(ctrl, sq, fields)
@@ -212,7 +212,7 @@ def _run_now(handler: Handler, ctrl: Controller, sq: SubmissionQueue, fields: tu
 
 
 def _with_faults(handler: Handler) -> Handler:
-    def run(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> nvm.Result:
+    def run(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> nvm.Result:
         ns = ctrl.namespaces.get(fields[NSID])
         hook = None if ns is None else ns.fault_hook
         if hook is None:
@@ -230,14 +230,14 @@ def _with_faults(handler: Handler) -> Handler:
         fault = hook(command)
         if fault is None:
             return handler(ctrl, sq, fields)
-        if ctrl._tracing:
-            ctrl._trace("pci_nvme_fault_injected", command.cid, sq.sqid, command.nsid, repr(fault))
+        if ctrl.tracing:
+            ctrl.trace("pci_nvme_fault_injected", command.cid, sq.sqid, command.nsid, repr(fault))
         if isinstance(fault, Delay):
             if fault.then is None:
                 status, lba = _run_now(handler, ctrl, sq, fields), 0
             else:
                 status, lba = _outcome(ctrl, command, fault.then)
-            deadline = ctrl._now + fault.seconds  # the `now` of the pass that fetched it
+            deadline = ctrl.now + fault.seconds  # the `now` of the pass that fetched it
             ctrl.delayed.hold(deadline, sq, command.cid, status, 0, command.nsid, lba)
             return None
         status, lba = _outcome(ctrl, command, fault)

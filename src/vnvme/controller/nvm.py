@@ -25,11 +25,11 @@ from vnvme.spec.log_pages import CommandEffects
 from vnvme.spec.status import DNR, Status
 
 if TYPE_CHECKING:
-    from vnvme.controller.controller import Controller
+    from vnvme.controller.context import IoContext
     from vnvme.controller.queues import SubmissionQueue
 
 Result = tuple[int, int] | None
-Handler = Callable[["Controller", "SubmissionQueue", tuple[int, ...]], Result]
+Handler = Callable[["IoContext", "SubmissionQueue", tuple[int, ...]], Result]
 
 _FUA: Final = 1 << 30
 _DEAC: Final = 1 << 25
@@ -37,14 +37,14 @@ _SUCCESS: Final = (0, 0)
 _PSDT_MASK: Final = FLAGS_PSDT.mask
 
 
-def _namespace(ctrl: Controller, nsid: int) -> Namespace:
+def _namespace(ctrl: IoContext, nsid: int) -> Namespace:
     ns = ctrl.namespaces.get(nsid)
     if ns is None:
         raise CommandFailed(Status.INVALID_NAMESPACE | DNR, f"NSID {nsid} is not active")
     return ns
 
 
-def _range(ctrl: Controller, fields: tuple[int, ...], *, data: bool) -> tuple[Namespace, int, int]:
+def _range(ctrl: IoContext, fields: tuple[int, ...], *, data: bool) -> tuple[Namespace, int, int]:
     """Namespace, byte offset and byte length of a Read / Write / Compare / Write Zeroes."""
     ns = ctrl.namespaces.get(fields[NSID])
     if ns is None:  # _namespace, inlined: once per I/O
@@ -67,7 +67,7 @@ def _check_writable(ns: Namespace) -> None:
         raise CommandFailed(Status.NAMESPACE_WRITE_PROTECTED | DNR, f"NSID {ns.nsid} is write protected")
 
 
-def _media_error(ctrl: Controller, exc: OSError, *, write: bool) -> CommandFailed:
+def _media_error(ctrl: IoContext, exc: OSError, *, write: bool) -> CommandFailed:
     ctrl.smart.media_errors += 1
     if exc.errno == errno.ENOSPC:
         return CommandFailed(Status.CAPACITY_EXCEEDED | DNR, f"backend: {exc}")
@@ -75,7 +75,7 @@ def _media_error(ctrl: Controller, exc: OSError, *, write: bool) -> CommandFaile
     return CommandFailed(status, f"backend: {exc}")
 
 
-def read(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
+def read(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
     ns, offset, length = _range(ctrl, fields, data=True)
     memory = ctrl.memory
     backend = ns.backend
@@ -126,7 +126,7 @@ def read(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Resu
     return _SUCCESS
 
 
-def write(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
+def write(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
     ns, offset, length = _range(ctrl, fields, data=True)
     _check_writable(ns)
     segments = data_segments(ctrl, fields, length, to_host=False, sgl_allowed=True)
@@ -154,11 +154,11 @@ def write(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Res
     return _SUCCESS
 
 
-def flush(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
+def flush(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
     nsid = fields[NSID]
     targets = list(ctrl.namespaces.values()) if nsid == NSID_BROADCAST else [_namespace(ctrl, nsid)]
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_flush", fields[2], nsid)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_flush", fields[2], nsid)
     try:
         for ns in targets:
             ns.backend.flush()
@@ -167,7 +167,7 @@ def flush(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Res
     return _SUCCESS
 
 
-def write_zeroes(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
+def write_zeroes(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
     # Write Zeroes moves no data, so MDTS does not limit it.
     ns, offset, length = _range(ctrl, fields, data=False)
     _check_writable(ns)
@@ -187,12 +187,12 @@ def write_zeroes(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...])
     return _SUCCESS
 
 
-def dataset_management(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
+def dataset_management(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
     ns = _namespace(ctrl, fields[NSID])
     nr = DsmFields.NR.get(fields[CDW10]) + 1
     attributes = fields[CDW11]
-    if ctrl._tracing:
-        ctrl._trace("pci_nvme_dsm", fields[2], fields[NSID], nr, attributes)
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_dsm", fields[2], fields[NSID], nr, attributes)
     if not DsmFields.AD.get(attributes):
         return _SUCCESS  # integral read / write hints only
     _check_writable(ns)
@@ -214,7 +214,7 @@ def dataset_management(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int,
     return _SUCCESS
 
 
-def compare(ctrl: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
+def compare(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
     ns, offset, length = _range(ctrl, fields, data=True)
     segments = data_segments(ctrl, fields, length, to_host=False, sgl_allowed=True)
     host_data = read_from_host(ctrl.memory, segments, length)

@@ -11,7 +11,7 @@ from vnvme.spec.commands import FLAGS_PSDT, Psdt
 from vnvme.spec.status import DNR, Status
 
 if TYPE_CHECKING:
-    from vnvme.controller.controller import Controller
+    from vnvme.controller.context import IoContext
 
 # SQE tuple indices (SQE Struct order).
 OPC, FLAGS, CID, NSID, CDW2, CDW3, MPTR, PRP1, PRP2 = range(9)
@@ -19,7 +19,7 @@ CDW10, CDW11, CDW12, CDW13, CDW14, CDW15 = range(9, 15)
 
 
 def data_segments(
-    ctrl: Controller, fields: tuple[int, ...], length: int, *, to_host: bool, sgl_allowed: bool
+    ctrl: IoContext, fields: tuple[int, ...], length: int, *, to_host: bool, sgl_allowed: bool
 ) -> list[Segment]:
     """Segments of the command's data buffer; ``to_host`` when the controller writes it."""
     psdt = FLAGS_PSDT.get(fields[FLAGS])
@@ -52,7 +52,7 @@ def read_from_host(memory: GuestMemory, segments: list[Segment], length: int) ->
     return buf
 
 
-def send_to_host(ctrl: Controller, fields: tuple[int, ...], data: bytes | bytearray, length: int) -> None:
+def send_to_host(ctrl: IoContext, fields: tuple[int, ...], data: bytes | bytearray, length: int) -> None:
     """Admin data out: ``length`` bytes (zero padded past ``data``) through PRP1 / PRP2."""
     if length == 0:
         return
@@ -62,6 +62,6 @@ def send_to_host(ctrl: Controller, fields: tuple[int, ...], data: bytes | bytear
     write_to_host(ctrl.memory, segments, memoryview(data)[:length])
 
 
-def receive_from_host(ctrl: Controller, fields: tuple[int, ...], length: int) -> bytearray:
+def receive_from_host(ctrl: IoContext, fields: tuple[int, ...], length: int) -> bytearray:
     segments = data_segments(ctrl, fields, length, to_host=False, sgl_allowed=False)
     return read_from_host(ctrl.memory, segments, length)
