@@ -28,9 +28,10 @@ from vnvme.controller.config import ControllerConfig
 from vnvme.controller.doorbells import Doorbells
 from vnvme.controller.errors import CommandFailed
 from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, CqEventIdx, SqPolicyFactory, overridden
+from vnvme.controller.interrupts import Interrupts
 from vnvme.controller.namespace import Namespace
 from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
-from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
+from vnvme.effects import ControllerFatal, Effect, TraceEvent
 from vnvme.memory import GuestMemory, GuestMemoryError
 from vnvme.spec import registers as regs
 from vnvme.spec.commands import (
@@ -45,7 +46,6 @@ from vnvme.spec.commands import (
     opcode_name,
 )
 from vnvme.spec.dbbuf import cq_slot, rearm_event_idx, sq_slot
-from vnvme.spec.features import InterruptCoalescing
 from vnvme.spec.log_pages import CriticalWarning
 from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg, ShutdownStatus
 from vnvme.spec.status import DNR, Status
@@ -60,9 +60,6 @@ _CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
 # CQE dword 3 on big-endian hosts only; little-endian hosts store it through CompletionQueue.dwords.
 _CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
 _FUSE_MASK: Final = FLAGS_FUSE.mask
-# Effects are immutable: one RaiseInterrupt per vector, made once.
-_RAISE_CACHED: Final = 2048
-_RAISE: Final = tuple(RaiseInterrupt(vector) for vector in range(_RAISE_CACHED))
 _DEFAULT_BUDGET: Final = 4096
 _ADMIN_QUEUE_MAX: Final = 4096
 
@@ -103,12 +100,6 @@ class ControllerStatistics:
     @property
     def io_doorbell_writes(self) -> int:
         return self.doorbell_sq_io + self.doorbell_cq_io
-
-
-@dataclass
-class _Coalescing:
-    count: int = 0
-    since: float = 0.0
 
 
 class Controller:
@@ -153,15 +144,12 @@ class Controller:
         self.aqa = 0
         self.asq = 0
         self.acq = 0
-        self.intms = 0
         self.page_size = 4096
         self.sqs: list[SubmissionQueue | None] = [None] * (cfg.max_io_queues + 1)
         self.cqs: list[CompletionQueue | None] = [None] * (cfg.max_io_queues + 1)
         self.doorbells = Doorbells()
         self._pending: dict[int, SubmissionQueue] = {}
         self._touched_cqs: dict[int, CompletionQueue] = {}
-        self._coalescing: dict[int, _Coalescing] = {}
-        self._masked_pending: set[int] = set()
         self._effects: list[Effect] = []
         self.tracing = False
         self._trace_set: frozenset[str] = frozenset()
@@ -186,7 +174,6 @@ class Controller:
         self._invalid_doorbells = 0
         self._rearms_won = 0
         self._rearms_lost = 0
-        self._interrupts = 0
         self._completions = 0
         self._error_completions = 0
         self._dbbuf_configs = 0
@@ -197,6 +184,7 @@ class Controller:
         self._io_counts = [0] * 256
         self.features = admin.FeatureState(self)
         self.async_events = admin.AsyncEvents(self)
+        self.interrupts = Interrupts(self.features, self._effects, self)
         self.error_log = admin.ErrorLog(cfg.error_log_entries)
         self.smart = admin.SmartCounters()
         self.io_handlers = faults.io_handlers(self.namespaces.values())
@@ -248,7 +236,7 @@ class Controller:
             self._pending
             or self._touched_cqs
             or self._deadlines
-            or self._coalescing
+            or self.interrupts.coalescing
             or self.delayed
             or self.memory.generation != self._memory_generation
         ):
@@ -326,13 +314,9 @@ class Controller:
             deadline = min(
                 (sq.deadline for sq in self._deadlines.values() if sq.deadline is not None), default=None
             )
-        time_units = InterruptCoalescing.TIME.get(self.features.interrupt_coalescing)
-        if not time_units:
+        coalescing = self.interrupts.next_deadline()
+        if coalescing is None:
             return deadline
-        pending = [c.since for c in self._coalescing.values() if c.count]
-        if not pending:
-            return deadline
-        coalescing = min(pending) + time_units * 100e-6
         return coalescing if deadline is None else min(deadline, coalescing)
 
     def take_effects(self) -> list[Effect]:
@@ -388,7 +372,7 @@ class Controller:
             eventidx_writes=self.doorbells.eventidx_writes,
             rearms_won=self._rearms_won,
             rearms_lost=self._rearms_lost,
-            interrupts_raised=self._interrupts,
+            interrupts_raised=self.interrupts.raised,
             completions_posted=self._completions,
             error_completions=self._error_completions,
             dbbuf_configs=self._dbbuf_configs,
@@ -422,6 +406,11 @@ class Controller:
                 AsyncEventSmartInfo.TEMPERATURE_THRESHOLD,
                 LogPageId.SMART_HEALTH,
             )
+
+    @property
+    def intms(self) -> int:
+        """INTMS / INTMC as the host reads them."""
+        return self.interrupts.intms
 
     @property
     def enabled(self) -> bool:
@@ -490,7 +479,7 @@ class Controller:
         if offset == Reg.VS:
             return regs.NVME_VERSION_1_3
         if offset in (Reg.INTMS, Reg.INTMC):
-            return self.intms
+            return self.interrupts.intms
         if offset == Reg.CC:
             return self.cc
         if offset == Reg.CSTS:
@@ -533,10 +522,9 @@ class Controller:
         if offset == Reg.CC:
             self._write_cc(value)
         elif offset == Reg.INTMS:
-            self.intms |= value
+            self.interrupts.mask(value)
         elif offset == Reg.INTMC:
-            self.intms &= ~value
-            self._raise_unmasked()
+            self.interrupts.unmask(value)
         elif offset == Reg.CSTS:
             # CSTS.NSSRO is RW1C (§3.1.6); every other CSTS bit is read-only.
             if CSTS.NSSRO.get(value):
@@ -628,8 +616,7 @@ class Controller:
         self._drop_queues()
         self._deadlines.clear()
         self.delayed.clear()
-        self._coalescing.clear()
-        self._masked_pending.clear()
+        self.interrupts.reset()
         self.features.reset()
         self.async_events.reset()
         self._fatal = False
@@ -1177,71 +1164,15 @@ class Controller:
 
     def _deliver_interrupts(self) -> None:
         touched = self._touched_cqs
-        coalesce_value = self.features.interrupt_coalescing
         if touched:
-            watched = self._completions_watched
-            if not coalesce_value and not watched and len(touched) == 1:
-                # The common pass: one CQ, no coalescing, no policy to tell.
-                cq = next(iter(touched.values()))
-                touched.clear()
-                if cq.ien:
-                    cq.irq_mark = cq.entries
-                    self._raise(cq.vector)
-                if self._coalescing:
-                    self._deliver_coalesced(coalesce_value)
-                return
-        time_units = InterruptCoalescing.TIME.get(coalesce_value)
-        # vector -> (entries posted, carries the admin CQ)
-        vectors: dict[int, tuple[int, bool]] = {}
-        if touched:
-            for cq in touched.values():
-                if cq.shadow_mode and watched:
-                    self._completions_posted(cq)
-                if not cq.ien:
-                    continue
-                count, admin_cq = vectors.get(cq.vector, (0, False))
-                vectors[cq.vector] = (count + cq.entries - cq.irq_mark, admin_cq or cq.cqid == 0)
-                cq.irq_mark = cq.entries
+            if self._completions_watched:
+                for cq in touched.values():
+                    if cq.shadow_mode:
+                        self._completions_posted(cq)
+            self.interrupts.deliver(touched, self.now)
             touched.clear()
-        for vector, (count, admin_cq) in vectors.items():
-            # §5.21.1.8: coalescing never delays the admin CQ, nor a vector with CD set; an
-            # aggregation time of 0 means no delay.
-            if time_units == 0 or admin_cq or self.features.coalescing_disabled(vector):
-                self._raise(vector)
-                continue
-            state = self._coalescing.setdefault(vector, _Coalescing())
-            if state.count == 0:
-                state.since = self.now
-            state.count += count
-        if self._coalescing:
-            self._deliver_coalesced(coalesce_value)
-
-    def _deliver_coalesced(self, coalesce_value: int) -> None:
-        """Raise every coalesced vector whose threshold or aggregation time is reached."""
-        threshold = InterruptCoalescing.THR.get(coalesce_value) + 1
-        deadline = InterruptCoalescing.TIME.get(coalesce_value) * 100e-6
-        for vector, state in self._coalescing.items():
-            if state.count and (state.count >= threshold or self.now - state.since >= deadline):
-                state.count = 0
-                self._raise(vector)
-
-    def _raise(self, vector: int) -> None:
-        if vector < 32 and self.intms >> vector & 1:
-            self._masked_pending.add(vector)
-            if self.tracing:
-                self.trace("pci_nvme_irq_masked", vector)
-            return
-        self._interrupts += 1
-        effect = _RAISE[vector] if vector < _RAISE_CACHED else RaiseInterrupt(vector)
-        self._effects.append(effect)
-        if self.tracing:
-            self.trace("pci_nvme_irq_msix", vector)
-
-    def _raise_unmasked(self) -> None:
-        for vector in sorted(self._masked_pending):
-            if not self.intms >> vector & 1:
-                self._masked_pending.discard(vector)
-                self._raise(vector)
+        elif self.interrupts.coalescing:
+            self.interrupts.deliver_coalesced(self.now)
 
     # Section: helpers
 
@@ -1326,9 +1257,13 @@ class Controller:
             self.trace("pci_nvme_err_mmio", offset, size, value, reason)
 
     def _take_effects(self) -> list[Effect]:
+        # One list for the controller's life: the interrupts append to it too.
         effects = self._effects
-        self._effects = []
-        return effects
+        if not effects:
+            return []
+        taken = effects[:]
+        effects.clear()
+        return taken
 
     def trace_event_known(self, name: str) -> bool:
         return name in TRACE_EVENTS
