@@ -26,10 +26,10 @@ from vnvme.controller.config import ControllerConfig
 from vnvme.controller.controller import Controller
 from vnvme.controller.doorbells import MappedDoorbellPage
 from vnvme.controller.namespace import Namespace
+from vnvme.controller.registers import RegisterRefused
 from vnvme.effects import ControllerFatal, Effect, RaiseInterrupt, TraceEvent
 from vnvme.memory import GuestMemory
 from vnvme.spec import registers as regs
-from vnvme.spec.registers import Reg
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.pci import Bar, MsixConfig, PciConfig
 from vnvme.vfio_user.server import DeviceError, IrqType, Region
@@ -59,10 +59,6 @@ class FunctionStatistics:
     interrupts_dropped: int = 0
     #: BAR accesses while the command register's Memory Space Enable was 0 (not decoded).
     undecoded_bar_accesses: int = 0
-
-
-# Registers a host may never write (NVMe 1.3 §3.1): REGION_WRITE there is refused with EPERM.
-_READ_ONLY_REGISTERS: frozenset[int] = frozenset({Reg.CAP, Reg.CAP + 4, Reg.VS, Reg.CMBLOC, Reg.CMBSZ})
 
 
 class NvmeFunction:
@@ -351,29 +347,38 @@ class NvmeFunction:
         return True
 
     def _bar0_read(self, offset: int, count: int) -> bytes:
-        if count not in (1, 2, 4, 8) or offset % count:
-            raise DeviceError(errno.EINVAL, f"BAR0 read of {count} bytes at {offset:#x}")
-        if self._undecoded():
-            return b"\xff" * count
-        value = self.controller.mmio_read(offset, count)
+        try:
+            if not self._memory_enabled:
+                self.controller.registers.check_read(offset, count)  # refused before decoding
+                self._undecoded()
+                return b"\xff" * count
+            value = self.controller.bar0_read(offset, count)
+        except RegisterRefused as refused:
+            raise DeviceError(
+                refused.errno, f"BAR0 read of {count} bytes at {offset:#x}: {refused}"
+            ) from None
         self._handle(self.controller.take_effects())
         return value.to_bytes(count, "little")
 
     def _bar0_write(self, offset: int, data: bytes) -> None:
         count = len(data)
-        if count not in (1, 2, 4, 8) or offset % count:
-            raise DeviceError(errno.EINVAL, f"BAR0 write of {count} bytes at {offset:#x}")
-        if offset < regs.DOORBELL_BASE and {offset & ~3, (offset + count - 1) & ~3} & _READ_ONLY_REGISTERS:
-            raise DeviceError(errno.EPERM, f"BAR0 write of {count} bytes at {offset:#x}: read-only register")
-        if not self._memory_enabled and self._undecoded():
-            return
+        value = int.from_bytes(data, "little")
+        try:
+            if not self._memory_enabled:
+                self.controller.registers.check_write(offset, count, value)  # refused before decoding
+                self._undecoded()
+                return
+            effects = self.controller.bar0_write(offset, count, value)
+        except RegisterRefused as refused:
+            raise DeviceError(
+                refused.errno, f"BAR0 write of {count} bytes at {offset:#x}: {refused}"
+            ) from None
         if (
             self.mappable_doorbells
             and count == 4
             and regs.DOORBELL_BASE <= offset < regs.DOORBELL_BASE + len(self._db_page)
         ):
-            self._db_page.write(offset, int.from_bytes(data, "little"))
-        effects = self.controller.mmio_write(offset, count, int.from_bytes(data, "little"))
+            self._db_page.write(offset, value)  # the page holds the latest value too
         if effects:
             self._handle(effects)
 

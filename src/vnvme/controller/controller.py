@@ -31,6 +31,7 @@ from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, CqEventIdx, SqPo
 from vnvme.controller.interrupts import Interrupts
 from vnvme.controller.namespace import Namespace
 from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
+from vnvme.controller.registers import RegisterFile, RegisterRefused
 from vnvme.effects import ControllerFatal, Effect, TraceEvent
 from vnvme.memory import GuestMemory, GuestMemoryError
 from vnvme.spec import registers as regs
@@ -141,9 +142,6 @@ class Controller:
         self._doorbell_end = regs.DOORBELL_BASE + 2 * (cfg.max_io_queues + 1) * (4 << cfg.dstrd)
         self.cc = 0
         self.csts = 0
-        self.aqa = 0
-        self.asq = 0
-        self.acq = 0
         self.page_size = 4096
         self.sqs: list[SubmissionQueue | None] = [None] * (cfg.max_io_queues + 1)
         self.cqs: list[CompletionQueue | None] = [None] * (cfg.max_io_queues + 1)
@@ -165,8 +163,6 @@ class Controller:
         self._deadlines: dict[int, SubmissionQueue] = {}
         self.now = 0.0
         # Statistics counters.
-        self._register_reads = 0
-        self._register_writes = 0
         self._db_sq_admin = 0
         self._db_sq_io = 0
         self._db_cq_admin = 0
@@ -185,6 +181,25 @@ class Controller:
         self.features = admin.FeatureState(self)
         self.async_events = admin.AsyncEvents(self)
         self.interrupts = Interrupts(self.features, self._effects, self)
+        intms = self.interrupts
+        self.registers = RegisterFile(
+            live={
+                Reg.CAP: lambda: self.cap,
+                Reg.CC: lambda: self.cc,
+                Reg.CSTS: lambda: self.csts,
+                Reg.INTMS: lambda: intms.intms,
+                Reg.INTMC: lambda: intms.intms,
+            },
+            actions={
+                Reg.CC: self._write_cc,
+                Reg.CSTS: self._write_csts,
+                Reg.INTMS: intms.mask,
+                Reg.INTMC: intms.unmask,
+                Reg.NSSR: self._write_nssr,
+            },
+            enabled=lambda: self.enabled,
+            tracer=self,
+        )
         self.error_log = admin.ErrorLog(cfg.error_log_entries)
         self.smart = admin.SmartCounters()
         self.io_handlers = faults.io_handlers(self.namespaces.values())
@@ -198,35 +213,50 @@ class Controller:
     # Section: public interface
 
     def mmio_read(self, offset: int, size: int) -> int:
-        """Read ``size`` (1, 2, 4 or 8) bytes of BAR0 at ``offset``."""
-        if size not in (1, 2, 4, 8) or offset < 0 or offset % size:
-            self._trace_err_mmio(offset, size, 0, "unsupported read width or alignment")
+        """Read ``size`` (1, 2, 4 or 8) bytes of BAR0 at ``offset``; a refused read is traced
+        and reads as zero."""
+        try:
+            return self.registers.read(offset, size)
+        except RegisterRefused as refused:
+            self._trace_refused(refused)
             return 0
-        self._register_reads += 1
-        if offset >= regs.REGISTER_FILE_SIZE:
-            # §3.1.10: doorbell registers are write-only; reads return zero.
-            return 0
-        value = 0
-        for byte in range(size):
-            pos = offset + byte
-            dword = self._read_dword(pos & ~3)
-            value |= ((dword >> (8 * (pos & 3))) & 0xFF) << (8 * byte)
-        if self.tracing:
-            self.trace("pci_nvme_mmio_read", offset, size, value)
-        return value
+
+    def bar0_read(self, offset: int, size: int) -> int:
+        """:meth:`mmio_read` for an edge: a refused read raises :class:`RegisterRefused`."""
+        return self.registers.read(offset, size)
 
     def mmio_write(self, offset: int, size: int, value: int) -> list[Effect]:
-        """Write ``size`` (4 or 8) bytes of BAR0 at ``offset``. Never raises for guest input."""
+        """Write ``size`` bytes of BAR0 at ``offset``. Never raises for guest input: a refused
+        write is traced and ignored. With no error reply to give, a 32-bit write at any
+        doorbell offset is taken as a doorbell (one off the stride: an invalid doorbell)."""
         try:
-            if offset >= regs.DOORBELL_BASE and size == 4:
+            self._write(offset, size, value, size == 4 and offset >= regs.DOORBELL_BASE)
+        except RegisterRefused as refused:
+            self._trace_refused(refused)
+        return self._take_effects()
+
+    def bar0_write(self, offset: int, size: int, value: int) -> list[Effect]:
+        """:meth:`mmio_write` for an edge: a write its peer must be told of (the rules are
+        :mod:`vnvme.controller.registers`') raises :class:`RegisterRefused`."""
+        self._write(offset, size, value, size == 4 and offset >= regs.DOORBELL_BASE and not offset & 3)
+        return self._take_effects()
+
+    def _write(self, offset: int, size: int, value: int, doorbell: bool) -> None:
+        try:
+            if doorbell:
                 self._doorbell_write(offset, value & 0xFFFFFFFF)  # the common case
             else:
-                self._mmio_write(offset, size, value)
+                self.registers.write(offset, size, value)
+        except RegisterRefused:
+            raise
         except Exception as exc:  # an emulator bug must not take the process down
             log.exception("mmio_write(%#x, %d, %#x) failed", offset, size, value)
             self._internal_errors += 1
             self._set_fatal(f"internal error in register write: {exc!r}")
-        return self._take_effects()
+
+    def _trace_refused(self, refused: RegisterRefused) -> None:
+        for report in refused.reports:
+            self.registers.ignored(*report)
 
     def process(self, now: float | None = None, budget: int | None = None) -> list[Effect]:
         """Run pending submission queues (up to ``budget`` commands) and deliver interrupts."""
@@ -328,7 +358,7 @@ class Controller:
         self._controller_reset()
         self.cc = 0
         self.csts = 0
-        self.aqa = self.asq = self.acq = 0
+        self.registers.reset()
         return self._take_effects()
 
     @property
@@ -361,8 +391,8 @@ class Controller:
 
     def statistics(self) -> ControllerStatistics:
         return ControllerStatistics(
-            register_reads=self._register_reads,
-            register_writes=self._register_writes,
+            register_reads=self.registers.reads,
+            register_writes=self.registers.writes,
             doorbell_sq_admin=self._db_sq_admin,
             doorbell_sq_io=self._db_sq_io,
             doorbell_cq_admin=self._db_cq_admin,
@@ -406,6 +436,18 @@ class Controller:
                 AsyncEventSmartInfo.TEMPERATURE_THRESHOLD,
                 LogPageId.SMART_HEALTH,
             )
+
+    @property
+    def aqa(self) -> int:
+        return self.registers.value(Reg.AQA)
+
+    @property
+    def asq(self) -> int:
+        return self.registers.value(Reg.ASQ)
+
+    @property
+    def acq(self) -> int:
+        return self.registers.value(Reg.ACQ)
 
     @property
     def intms(self) -> int:
@@ -471,84 +513,14 @@ class Controller:
 
     # Section: registers
 
-    def _read_dword(self, offset: int) -> int:
-        if offset == Reg.CAP:
-            return self.cap & 0xFFFFFFFF
-        if offset == Reg.CAP + 4:
-            return self.cap >> 32
-        if offset == Reg.VS:
-            return regs.NVME_VERSION_1_3
-        if offset in (Reg.INTMS, Reg.INTMC):
-            return self.interrupts.intms
-        if offset == Reg.CC:
-            return self.cc
-        if offset == Reg.CSTS:
-            return self.csts
-        if offset == Reg.AQA:
-            return self.aqa
-        if offset == Reg.ASQ:
-            return self.asq & 0xFFFFFFFF
-        if offset == Reg.ASQ + 4:
-            return self.asq >> 32
-        if offset == Reg.ACQ:
-            return self.acq & 0xFFFFFFFF
-        if offset == Reg.ACQ + 4:
-            return self.acq >> 32
-        return 0  # NSSR reads as 0; CMBLOC / CMBSZ: no controller memory buffer
+    def _write_csts(self, value: int) -> None:
+        # CSTS.NSSRO is RW1C (§3.1.6); every other CSTS bit is read-only.
+        if CSTS.NSSRO.get(value):
+            self.csts = CSTS.NSSRO.put(self.csts, 0)
 
-    def _mmio_write(self, offset: int, size: int, value: int) -> None:
-        if offset >= regs.DOORBELL_BASE:
-            if size != 4:
-                self._trace_err_mmio(offset, size, value, "doorbell writes are 32-bit")
-                return
-            self._doorbell_write(offset, value & 0xFFFFFFFF)
-            return
-        if size not in (4, 8) or offset % size or offset < 0:
-            self._trace_err_mmio(offset, size, value, "unsupported write width or alignment")
-            return
-        if size == 8:
-            if offset not in (Reg.ASQ, Reg.ACQ, Reg.CAP):
-                self._trace_err_mmio(offset, size, value, "64-bit write to a 32-bit register")
-                return
-            self._register_write(offset, value & 0xFFFFFFFF)
-            self._register_write(offset + 4, (value >> 32) & 0xFFFFFFFF)
-            return
-        self._register_write(offset, value & 0xFFFFFFFF)
-
-    def _register_write(self, offset: int, value: int) -> None:
-        self._register_writes += 1
-        if self.tracing:
-            self.trace("pci_nvme_mmio_write", offset, 4, value)
-        if offset == Reg.CC:
-            self._write_cc(value)
-        elif offset == Reg.INTMS:
-            self.interrupts.mask(value)
-        elif offset == Reg.INTMC:
-            self.interrupts.unmask(value)
-        elif offset == Reg.CSTS:
-            # CSTS.NSSRO is RW1C (§3.1.6); every other CSTS bit is read-only.
-            if CSTS.NSSRO.get(value):
-                self.csts = CSTS.NSSRO.put(self.csts, 0)
-        elif offset == Reg.NSSR:
-            if value == regs.NSSR_MAGIC and self.config.nssr_supported:
-                self._subsystem_reset()
-        elif offset in (Reg.AQA, Reg.ASQ, Reg.ASQ + 4, Reg.ACQ, Reg.ACQ + 4):
-            if self.enabled:
-                # §3.1.8-3.1.10: admin queue attributes are only taken at CC.EN 0 -> 1.
-                self._trace_err_mmio(offset, 4, value, "admin queue register written while enabled")
-                return
-            if offset == Reg.AQA:
-                self.aqa = value & (AQA.ASQS.mask | AQA.ACQS.mask)
-            elif offset == Reg.ASQ:
-                self.asq = (self.asq & ~0xFFFFFFFF) | (value & ~0xFFF)
-            elif offset == Reg.ASQ + 4:
-                self.asq = (self.asq & 0xFFFFFFFF) | (value << 32)
-            elif offset == Reg.ACQ:
-                self.acq = (self.acq & ~0xFFFFFFFF) | (value & ~0xFFF)
-            else:
-                self.acq = (self.acq & 0xFFFFFFFF) | (value << 32)
-        else:
-            self._trace_err_mmio(offset, 4, value, "write to a read-only or reserved register")
+    def _write_nssr(self, value: int) -> None:
+        if value == regs.NSSR_MAGIC and self.config.nssr_supported:
+            self._subsystem_reset()
 
     def _write_cc(self, value: int) -> None:
         old = self.cc
@@ -665,7 +637,7 @@ class Controller:
         stride = 4 << self.dstrd
         rel = offset - regs.DOORBELL_BASE
         if rel < 0 or rel % stride or offset >= self._doorbell_end:
-            self._trace_err_mmio(offset, 4, value, "not a doorbell register")
+            self.registers.ignored(offset, 4, value, "not a doorbell register")
             self._invalid_doorbell(-1, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
             return
         index = rel // stride
@@ -674,7 +646,7 @@ class Controller:
             if self._memory_missing and not self._fatal and self.csts & 1:
                 self._memory_gone()  # a doorbell for queues whose memory is not there
                 return
-            self._trace_err_mmio(offset, 4, value, "doorbell write while not ready")
+            self.registers.ignored(offset, 4, value, "doorbell write while not ready")
             return
         if is_cq:
             cq = self.cqs[qid]
@@ -1251,10 +1223,6 @@ class Controller:
         """Emit trace event ``name`` if it is on (callers test ``tracing`` first)."""
         if name in self._trace_set:
             self._effects.append(TraceEvent(name, args))
-
-    def _trace_err_mmio(self, offset: int, size: int, value: int, reason: str) -> None:
-        if self.tracing:
-            self.trace("pci_nvme_err_mmio", offset, size, value, reason)
 
     def _take_effects(self) -> list[Effect]:
         # One list for the controller's life: the interrupts append to it too.

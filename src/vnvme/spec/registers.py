@@ -1,7 +1,9 @@
-"""Controller registers (NVMe 1.3 §3.1): offsets, bit fields, the doorbell array.
+"""Controller registers (NVMe 1.3 §3.1): offsets, access rules, bit fields, the doorbell array.
 
 Each register's fields are declared as rows of :class:`Field` (shift, width), so the controller
-and the driver decode and build register values from the same table.
+and the driver decode and build register values from the same table; :data:`REGISTERS` declares
+how a host may access each register (width, writable bits, reset value), which the
+controller's register file (:mod:`vnvme.controller.registers`) enforces.
 """
 
 from __future__ import annotations
@@ -55,21 +57,6 @@ class Reg(IntEnum):
     CMBLOC = 0x38
     CMBSZ = 0x3C
 
-
-REGISTER_WIDTH: Final[dict[Reg, int]] = {
-    Reg.CAP: 8,
-    Reg.VS: 4,
-    Reg.INTMS: 4,
-    Reg.INTMC: 4,
-    Reg.CC: 4,
-    Reg.CSTS: 4,
-    Reg.NSSR: 4,
-    Reg.AQA: 4,
-    Reg.ASQ: 8,
-    Reg.ACQ: 8,
-    Reg.CMBLOC: 4,
-    Reg.CMBSZ: 4,
-}
 
 # Size of the register file before the doorbells; reads inside it that hit no register return 0.
 REGISTER_FILE_SIZE: Final = 0x1000
@@ -184,3 +171,39 @@ def bar0_size(queue_pairs: int, dstrd: int) -> int:
     while size < end:
         size <<= 1
     return size
+
+
+@dataclass(frozen=True, slots=True)
+class Register:
+    """How a host may access one register (§3.1, Figure 69)."""
+
+    reg: Reg
+    #: Bytes: 4, or 8 for the registers a host may also access as two 32-bit halves.
+    width: int
+    #: The bits a write takes; 0: read-only, a write is refused.
+    writable: int
+    #: The value after a controller reset (CAP's comes from the controller's configuration).
+    reset: int = 0
+    #: §3.1.8-3.1.10: the admin queue attributes are taken at CC.EN 0 -> 1 only; a write
+    #: while CC.EN = 1 is ignored.
+    only_while_disabled: bool = False
+
+
+_ADDRESS = 0xFFFF_FFFF_FFFF_F000  # ASQ / ACQ: bits 11:0 reserved
+
+REGISTERS: Final[tuple[Register, ...]] = (
+    Register(Reg.CAP, 8, 0),
+    Register(Reg.VS, 4, 0, reset=NVME_VERSION_1_3),
+    Register(Reg.INTMS, 4, 0xFFFF_FFFF),
+    Register(Reg.INTMC, 4, 0xFFFF_FFFF),
+    Register(Reg.CC, 4, 0xFFFF_FFFF),
+    Register(Reg.CSTS, 4, CSTS.NSSRO.mask),  # NSSRO is RW1C; every other bit read-only
+    Register(Reg.NSSR, 4, 0xFFFF_FFFF),  # reads as 0
+    Register(Reg.AQA, 4, AQA.ASQS.mask | AQA.ACQS.mask, only_while_disabled=True),
+    Register(Reg.ASQ, 8, _ADDRESS, only_while_disabled=True),
+    Register(Reg.ACQ, 8, _ADDRESS, only_while_disabled=True),
+    Register(Reg.CMBLOC, 4, 0),  # no controller memory buffer
+    Register(Reg.CMBSZ, 4, 0),
+)
+
+REGISTER_WIDTH: Final[dict[Reg, int]] = {r.reg: r.width for r in REGISTERS}
