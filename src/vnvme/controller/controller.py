@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -32,6 +32,7 @@ from vnvme.controller.interrupts import Interrupts
 from vnvme.controller.namespace import Namespace
 from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
 from vnvme.controller.registers import RegisterFile, RegisterRefused
+from vnvme.controller.state import TRANSITIONS, Event, Step, cc_events, enable_refusal
 from vnvme.effects import ControllerFatal, Effect, TraceEvent
 from vnvme.memory import GuestMemory, GuestMemoryError
 from vnvme.spec import registers as regs
@@ -48,7 +49,7 @@ from vnvme.spec.commands import (
 )
 from vnvme.spec.dbbuf import cq_slot, rearm_event_idx, sq_slot
 from vnvme.spec.log_pages import CriticalWarning
-from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg, ShutdownStatus
+from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg
 from vnvme.spec.status import DNR, Status
 from vnvme.trace import TRACE_EVENTS, matching_events
 
@@ -62,7 +63,6 @@ _CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
 _CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
 _FUSE_MASK: Final = FLAGS_FUSE.mask
 _DEFAULT_BUDGET: Final = 4096
-_ADMIN_QUEUE_MAX: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,12 @@ class Controller:
             enabled=lambda: self.enabled,
             tracer=self,
         )
+        self._steps: dict[Step, Callable[..., str | None]] = {
+            Step.START: self._start,
+            Step.FORGET: self._forget,
+            Step.FLUSH: self._flush,
+            Step.HALT: self._halt,
+        }
         self.error_log = admin.ErrorLog(cfg.error_log_entries)
         self.smart = admin.SmartCounters()
         self.io_handlers = faults.io_handlers(self.namespaces.values())
@@ -355,10 +361,7 @@ class Controller:
 
     def reset(self) -> list[Effect]:
         """A reset from outside (bus reset, vfio-user DEVICE_RESET): CC cleared, queues gone."""
-        self._controller_reset()
-        self.cc = 0
-        self.csts = 0
-        self.registers.reset()
+        self._fire(Event.RESET)
         return self._take_effects()
 
     @property
@@ -520,71 +523,66 @@ class Controller:
 
     def _write_nssr(self, value: int) -> None:
         if value == regs.NSSR_MAGIC and self.config.nssr_supported:
-            self._subsystem_reset()
+            self._fire(Event.SUBSYSTEM_RESET)
 
     def _write_cc(self, value: int) -> None:
         old = self.cc
         self.cc = value
-        was_enabled, enabled = CC.EN.get(old), CC.EN.get(value)
-        if enabled and not was_enabled:
-            self._start()
-        elif was_enabled and not enabled:
-            self._controller_reset()
-        old_shn, shn = CC.SHN.get(old), CC.SHN.get(value)
-        if shn and not old_shn:
-            self._shutdown(shn)
-        elif old_shn and not shn:
-            self.csts = CSTS.SHST.put(self.csts, ShutdownStatus.NORMAL)
-            if self.tracing:
-                self.trace("pci_nvme_mmio_shutdown_cleared")
+        for event, args in cc_events(old, value):
+            self._fire(event, *args)
 
-    def _start(self) -> None:
-        """CC.EN 0 -> 1 (§7.6.1): validate CC and the admin queue registers, create the admin queues."""
-        self._enable_count += 1
-        cc, cap = self.cc, self.cap
-        reason = None
-        mps = CC.MPS.get(cc)
-        asqs, acqs = AQA.ASQS.get(self.aqa) + 1, AQA.ACQS.get(self.aqa) + 1
-        if not CAP.MPSMIN.get(cap) <= mps <= CAP.MPSMAX.get(cap):
-            reason = f"CC.MPS {mps} outside CAP.MPSMIN..MPSMAX"
-        elif CC.CSS.get(cc) != 0:
-            reason = f"CC.CSS {CC.CSS.get(cc)} is not the NVM command set"
-        elif CC.AMS.get(cc) != 0:
-            reason = f"CC.AMS {CC.AMS.get(cc)}: only round robin arbitration is supported"
-        elif asqs < 2 or acqs < 2:
-            reason = "AQA: admin queues need at least 2 entries"
-        elif asqs > _ADMIN_QUEUE_MAX or acqs > _ADMIN_QUEUE_MAX:
-            # CAP.MQES bounds the I/O queues only (§3.1.1); AQA allows up to 4096 entries (§3.1.8).
-            reason = f"AQA: admin queue larger than {_ADMIN_QUEUE_MAX} entries"
-        page = regs.page_size(mps)
-        if reason is None and (self.asq & (page - 1) or self.acq & (page - 1)):
-            reason = "ASQ / ACQ not aligned to the memory page size"
-        if reason is None:
-            try:
-                self._sync_memory()
-                cq_view, cq_remote = self.memory.window(self.acq, acqs * CQE_SIZE, write=True)
-                sq_view, sq_remote = self.memory.window(self.asq, asqs * SQE_SIZE)
-            except GuestMemoryError as exc:
-                reason = f"admin queue memory: {exc}"
-        if reason is not None:
-            # The controller cannot become ready; CFS tells the host at once instead of
-            # letting it wait CAP.TO for CSTS.RDY.
-            if self.tracing:
-                self.trace("pci_nvme_err_startfail", reason)
-            self._set_fatal(f"enable failed: {reason}")
+    def _fire(self, event: Event, *args: int | str) -> None:
+        """Make ``event``'s transition (controller/state.py's table)."""
+        transition = TRANSITIONS[event]
+        if transition.announce and self.tracing:
+            self.trace(transition.announce)
+        if transition.via is not None:
+            self._fire(transition.via)
+        step = transition.step
+        failure = None if step is None else self._steps[step](*args)
+        if failure is not None:
+            if transition.failure_trace and self.tracing:
+                self.trace(transition.failure_trace, failure)
+            self._fire(Event.FATAL, transition.failure + failure)
             return
-        self.page_size = page
-        cq = CompletionQueue(0, acqs, self.acq, cq_view, cq_slot(0, self.dstrd), ien=True, vector=0)
-        sq = SubmissionQueue(0, cq, asqs, self.asq, sq_view, sq_slot(0, self.dstrd))
+        csts = 0 if transition.clear else self.csts
+        for bits, value in transition.csts:
+            csts = bits.put(csts, value)
+        self.csts = csts
+        if transition.clear:
+            self.cc = 0
+        if transition.registers:
+            self.registers.reset()
+        if transition.trace and self.tracing:
+            self.trace(transition.trace, *args)
+        if transition.report:
+            self._effects.append(ControllerFatal(str(args[0])))
+
+    def _start(self) -> str | None:
+        """Step START: validate CC and the admin queue registers, create the admin queues."""
+        self._enable_count += 1
+        aqa, asq, acq = self.aqa, self.asq, self.acq
+        reason = enable_refusal(self.cc, self.cap, aqa, asq, acq)
+        if reason is not None:
+            return reason
+        asqs, acqs = AQA.ASQS.get(aqa) + 1, AQA.ACQS.get(aqa) + 1
+        try:
+            self._sync_memory()
+            cq_view, cq_remote = self.memory.window(acq, acqs * CQE_SIZE, write=True)
+            sq_view, sq_remote = self.memory.window(asq, asqs * SQE_SIZE)
+        except GuestMemoryError as exc:
+            return f"admin queue memory: {exc}"
+        self.page_size = regs.page_size(CC.MPS.get(self.cc))
+        cq = CompletionQueue(0, acqs, acq, cq_view, cq_slot(0, self.dstrd), ien=True, vector=0)
+        sq = SubmissionQueue(0, cq, asqs, asq, sq_view, sq_slot(0, self.dstrd))
         cq.remote, sq.remote = cq_remote, sq_remote
         cq.sqs[0] = sq
         self.cqs[0], self.sqs[0] = cq, sq
-        self.csts = CSTS.RDY.put(self.csts, 1)
-        if self.tracing:
-            self.trace("pci_nvme_mmio_start_success")
+        return None
 
-    def _controller_reset(self) -> None:
-        """CC.EN 1 -> 0 (§7.3.2): drop every queue, forget shadow doorbell buffers, features."""
+    def _forget(self) -> None:
+        """Step FORGET (a controller reset, §7.3.2): every queue, shadow doorbell buffers,
+        features, deadlines and held completions go."""
         self._drop_queues()
         self._deadlines.clear()
         self.delayed.clear()
@@ -593,28 +591,20 @@ class Controller:
         self.async_events.reset()
         self._fatal = False
         self.sq_policy.reset()
-        self.csts = CSTS.RDY.put(CSTS.CFS.put(self.csts, 0), 0)
-        if self.tracing:
-            self.trace("pci_nvme_mmio_stopped")
 
-    def _subsystem_reset(self) -> None:
-        if self.tracing:
-            self.trace("pci_nvme_nssr")
-        self._controller_reset()
-        self.cc = 0
-        self.csts = CSTS.NSSRO.put(0, 1)
-
-    def _shutdown(self, shn: int) -> None:
-        """CC.SHN set: make all written data durable, then report shutdown complete."""
+    def _flush(self, shn: int) -> str | None:
+        """Step FLUSH (CC.SHN set): make all written data durable."""
         try:
             for ns in self.namespaces.values():
                 ns.backend.flush()
         except OSError as exc:
-            self._set_fatal(f"flush on shutdown failed: {exc}")
-            return
-        self.csts = CSTS.SHST.put(self.csts, ShutdownStatus.COMPLETE)
-        if self.tracing:
-            self.trace("pci_nvme_mmio_shutdown_set", shn)
+            return str(exc)
+        return None
+
+    def _halt(self, reason: str) -> None:
+        """Step HALT (controller fatal status): nothing more is processed until a reset."""
+        self._fatal = True
+        self._pending.clear()
 
     def _ready(self) -> bool:
         return bool(self.csts & 1) and not self._fatal
@@ -1212,12 +1202,7 @@ class Controller:
         self._touched_cqs.clear()
 
     def _set_fatal(self, reason: str) -> None:
-        self._fatal = True
-        self._pending.clear()
-        self.csts = CSTS.CFS.put(self.csts, 1)
-        if self.tracing:
-            self.trace("pci_nvme_err_fatal", reason)
-        self._effects.append(ControllerFatal(reason))
+        self._fire(Event.FATAL, reason)
 
     def trace(self, name: str, *args: int | str) -> None:
         """Emit trace event ``name`` if it is on (callers test ``tracing`` first)."""
