@@ -81,18 +81,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sq-eventidx",
         choices=SERVE_SQ_CHOICES,
         default=SERVE_SQ_EVENTIDX.value,
-        help="SQ EventIdx policy while event driven: 'batch' (default) publishes EventIdx = head + "
-        "k - 1 after a burst of k commands, so a closed-loop host rings once per batch it places, "
-        "and reads the shadow tail itself after --batch-timeout if the host placed fewer; 'eager' "
-        "publishes the tail just consumed (QEMU, SPDK): the host rings for the first command of "
-        "every batch",
+        help="SQ EventIdx policy while event driven: 'adaptive' (default) learns per queue how "
+        "many commands the host places and how fast, publishes EventIdx = head + k - 1 for the k "
+        "it expects, and looks at the shadow tail itself if the host has not rung after about "
+        "twice its usual time (between --batch-timeout and --max-batch-wait); 'batch' predicts "
+        "the last burst and waits --batch-timeout; 'eager' publishes the tail just consumed "
+        "(QEMU, SPDK): the host rings for the first command of every batch",
     )
     parser.add_argument(
         "--batch-timeout",
         type=float,
-        default=100e-6,
+        default=ControllerConfig.batch_timeout,
         help="with --sq-eventidx batch: seconds before the controller looks at a shadow tail the "
-        "host has not rung for (0.0001)",
+        f"host has not rung for; with adaptive: the shortest such wait ({ControllerConfig.batch_timeout})",
     )
     parser.add_argument(
         "--max-batch-wait",
