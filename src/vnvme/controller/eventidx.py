@@ -252,7 +252,14 @@ class AdaptiveSqEventIdx(SqEventIdx):
                 state.missed += 1
                 if state.probing:
                     state.patience = min(state.patience * 2, ADAPTIVE_MAX_PATIENCE)
-                state.window = max(placed, 1)
+                elif placed:
+                    # A host that was placing commands, only slower than usual this time: its
+                    # pace is at most this (an offer it could not fill says nothing of it).
+                    sample = min(now - state.armed_at, self.max_wait) / state.predicted
+                    state.gap += (sample - state.gap) * ADAPTIVE_WEIGHT
+                # Halved at most, as KVM's halt polling shrinks: a late host does not undo a
+                # window it built, a host that really places fewer brings it down in a few.
+                state.window = max(placed, state.window // 2, 1)
                 state.credit = 0
             elif placed:
                 state.met += 1
