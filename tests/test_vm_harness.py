@@ -18,6 +18,7 @@ import pytest
 
 from vnvme.controller import variants
 from vnvme.spec.log_pages import VNVME_COUNTERS, VNVME_COUNTERS_SIGNATURE
+from vnvme.vm import command as vm_command
 from vnvme.vm.command import add_arguments
 from vnvme.vm.compare import DeviceColumn, Spread, format_columns
 from vnvme.vm.cpio import CpioWriter
@@ -352,12 +353,14 @@ def test_depth_results_per_io_from_the_guests_blocks() -> None:
             "fio-randread-d4": _fio_json(5000.0, 790, 180_000, 950_000),
             "irq-after-d4": irq_after,
             "iostat-after-d4": "1800 0 14400 9",
-            "counters-after-d4": _counters_od(io_commands=900, doorbell_sq_io=490, doorbell_cq_io=280),
+            "counters-after-d4": _counters_od(
+                io_commands=900, doorbell_sq_io=490, doorbell_cq_io=280, mapped_doorbell_updates=8
+            ),
         }
     )
     (r,) = depth_results(boot, [4], server_cpu={4: 0.2})
     assert (r.depth, r.iops, r.ios) == (4, 5000.0, 800)
-    assert (r.sq_doorbells, r.cq_doorbells, r.doorbells) == (0.5, 0.25, 0.75)
+    assert (r.sq_doorbells, r.cq_doorbells, r.doorbells, r.mapped_doorbells) == (0.5, 0.25, 0.75, 0.01)
     assert r.interrupts == (400 + 200) / 800
     assert r.server_cpu_us == pytest.approx(0.2e6 / 800)
     assert (r.lat_p50_us, r.lat_p99_us) == (180.0, 950.0)
@@ -488,3 +491,21 @@ def test_compare_options(capsys: pytest.CaptureFixture[str]) -> None:
             _compare_args(*argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_compare_failure_is_one_message_and_an_exit_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A guest that does not finish (QEMU refused the device, say) ends the command with the
+    reason and exit 1, not a traceback."""
+
+    def refuse(*_: object, **__: object) -> list[DeviceColumn]:
+        raise RuntimeError("vnvme-mappable-r1: the guest did not finish: failed to get region 0 info")
+
+    monkeypatch.setattr(vm_command, "compare", refuse)
+    image = Image(Path("/nowhere"), "6.1", "6.1.0", "/vmlinuz", "/initrd", "none")
+    assert vm_command._compare(image, VmOptions(), _compare_args()) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == "vnvme vm compare: vnvme-mappable-r1: the guest did not finish: failed to get region 0 info\n"
+    )

@@ -146,9 +146,13 @@ def _run(image: Image, options: VmOptions, json_path: Path | None) -> int:
 
 
 def _compare(image: Image, options: VmOptions, args: argparse.Namespace) -> int:
-    columns = compare(
-        image, options, include_qemu=not args.no_qemu, include_qemu_vfio_user=not args.no_qemu_vfio_user
-    )
+    try:
+        columns = compare(
+            image, options, include_qemu=not args.no_qemu, include_qemu_vfio_user=not args.no_qemu_vfio_user
+        )
+    except RuntimeError as exc:  # a guest that did not finish, a server that would not start
+        print(f"vnvme vm compare: {exc}", file=sys.stderr)
+        return 1
     table = format_columns(columns, options.depths, options.smp)
     print()
     print(table)

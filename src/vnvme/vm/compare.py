@@ -74,6 +74,7 @@ METRICS = (
     "doorbells",
     "sq_doorbells",
     "cq_doorbells",
+    "mapped_doorbells",
     "interrupts",
     "server_cpu_us",
     "lat_p50_us",
@@ -276,6 +277,9 @@ def _row(column: DeviceColumn, depth: int) -> str:
     doorbells = _cell(get("doorbells"), ".3f")
     if sq is not None and cq is not None:
         doorbells += f" = {sq.median:.3f} + {cq.median:.3f}"
+    mapped = get("mapped_doorbells")
+    if mapped is not None and mapped.high > 0:
+        doorbells += f", {mapped.median:.3f} mapped"
     p50, p99 = get("lat_p50_us"), get("lat_p99_us")
     latency = "n/a" if p50 is None or p99 is None else f"{p50.median:.0f} / {p99.median:.0f}"
     cpu = _cell(get("server_cpu_us"), ".0f")

@@ -38,6 +38,8 @@ class DepthResult:
     interrupts: float | None = None
     #: CPU time of the server process tree during the job, per I/O (microseconds).
     server_cpu_us: float | None = None
+    #: Doorbell values vnvme found in a page the guest writes directly (not trapped), per I/O.
+    mapped_doorbells: float | None = None
 
     @property
     def doorbells(self) -> float | None:
@@ -112,8 +114,8 @@ def _delta(boot: BootResult, name: str, depth: int, parse: Callable[[str], int |
     return b - a if a is not None and b is not None else None
 
 
-def _counted_doorbells(boot: BootResult, depth: int) -> tuple[int, float, float] | None:
-    """(I/O commands, SQ and CQ doorbells per I/O) from vnvme's counters around the job."""
+def _counted_doorbells(boot: BootResult, depth: int) -> tuple[int, float, float, float] | None:
+    """(I/O commands, SQ, CQ and mapped doorbells per I/O) from vnvme's counters around the job."""
     before = boot.block(f"counters-before-d{depth}")
     after = boot.block(f"counters-after-d{depth}")
     if before is None or after is None:
@@ -124,7 +126,8 @@ def _counted_doorbells(boot: BootResult, depth: int) -> tuple[int, float, float]
     ios = b["io_commands"] - a["io_commands"]
     sq = (b["doorbell_sq_io"] - a["doorbell_sq_io"]) / max(ios, 1)
     cq = (b["doorbell_cq_io"] - a["doorbell_cq_io"]) / max(ios, 1)
-    return ios, sq, cq
+    mapped = (b["mapped_doorbell_updates"] - a["mapped_doorbell_updates"]) / max(ios, 1)
+    return ios, sq, cq, mapped
 
 
 def _traced_doorbells(traced: BootResult, index: int, depth: int) -> tuple[int, float, float] | None:
@@ -156,14 +159,16 @@ def depth_results(
         if block is None or not block.ok:
             raise RuntimeError(f"{boot.name}: fio at depth {depth} did not complete")
         iops, fio_ios, _, p50, p99 = fio_read_summary(block.json())
-        doorbells = _counted_doorbells(boot, depth)
+        counted = _counted_doorbells(boot, depth)
+        mapped = counted[3] if counted is not None else None
+        doorbells = counted[:3] if counted is not None else None
         if doorbells is None and traced is not None:
             doorbells = _traced_doorbells(traced, index, depth)
         ios, sq, cq = doorbells if doorbells is not None else (fio_ios, None, None)
         reads = _delta(boot, "iostat", depth, parse_block_reads)
         interrupts = _delta(boot, "irq", depth, parse_interrupts)
         cpu = (server_cpu or {}).get(depth)
-        result = DepthResult(depth, iops, ios, sq, cq, p50, p99)
+        result = DepthResult(depth, iops, ios, sq, cq, p50, p99, mapped_doorbells=mapped)
         if reads:
             result.interrupts = interrupts / reads if interrupts is not None else None
             result.server_cpu_us = cpu * 1e6 / reads if cpu is not None else None
