@@ -140,6 +140,9 @@ def _run(image: Image, options: VmOptions, json_path: Path | None) -> int:
         for line in scenario.evidence.splitlines():
             print(f"      {line}")
     print(f"\n{sum(s.passed for s in report.scenarios)}/{len(report.scenarios)} scenarios passed")
+    print()
+    for paragraph in explanation(options.smp)[:2]:  # what the fio line's doorbells/IO count
+        print(textwrap.fill(paragraph, 100))
     if json_path:
         json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     return 0 if report.passed else 1
