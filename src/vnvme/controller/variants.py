@@ -106,7 +106,7 @@ BENCH_EXTERNAL: Final = ("no-dbbuf", "dbbuf", "posted-no-dbbuf", "posted-dbbuf")
 #: What ``vnvme demo`` compares in one process (the controller's own defaults: SQ EventIdx eager).
 DEMO: Final = ("no-dbbuf", "dbbuf-eager", "dbbuf-eager-cq-eager", "dbbuf-poll")
 #: What ``vnvme vm compare`` boots a guest on.
-VM_COMPARE: Final = ("dbbuf", "dbbuf-batch", "no-dbbuf", "dbbuf-poll")
+VM_COMPARE: Final = ("dbbuf", "dbbuf-batch", "no-dbbuf", "dbbuf-poll", "mappable")
 
 for _selection in (BENCH, BENCH_DEFAULT, BENCH_EXTERNAL, DEMO, VM_COMPARE):
     if not set(_selection) <= VARIANTS.keys():
