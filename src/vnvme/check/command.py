@@ -14,6 +14,8 @@ from typing import TextIO
 from vnvme.check.registry import CHECKS, Check, Fail, Outcome, Skip, Verdict, failed
 from vnvme.check.target import Context, Options, Target
 
+MAX_EVIDENCE = 2000
+
 
 @dataclass(frozen=True)
 class Result:
@@ -89,6 +91,8 @@ def run_one(check: Check, target: Target, options: Options) -> Result:
     finally:
         ctx.close()
     target.after_check()
+    if len(outcome.evidence) > MAX_EVIDENCE:  # the peer's words are in there: bounded
+        outcome = Outcome(outcome.verdict, outcome.evidence[:MAX_EVIDENCE] + "...")
     return Result(check, outcome, time.monotonic() - start)
 
 

@@ -3,6 +3,7 @@ controller that does not advertise the command (Identify Controller OACS bit 8).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vnvme.bench.runner import placements
@@ -13,6 +14,7 @@ from vnvme.driver.transport import PAGE_SIZE
 from vnvme.spec.commands import AdminOpcode, Cns
 from vnvme.spec.identify import Oacs
 from vnvme.spec.status import Status
+from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.client import VfioUserTransport
 from vnvme.workload import run_random_io
 
@@ -53,7 +55,9 @@ def reads(driver: NvmeDriver, ios: int, depths: tuple[int, ...] = DEPTHS, qid: i
                 f"queue {qid}, depth {depth}: {exc} ({done} reads completed at lower depths)"
             ) from None
         done += result.ios
-    return f"{done} reads on queue {qid} at depths {','.join(map(str, depths))}"
+    return (
+        f"{done} reads on queue {qid} at depth{'s' if len(depths) > 1 else ''} {','.join(map(str, depths))}"
+    )
 
 
 @check("dbbuf.config-args", f"{DBBUF} (PRP1 / PRP2 page aligned)")
@@ -147,18 +151,18 @@ def queues_after_config(ctx: Context) -> Outcome:
     return passed("; ".join(steps))
 
 
-@check("dbbuf.reset-forgets", f"{DBBUF}; NVMe 1.3 §7.3.2 (controller reset)")
-def reset_forgets(ctx: Context) -> Outcome:
-    """After a controller reset without a new Doorbell Buffer Config, the controller neither
-    reads nor writes the old pages: garbage there changes nothing and stays untouched"""
-    driver = shadow_driver(ctx)
+def forgets_after(ctx: Context, reset: Callable[[VfioUserTransport, NvmeDriver], None], what: str) -> Outcome:
+    """Shadow doorbells in use, then ``reset``; the old pages filled with garbage, the controller
+    brought up again on MMIO doorbells only: it must neither read nor write those pages."""
+    transport = ctx.transport()
+    driver = shadow_driver(ctx, transport)
     before = reads(driver, 100, (1, 4))
     assert driver.dbbuf_pages is not None
     pages = driver.dbbuf_pages
-    driver.disable()  # CC.EN = 0: a controller reset
+    reset(transport, driver)
     for page in pages:
         page.view[:] = bytes([POISON]) * PAGE_SIZE
-    driver.want_shadow = False  # bring it up again on MMIO doorbells only
+    driver.want_shadow = False
     driver.probe()
     after = reads(driver, 100, (1, 4))
     touched = [
@@ -167,7 +171,30 @@ def reset_forgets(ctx: Context) -> Outcome:
         if bytes(page.view) != bytes([POISON]) * PAGE_SIZE
     ]
     evidence = (
-        f"before the reset: {before} with shadow doorbells; after it, pages filled with {POISON:#x} "
+        f"before {what}: {before} with shadow doorbells; after it, pages filled with {POISON:#x} "
         f"and no new config: {after}; {'pages written: ' + ', '.join(touched) if touched else 'both pages untouched'}"
     )
     return verdict(not touched, evidence)
+
+
+@check("dbbuf.reset-forgets", f"{DBBUF}; NVMe 1.3 §7.3.2 (controller reset)")
+def reset_forgets(ctx: Context) -> Outcome:
+    """After a controller reset (CC.EN = 0) without a new Doorbell Buffer Config, the controller
+    neither reads nor writes the old pages: garbage there changes nothing and stays untouched"""
+    return forgets_after(ctx, lambda _transport, driver: driver.disable(), "the controller reset")
+
+
+@check("dbbuf.device-reset-forgets", f"{DBBUF}; vfio-user: VFIO_USER_DEVICE_RESET")
+def device_reset_forgets(ctx: Context) -> Outcome:
+    """After VFIO_USER_DEVICE_RESET (a reboot's reset) the controller neither reads nor writes
+    the old pages (OpenVMM's PR 4080: pages kept across a reset, then written into reused memory)"""
+
+    def reset(transport: VfioUserTransport, driver: NvmeDriver) -> None:
+        flags, _regions, _irqs = transport.client.device_info()
+        if not flags & vu.DeviceFlags.RESET:
+            raise Skip("DEVICE_GET_INFO does not offer VFIO_DEVICE_FLAGS_RESET")
+        transport.client.reset()
+        transport._configure_function()  # config space may have been reset with the function
+        driver.disable()
+
+    return forgets_after(ctx, reset, "DEVICE_RESET")
