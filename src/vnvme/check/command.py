@@ -15,6 +15,7 @@ from vnvme.check.registry import CHECKS, Check, Fail, Outcome, Skip, Verdict, fa
 from vnvme.check.target import Context, Options, Target
 
 MAX_EVIDENCE = 2000
+NAME_WIDTH = max(len(c.name) for c in CHECKS)
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def run_checks(
 
 def format_result(result: Result) -> str:
     c = result.check
-    return f"{result.outcome.verdict.value:<4}  {c.name:<34} [{c.section}]\n      {result.outcome.evidence}"
+    return f"{result.outcome.verdict.value:<4}  {c.name:<{NAME_WIDTH}} [{c.section}]\n      {result.outcome.evidence}"
 
 
 def summary(results: list[Result]) -> str:
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = sys.stdout if out is None else out
     if args.list:
         for c in CHECKS:
-            print(f"{c.name:<34} [{c.section}]\n      {c.summary}", file=out)
+            print(f"{c.name:<{NAME_WIDTH}} [{c.section}]\n      {c.summary}", file=out)
         return 0
     if args.timeout <= 0 or args.ios < 1:
         raise ValueError("--timeout and --ios must be positive")
