@@ -190,6 +190,23 @@ def test_bad_command_lines_get_one_line_and_status_2(capsys: pytest.CaptureFixtu
     assert "no check matches no-such-check" in capsys.readouterr().err
 
 
+def test_no_server_to_check_stops_the_run_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        missing = os.path.join(tmp, "nothing.sock")
+        assert cli.main(["check", "--socket", missing]) == 2
+        assert (
+            capsys.readouterr().err
+            == f"vnvme check: cannot connect to {missing}: No such file or directory\n"
+        )
+        assert cli.main(["check", "--socket", missing, "--server-cmd", "false {socket}"]) == 2
+        assert capsys.readouterr().err.startswith("vnvme check: server did not start: false")
+        occupied = os.path.join(tmp, "file")
+        Path(occupied).write_text("mine")
+        assert cli.main(["check", "--socket", occupied, "--server-cmd", SERVE]) == 2
+        assert "is not a stale socket: not starting a server there" in capsys.readouterr().err
+        assert Path(occupied).read_text() == "mine"
+
+
 def test_a_check_that_raises_is_a_fail_with_the_exception_as_evidence() -> None:
     def explodes(ctx: Context) -> Any:
         raise TimeoutError("no reply to REGION_READ within 5 s")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from vnvme.check.registry import CHECKS, Check, Fail, Outcome, Skip, Verdict, failed
-from vnvme.check.target import Context, Options, Target
+from vnvme.check.target import Context, Options, Target, Unusable
 
 MAX_EVIDENCE = 2000
 NAME_WIDTH = max(len(c.name) for c in CHECKS)
@@ -83,6 +83,8 @@ def run_one(check: Check, target: Target, options: Options) -> Result:
     start = time.monotonic()
     try:
         outcome = check.function(ctx)
+    except Unusable:
+        raise
     except Skip as exc:
         outcome = Outcome(Verdict.SKIP, str(exc))
     except Fail as exc:
@@ -135,6 +137,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if not args.json:
             print(f"vnvme check: {len(checks)} checks against {target.describe()}", file=out, flush=True)
         results = run_checks(checks, target, options, None if args.json else out)
+    except Unusable as exc:
+        print(f"vnvme check: {exc}", file=sys.stderr)
+        return 2
     finally:
         target.close()
     seconds = time.monotonic() - started

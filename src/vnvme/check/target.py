@@ -26,6 +26,10 @@ from vnvme.vfio_user.client import VfioUserClient, VfioUserTransport
 HANGUP_GRACE = 2.0
 
 
+class Unusable(Exception):
+    """No server to check at all (it did not start, nothing listens): the run stops here."""
+
+
 @dataclass
 class Options:
     """Knobs every check sees."""
@@ -53,6 +57,7 @@ class Target:
         #: Whether the server exits when its client hangs up (learnt after the first check).
         self.exits_on_hangup: bool | None = None
         self.starts = 0
+        self.connected = False  # some connection succeeded during this run
 
     def describe(self) -> str:
         if self.server_cmd is None:
@@ -66,13 +71,13 @@ class Target:
         if os.path.lexists(self.socket):
             # Only a socket nobody answers on: anything else at the path is not ours to remove.
             if not _stale_socket(self.socket):
-                raise Skip(f"{self.socket} exists and is not a stale socket: not starting a server there")
+                raise Unusable(f"{self.socket} exists and is not a stale socket: not starting a server there")
             os.unlink(self.socket)
         command = [part.replace("{socket}", self.socket) for part in shlex.split(self.server_cmd)]
         try:
             self.server = ServerProcess(command, self.socket, cpus, ours=False)
         except (RuntimeError, OSError) as exc:
-            raise Skip(f"the server did not start: {str(exc).strip()[:300]}") from None
+            raise Unusable(str(exc).strip()[:300]) from None
         self._server_cpus = cpus
         self._used = False
         self.starts += 1
@@ -84,6 +89,10 @@ class Target:
 
     def _alive(self) -> bool:
         return self.server is not None and self.server.proc.poll() is None
+
+    def server_alive(self) -> bool:
+        """A server this run started is still running (False when it did not start one)."""
+        return self._alive()
 
     def fresh(self, cpus: frozenset[int] | None = None) -> str:
         """The socket of a server ready for a new client: started (again) if there is none, it
@@ -164,13 +173,21 @@ class Context:
         self._connected = True
         return path
 
+    def _unreachable(self, path: str, exc: OSError) -> Exception:
+        """Nothing answered at ``path``: the run is over if nothing ever did, else this check
+        cannot run (the server went away after an earlier client)."""
+        if not self.target.connected:
+            return Unusable(f"cannot connect to {path}: {exc.strerror}")
+        return Skip(f"cannot connect to {path} any more: {exc.strerror}")
+
     def client(self) -> VfioUserClient:
         """A bare connection: nothing sent yet (VERSION is the caller's)."""
         path = self._path()
         try:
             client = VfioUserClient(path, timeout=self.options.timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise Skip(f"cannot connect to {path}: {exc.strerror}") from None
+            raise self._unreachable(path, exc) from None
+        self.target.connected = True
         self._clients.append(client)
         return client
 
@@ -181,7 +198,8 @@ class Context:
         try:
             transport = VfioUserTransport(path, timeout=self.options.timeout, **options)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise Skip(f"cannot connect to {path}: {exc.strerror}") from None
+            raise self._unreachable(path, exc) from None
+        self.target.connected = True
         self._transports.append(transport)
         return transport
 
