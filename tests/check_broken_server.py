@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from vnvme import cli
@@ -43,11 +44,24 @@ def exit_on_hangup() -> None:
     VfioUserServer.serve_connection = serve_once  # type: ignore[method-assign]
 
 
+def deaf_after_hangup() -> None:
+    """Stay up after the first client hangs up, but never serve another one."""
+    serve = VfioUserServer.serve_connection
+
+    def serve_once(self: VfioUserServer, *args: object, **kwargs: object) -> None:
+        serve(self, *args, **kwargs)  # type: ignore[arg-type]
+        while not self.stopping:  # SIGTERM still stops it
+            time.sleep(0.02)
+
+    VfioUserServer.serve_connection = serve_once  # type: ignore[method-assign]
+
+
 BUGS: dict[str, Callable[[], None]] = {
     "device-reset-ignored": device_reset_ignored,
     "dbbuf-survives-reset": dbbuf_survives_reset,
     "eventidx-never-published": eventidx_never_published,
     "exit-on-hangup": exit_on_hangup,
+    "deaf-after-hangup": deaf_after_hangup,
 }
 
 if __name__ == "__main__":

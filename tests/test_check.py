@@ -151,6 +151,25 @@ def test_a_server_that_exits_on_hangup_is_restarted_and_reconnect_skips(
     assert code == 0
 
 
+def test_a_server_that_stays_up_but_serves_no_second_client_fails_reconnect(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, doc = check(
+        capsys,
+        "--server-cmd",
+        broken("deaf-after-hangup"),
+        "--check",
+        "vfio-user.reconnect",
+        "--timeout",
+        "1",
+    )
+    assert verdicts(doc) == {"vfio-user.reconnect": "FAIL"}
+    assert "still runs, but a new client failed: TimeoutError: no reply to VERSION" in evidence(
+        doc, "vfio-user.reconnect"
+    )
+    assert code == 1
+
+
 @pytest.fixture
 def listening() -> Iterator[str]:
     """A vnvme serve started here; ``vnvme check --socket`` only connects to it."""

@@ -118,13 +118,19 @@ class Target:
             raise Skip(f"the server exited (status {code}) after its client hung up: nothing to connect to")
         return self.socket
 
-    def after_check(self) -> None:
-        """Learn once whether the server exits when its client hangs up."""
-        if self.server is None or not self._used or self.exits_on_hangup is not None:
+    def settle_after_hangup(self, *, expect_exit: bool = False) -> None:
+        """Give a server started here that may exit on hang-up the time to do so."""
+        if self.server is None or (self.exits_on_hangup is False and not expect_exit):
             return
         deadline = time.monotonic() + HANGUP_GRACE
         while self._alive() and time.monotonic() < deadline:
             time.sleep(0.02)
+
+    def after_check(self) -> None:
+        """Learn once whether the server exits when its client hangs up."""
+        if self.server is None or not self._used or self.exits_on_hangup is not None:
+            return
+        self.settle_after_hangup(expect_exit=True)
         self.exits_on_hangup = not self._alive()
 
     def close(self) -> None:

@@ -432,20 +432,18 @@ def reconnect(ctx: Context) -> Outcome:
     transport = ctx.transport()
     ctx.driver(transport)
     ctx.close()  # hang up
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline and ctx.target.server is not None:
-        if ctx.target.server.proc.poll() is not None:
-            break
-        time.sleep(0.02)
+    ctx.target.settle_after_hangup()
     allowed = "the protocol lets a server exit when its client disconnects"
     try:
         transport = ctx.transport()  # the same server: never a new one within a check
-    except Skip as exc:
-        if ctx.target.server_alive():
-            return failed(f"the server still runs but refused a new client: {exc}")
-        raise Skip(f"{exc} ({allowed})") from None
-    except (OSError, vu.Disconnected, vu.ProtocolError) as exc:
-        return failed(f"reconnect to {ctx.target.socket}: {exc}")
+    except (Skip, OSError, vu.Disconnected, vu.ProtocolError) as exc:
+        ctx.target.settle_after_hangup(expect_exit=True)
+        if ctx.target.server is not None and not ctx.target.server_alive():
+            status = ctx.target.server.proc.returncode
+            raise Skip(f"the server exited (status {status}) after its client hung up ({allowed})") from None
+        if isinstance(exc, Skip) and ctx.target.server_cmd is None:
+            raise Skip(f"{exc} ({allowed})") from None
+        return failed(f"the server still runs, but a new client failed: {type(exc).__name__}: {exc}")
     cc = int.from_bytes(transport.client.region_read(vu.PciRegion.BAR0, Reg.CC, 4), "little")
     driver = ctx.driver(transport)
     return passed(
