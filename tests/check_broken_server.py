@@ -13,6 +13,7 @@ from collections.abc import Callable
 from vnvme import cli
 from vnvme.controller.controller import Controller
 from vnvme.controller.doorbells import DoorbellBuffers
+from vnvme.controller.namespace import RamBackend
 from vnvme.function import NvmeFunction
 from vnvme.vfio_user.server import VfioUserServer
 
@@ -56,12 +57,23 @@ def deaf_after_hangup() -> None:
     VfioUserServer.serve_connection = serve_once  # type: ignore[method-assign]
 
 
+def writes_shifted() -> None:
+    """RAM namespace writes land one byte late (a data pointer walked off by one)."""
+    write = RamBackend.write
+
+    def shifted(self: RamBackend, offset: int, src: memoryview, *, sync: bool) -> None:
+        write(self, offset + 1, src[:-1], sync=sync)
+
+    RamBackend.write = shifted  # type: ignore[method-assign]
+
+
 BUGS: dict[str, Callable[[], None]] = {
     "device-reset-ignored": device_reset_ignored,
     "dbbuf-survives-reset": dbbuf_survives_reset,
     "eventidx-never-published": eventidx_never_published,
     "exit-on-hangup": exit_on_hangup,
     "deaf-after-hangup": deaf_after_hangup,
+    "writes-shifted": writes_shifted,
 }
 
 if __name__ == "__main__":

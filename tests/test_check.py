@@ -18,6 +18,7 @@ import pytest
 
 import vnvme
 from vnvme import cli
+from vnvme.check import target as target_module
 from vnvme.check.command import run_one
 from vnvme.check.registry import Check, Verdict
 from vnvme.check.target import Context, Options, Target
@@ -29,8 +30,10 @@ SERVE = f"{shlex.quote(sys.executable)} -m vnvme serve --socket {{socket}} --qui
 
 @pytest.fixture(autouse=True)
 def _children_import_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Servers started by ``--server-cmd`` run this checkout's vnvme, whatever is installed."""
+    """Servers started by ``--server-cmd`` run this checkout's vnvme, whatever is installed;
+    these servers exit on hang-up in milliseconds, if at all: a shorter wait to learn which."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setattr(target_module, "HANGUP_GRACE", 0.5)
 
 
 def broken(bug: str, *serve_args: str) -> str:
@@ -168,6 +171,19 @@ def test_a_server_that_stays_up_but_serves_no_second_client_fails_reconnect(
         doc, "vfio-user.reconnect"
     )
     assert code == 1
+
+
+def test_writes_that_read_back_different_fail_and_zeroes_are_reported(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["--check", "nvme.io-write", "--allow-writes"]
+    code, doc = check(capsys, "--server-cmd", broken("writes-shifted", "--namespace", "ram,size=1M"), *args)
+    assert verdicts(doc) == {"nvme.io-write": "FAIL"}
+    assert "read back different data (first difference at byte 0)" in evidence(doc, "nvme.io-write")
+    assert code == 1
+    code, doc = check(capsys, "--server-cmd", SERVE + " --namespace null,size=1M", *args)
+    assert verdicts(doc) == {"nvme.io-write": "INFO"}  # a null namespace or lost writes: not judged
+    assert code == 0
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TextIO
 
+from vnvme.bench.command import machine_description
 from vnvme.check.registry import CHECKS, Check, Fail, Outcome, Skip, Verdict, failed
 from vnvme.check.target import Context, Options, Target, Unusable
 
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.json:
         document = {
             "target": target.describe(),
+            "machine": machine_description(),
             "servers_started": target.starts,
             "server_exits_on_hangup": target.exits_on_hangup,
             "seconds": round(seconds, 2),
