@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     started = time.monotonic()
     try:
         if not args.json:
-            print(f"vnvme check: {len(checks)} checks against {target.describe()}", file=out, flush=True)
+            count = f"{len(checks)} check{'s' if len(checks) != 1 else ''}"
+            print(f"vnvme check: {count} against {target.describe()}", file=out, flush=True)
         results = run_checks(checks, target, options, None if args.json else out)
     except Unusable as exc:
         print(f"vnvme check: {exc}", file=sys.stderr)
