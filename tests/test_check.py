@@ -223,6 +223,10 @@ def test_bad_command_lines_get_one_line_and_status_2(capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err == "vnvme check: give --socket PATH, --server-cmd CMD, or both\n"
     assert cli.main(["check", "--socket", "/nonexistent", "--check", "no-such-check"]) == 2
     assert "no check matches no-such-check" in capsys.readouterr().err
+    assert cli.main(["check", "--server-cmd", "vnvme serve"]) == 2
+    assert "--server-cmd must contain {socket}" in capsys.readouterr().err
+    assert cli.main(["check", "--server-cmd", "run.sh '{socket}"]) == 2
+    assert capsys.readouterr().err == "vnvme check: No closing quotation\n"
 
 
 def test_no_server_to_check_stops_the_run_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,6 +45,13 @@ class Target:
     def __init__(self, socket_path: str | None, server_cmd: str | None) -> None:
         if socket_path is None and server_cmd is None:
             raise ValueError("give --socket PATH, --server-cmd CMD, or both")
+        if server_cmd is not None:
+            if not shlex.split(server_cmd):  # unbalanced quotes raise ValueError here too
+                raise ValueError("--server-cmd is empty")
+            if socket_path is None and "{socket}" not in server_cmd:
+                raise ValueError(
+                    "--server-cmd must contain {socket}, or give --socket with the path it listens on"
+                )
         self.server_cmd = server_cmd
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if socket_path is None:
