@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ def make_rig(
     trace: Sequence[str] = ("pci_nvme_*",),
     host_memory_size: int = 32 << 20,
     sq_policy: SqPolicyFactory | None = None,
+    clock: Callable[[], float] = time.monotonic,
     **driver_options: object,
 ) -> Rig:
     memory = GuestMemory()
@@ -57,7 +59,7 @@ def make_rig(
         controller.enable_trace(trace)
     host_memory = HostMemory(host_memory_size)
     transport = InProcessTransport.attach(
-        controller, host_memory, controller_polls=controller_polls, trace_sink=sink
+        controller, host_memory, controller_polls=controller_polls, trace_sink=sink, clock=clock
     )
     driver = NvmeDriver(transport, **driver_options)  # type: ignore[arg-type]
     if probe:

@@ -174,3 +174,34 @@ def test_the_configured_policies_run_io() -> None:
                 assert result.ios == 64
             finally:
                 r.close()
+
+
+def test_a_deadline_that_passes_while_the_memory_is_unmapped_waits_for_it() -> None:
+    """A client remapping memory in several messages (QEMU does) may take it away while a
+    policy's deadline is outstanding: the controller's own look is no use by the host, so it
+    waits for the memory instead of declaring it gone (CFS), and looks once it is back."""
+    r = _rig(Deadline)
+    try:
+        ctrl, qp, memory = r.controller, r.driver.queue(1), r.host_memory
+        buf = memory.alloc(4096)
+        qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+        qp.ring_sq()
+        assert len(qp.reap()) == 1
+        deadline = ctrl.next_deadline()
+        assert deadline is not None
+        qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+        qp.ring_sq()  # below EventIdx: only the deadline will find it
+        ctrl.memory.unmap(memory.base, memory.size)
+        r.transport._handle(ctrl.memory_changed())
+        assert ctrl.next_deadline() is None  # nothing can run: no busy wake-ups meanwhile
+        r.transport._handle(ctrl.process(now=deadline + 1))
+        assert not r.transport.fatal_reasons and Deadline.passed == []
+        ctrl.memory.map(memory.base, memory.map, owner=memory)
+        r.transport._handle(ctrl.memory_changed())
+        assert ctrl.next_deadline() == deadline
+        r.transport._handle(ctrl.process(now=deadline + 1))
+        assert Deadline.passed == [1] and not r.transport.fatal_reasons
+        assert len(qp.reap()) == 1
+    finally:
+        Deadline.passed.clear()
+        r.close()

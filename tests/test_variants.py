@@ -29,6 +29,7 @@ def test_the_bench_runs_what_it_ran() -> None:
     assert {name: v.serve_args() for name, v in runner.VARIANTS.items()} == {
         "no-dbbuf": ("--no-shadow-doorbells",),
         "dbbuf": (),
+        "dbbuf-batch": ("--sq-eventidx", "batch"),
         "dbbuf-eager": ("--sq-eventidx", "eager"),
         "dbbuf-cq-eager": ("--cq-eventidx", "eager"),
         "dbbuf-poll": ("--poll",),

@@ -3,7 +3,9 @@ result protocol, module dependencies, QEMU trace cutting and the counters page."
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import lzma
 import os
 import shutil
@@ -14,9 +16,28 @@ from pathlib import Path
 
 import pytest
 
+from vnvme.controller import variants
 from vnvme.spec.log_pages import VNVME_COUNTERS, VNVME_COUNTERS_SIGNATURE
+from vnvme.vm import command as vm_command
+from vnvme.vm.command import add_arguments
+from vnvme.vm.compare import DeviceColumn, Spread, format_columns
 from vnvme.vm.cpio import CpioWriter
-from vnvme.vm.guest import Guest, parse_results, scenario_archive, trace_doorbells_between_marks
+from vnvme.vm.guest import (
+    Block,
+    BootResult,
+    Guest,
+    parse_results,
+    scenario_archive,
+    trace_doorbells_between_marks,
+)
+from vnvme.vm.measure import (
+    CpuWindows,
+    DepthResult,
+    depth_results,
+    parse_block_reads,
+    parse_counters,
+    parse_interrupts,
+)
 from vnvme.vm.provision import (
     Image,
     ProvisionError,
@@ -27,13 +48,9 @@ from vnvme.vm.provision import (
 )
 from vnvme.vm.scenarios import (
     FIO_VERIFY_MAGIC,
-    DepthResult,
-    DeviceColumn,
     VmOptions,
     boot_with_progress,
     fio_verify_blocks,
-    format_columns,
-    parse_counters,
     parse_size_text,
 )
 
@@ -272,17 +289,6 @@ def test_counters_page_from_od_output() -> None:
     assert parse_counters(od.replace("76 6e", "00 6e", 1)) is None  # not vnvme's page
 
 
-def test_format_columns() -> None:
-    columns = [
-        DeviceColumn(
-            "a", "", [DepthResult(1, 3200.0, 100, 0.5, 0.25), DepthResult(8, 5500.0, 100, None, None)]
-        ),
-    ]
-    table = format_columns(columns, [1, 8])
-    assert "| a: IOPS | 3.20k | 5.50k |" in table
-    assert "| a: doorbells/IO (SQ + CQ) | 0.750 (0.500 + 0.250) | n/a |" in table
-
-
 def test_fio_verify_blocks_counts_headers_on_disk(tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     data = bytearray(8 * 4096)
@@ -293,3 +299,213 @@ def test_fio_verify_blocks_counts_headers_on_disk(tmp_path: Path) -> None:
     assert fio_verify_blocks(disk, 8 * 4096) == 3
     assert fio_verify_blocks(disk, 4 * 4096) == 2
     assert parse_size_text("16M") == 16 << 20 and parse_size_text("4096") == 4096
+
+
+PROC_INTERRUPTS = """\
+           CPU0       CPU1
+  0:         40          0   IO-APIC   2-edge      timer
+ 24:         10          2   PCI-MSIX-0000:00:02.0   0-edge      nvme0q0
+ 25:        500          7   PCI-MSIX-0000:00:02.0   1-edge      nvme0q1
+ 26:          3        300   PCI-MSIX-0000:00:02.0   2-edge      nvme0q2
+ 27:          9          9   PCI-MSIX-0000:00:03.0   0-edge      nvme10q0
+LOC:       1234       5678   Local timer interrupts
+"""
+
+
+def test_interrupts_of_the_nvme_io_queue_vectors() -> None:
+    """I/O queues' vectors summed over every CPU; the admin queue (q0) and other devices not."""
+    assert parse_interrupts(PROC_INTERRUPTS) == 500 + 7 + 3 + 300
+    shared = "    CPU0\n 24:   4   PCI-MSIX-0000:00:02.0   0-edge   nvme0q0, nvme0q1\n"
+    assert parse_interrupts(shared) == 4  # one vector for both: the I/O queue's interrupts are there
+    assert parse_interrupts("no header here") is None
+
+
+def test_block_reads_from_sysfs_stat() -> None:
+    assert parse_block_reads("   12345        0   98760     4321        0 ...") == 12345
+    assert parse_block_reads("") is None
+
+
+def _fio_json(iops: float, ios: int, p50_ns: int, p99_ns: int) -> str:
+    read = {
+        "iops": iops,
+        "total_ios": ios,
+        "clat_ns": {"percentile": {"50.000000": p50_ns, "99.000000": p99_ns}},
+    }
+    return "note: both jobs reported as one\n" + json.dumps({"jobs": [{"error": 0, "read": read}]})
+
+
+def _counters_od(**values: int) -> str:
+    page = VNVME_COUNTERS.pack({"signature": VNVME_COUNTERS_SIGNATURE, **values})
+    return " ".join(f"{b:02x}" for b in page)
+
+
+def _boot(blocks: dict[str, str]) -> BootResult:
+    return BootResult("g", 0, False, 1.0, [Block(name, 0, text) for name, text in blocks.items()])
+
+
+def test_depth_results_per_io_from_the_guests_blocks() -> None:
+    irq_after = PROC_INTERRUPTS.replace(" 500 ", " 900 ").replace(" 300 ", " 500 ")
+    boot = _boot(
+        {
+            "counters-before-d4": _counters_od(io_commands=100, doorbell_sq_io=90, doorbell_cq_io=80),
+            "irq-before-d4": PROC_INTERRUPTS,
+            "iostat-before-d4": "1000 0 8000 5",
+            "fio-randread-d4": _fio_json(5000.0, 790, 180_000, 950_000),
+            "irq-after-d4": irq_after,
+            "iostat-after-d4": "1800 0 14400 9",
+            "counters-after-d4": _counters_od(
+                io_commands=900, doorbell_sq_io=490, doorbell_cq_io=280, mapped_doorbell_updates=8
+            ),
+        }
+    )
+    (r,) = depth_results(boot, [4], server_cpu={4: 0.2})
+    assert (r.depth, r.iops, r.ios) == (4, 5000.0, 800)
+    assert (r.sq_doorbells, r.cq_doorbells, r.doorbells, r.mapped_doorbells) == (0.5, 0.25, 0.75, 0.01)
+    assert r.interrupts == (400 + 200) / 800
+    assert r.server_cpu_us == pytest.approx(0.2e6 / 800)
+    assert (r.lat_p50_us, r.lat_p99_us) == (180.0, 950.0)
+    # a device without vnvme's counters page: nothing counted, fio's I/Os; no CPU given
+    del boot.blocks[0]
+    (q,) = depth_results(boot, [4])
+    assert (q.ios, q.doorbells, q.server_cpu_us) == (790, None, None)
+    assert q.interrupts == (400 + 200) / 800
+
+
+def test_server_cpu_sampled_at_the_fio_blocks() -> None:
+    clock = iter([10.0, 10.5, 20.0, 23.0])
+    windows = CpuWindows(lambda: next(clock))
+    for line in (
+        "@@begin counters-before-d1",  # not a fio block: no sample
+        "@@begin fio-randread-d1",
+        "@@end fio-randread-d1 0",
+        "@@note something",
+        "@@begin fio-randread-d16",
+        "@@end fio-randread-d16 0",
+    ):
+        windows.on_line(line)
+    assert windows.seconds == {1: 0.5, 16: 3.0}
+    gone = CpuWindows(lambda: None)
+    gone.on_line("@@begin fio-randread-d1")
+    gone.on_line("@@end fio-randread-d1 0")
+    assert gone.seconds == {}
+
+
+def test_guest_reports_begin_lines_as_they_arrive(tmp_path: Path) -> None:
+    image = Image(tmp_path, "6.1", "6.1.0", "/vmlinuz", "/initrd", "none")
+    guest = Guest(image, tmp_path, "g", [], {})
+    seen: list[str] = []
+    guest.results_path.write_bytes(b"@@note boot\r\n@@begin fio-randread-d1\r\n{}\n@@end fio-ran")
+    at = guest._follow(0, seen.append)
+    assert seen == ["@@note boot", "@@begin fio-randread-d1"]
+    with open(guest.results_path, "ab") as f:
+        f.write(b"dread-d1 0\n")
+    guest._follow(at, seen.append)
+    assert seen[2:] == ["@@end fio-randread-d1 0"]
+
+
+def test_guest_vcpus_on_the_qemu_command_line(tmp_path: Path) -> None:
+    image = Image(tmp_path, "6.1", "6.1.0", "/vmlinuz", "/initrd", "none")
+    argv = Guest(image, tmp_path, "g", [], {}, smp=2).command()
+    assert argv[argv.index("-smp") + 1] == "2"
+
+
+def test_guest_runs_one_pinned_fio_job_per_vcpu(tmp_path: Path) -> None:
+    """The guest's fio_read, run with a stand-in fio that prints its arguments."""
+    script = (Path(__file__).parents[1] / "src" / "vnvme" / "vm" / "guest_init.sh").read_text()
+    start = script.index("fio_read() {")
+    function = script[start : script.index("\n}\n", start) + 3]
+    (tmp_path / "fio").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "fio").chmod(0o755)
+
+    def fio_args(numjobs: str) -> list[str]:
+        env = dict(os.environ, PATH=f"{tmp_path}:/usr/bin:/bin", NUMJOBS=numjobs, READ_DEV="/dev/nvme0n1")
+        done = subprocess.run(
+            ["sh", "-c", function + "fio_read job 8 2"], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    two = fio_args("2")
+    assert {"--numjobs=2", "--cpus_allowed=0-1", "--cpus_allowed_policy=split"} <= set(two)
+    assert {"--iodepth=8", "--group_reporting"} <= set(two)
+    one = fio_args("1")
+    assert "--numjobs=1" in one and not any(arg.startswith("--cpus_allowed") for arg in one)
+
+
+def _result(depth: int, iops: float, sq: float | None, cpu: float | None = None) -> DepthResult:
+    r = DepthResult(depth, iops, 100, sq, 0.25 if sq is not None else None, 150.0, 900.0)
+    r.interrupts, r.server_cpu_us = 0.5, cpu
+    return r
+
+
+def test_repeats_give_the_median_and_the_range() -> None:
+    column = DeviceColumn("vnvme dbbuf", "", "dbbuf")
+    for iops, sq in ((3000.0, 0.5), (5000.0, 0.75), (3600.0, 0.5)):
+        column.repeats.append([_result(1, iops, sq, 40.0)])
+    assert column.spread(1, "iops") == Spread(3600.0, 3000.0, 5000.0)
+    assert column.spread(1, "doorbells") == Spread(0.75, 0.75, 1.0)
+    (row,) = column.summary([1])
+    assert row["iops"] == {"median": 3600.0, "min": 3000.0, "max": 5000.0}
+    assert row["server_cpu_us"] == {"median": 40.0, "min": 40.0, "max": 40.0}
+    document = column.to_json([1])
+    assert document["variant"] == "dbbuf" and len(document["repeats"]) == 3
+    assert document["repeats"][1][0]["doorbells"] == 1.0
+    assert Spread.of([None, None]) is None
+
+
+def test_format_columns_one_table_per_depth() -> None:
+    measured = DeviceColumn("a", "")
+    measured.repeats = [[_result(1, 3200.0, 0.5, 41.0), _result(8, 5500.0, None)]]
+    ranged = DeviceColumn("b", "")
+    ranged.repeats = [[_result(1, 3000.0, 0.5), _result(8, 1000.0, 0.1)] for _ in range(2)]
+    ranged.repeats[1][1] = _result(8, 2000.0, 0.1)
+    table = format_columns([measured, ranged], [1, 8], smp=2)
+    depth1, depth8 = table.split("\n\nfio randread")
+    assert depth1.startswith("fio randread 4k, 2 jobs x iodepth 1:")
+    assert "| a | 3.20k | 0.750 = 0.500 + 0.250 | 0.500 | 41 | 150 / 900 |" in depth1
+    assert "| a | 5.50k | n/a | 0.500 | n/a | 150 / 900 |" in depth8
+    assert "| b | 1.50k (1.00k-2.00k) | 0.350 = 0.100 + 0.250 |" in depth8
+
+
+def _compare_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vnvme vm")
+    add_arguments(parser)
+    return parser.parse_args(["compare", *argv])
+
+
+def test_compare_options(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _compare_args("--smp", "2", "--repeat", "3", "--variants", "dbbuf,no-dbbuf")
+    assert (args.smp, args.repeat, args.variants) == (2, 3, ["dbbuf", "no-dbbuf"])
+    defaults = _compare_args()
+    assert (defaults.smp, defaults.repeat) == (1, 1)
+    assert tuple(defaults.variants) == variants.VM_COMPARE
+    bad: list[tuple[list[str], str]] = [
+        (["--variants", "dbbuf,nope"], "unknown variant 'nope'"),
+        (["--variants", "posted-dbbuf"], "QEMU's vfio-user-pci posts them"),
+        (["--variants", "dbbuf,dbbuf"], "named twice"),
+        (["--repeat", "0"], "1..20"),
+        (["--smp", "3"], "invalid choice"),
+    ]
+    for argv, message in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            _compare_args(*argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_compare_failure_is_one_message_and_an_exit_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A guest that does not finish (QEMU refused the device, say) ends the command with the
+    reason and exit 1, not a traceback."""
+
+    def refuse(*_: object, **__: object) -> list[DeviceColumn]:
+        raise RuntimeError("vnvme-mappable-r1: the guest did not finish: failed to get region 0 info")
+
+    monkeypatch.setattr(vm_command, "compare", refuse)
+    image = Image(Path("/nowhere"), "6.1", "6.1.0", "/vmlinuz", "/initrd", "none")
+    assert vm_command._compare(image, VmOptions(), _compare_args()) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == "vnvme vm compare: vnvme-mappable-r1: the guest did not finish: failed to get region 0 info\n"
+    )

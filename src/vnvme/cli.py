@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     from vnvme.vm.command import add_arguments as add_vm_arguments
 
     add_vm_arguments(vm)
+    check = commands.add_parser(
+        "check",
+        help="conformance checks against a vfio-user NVMe server (vfio-user, NVMe, shadow doorbells)",
+        description="Check a vfio-user NVMe server: each check prints PASS / FAIL / SKIP / INFO with its "
+        "spec section and evidence; the exit status is 1 if any check FAILs.",
+    )
+    from vnvme.check.command import add_arguments as add_check_arguments
+
+    add_check_arguments(check)
     trace = commands.add_parser("trace-events", help="list the declared trace events")
     trace.add_argument("pattern", nargs="?", default="*", help="only the events matching this glob (*)")
     return parser
@@ -157,6 +166,14 @@ def _run(args: argparse.Namespace) -> int:
         from vnvme.vm.command import main as vm_main
 
         return vm_main(args)
+    if args.command == "check":
+        from vnvme.check.command import run as run_check
+
+        try:
+            return run_check(args)
+        except ValueError as exc:
+            print(f"vnvme check: {exc}", file=sys.stderr)
+            return 2
     if args.command == "trace-events":
         import fnmatch
 

@@ -16,7 +16,7 @@ import socket
 import stat
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO, TypeVar
 
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
@@ -81,18 +81,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sq-eventidx",
         choices=SERVE_SQ_CHOICES,
         default=SERVE_SQ_EVENTIDX.value,
-        help="SQ EventIdx policy while event driven: 'batch' (default) publishes EventIdx = head + "
-        "k - 1 after a burst of k commands, so a closed-loop host rings once per batch it places, "
-        "and reads the shadow tail itself after --batch-timeout if the host placed fewer; 'eager' "
-        "publishes the tail just consumed (QEMU, SPDK): the host rings for the first command of "
-        "every batch",
+        help="SQ EventIdx policy while event driven: 'adaptive' (default) learns per queue how "
+        "many commands the host places and how fast, publishes EventIdx = head + k - 1 for the k "
+        "it expects, and looks at the shadow tail itself if the host has not rung after about "
+        "twice its usual time (between --batch-timeout and --max-batch-wait); 'batch' predicts "
+        "the last burst and waits --batch-timeout; 'eager' publishes the tail just consumed "
+        "(QEMU, SPDK): the host rings for the first command of every batch",
     )
     parser.add_argument(
         "--batch-timeout",
         type=float,
-        default=100e-6,
+        default=ControllerConfig.batch_timeout,
         help="with --sq-eventidx batch: seconds before the controller looks at a shadow tail the "
-        "host has not rung for (0.0001)",
+        f"host has not rung for; with adaptive: the shortest such wait ({ControllerConfig.batch_timeout})",
+    )
+    parser.add_argument(
+        "--max-batch-wait",
+        type=float,
+        default=ControllerConfig.max_batch_wait,
+        help="with --sq-eventidx adaptive: the longest wait, in seconds, for a predicted batch "
+        f"({ControllerConfig.max_batch_wait})",
     )
     parser.add_argument(
         "--poll",
@@ -144,6 +152,7 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "sq_eventidx": (str,),
     "cq_eventidx": (str,),
     "batch_timeout": (int, float),
+    "max_batch_wait": (int, float),
     "poll": (bool,),
     "poll_passes": (int,),
     "mappable_doorbells": (bool,),
@@ -346,48 +355,54 @@ def listen(path: str) -> Listener:
             os.unlink(staging)
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    file_options: dict[str, Any] = _load_config(args.config) if args.config else {}
-    specs = list(file_options.get("namespace", [])) + list(args.namespace)
-    fault_specs = list(file_options.get("fault", [])) + list(args.fault)
-    shadow = file_options.get("shadow_doorbells", True) and not args.no_shadow_doorbells
-    poll = bool(file_options.get("poll", False) or args.poll)
-    mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
+def _controller_config(args: argparse.Namespace, file_options: dict[str, Any]) -> ControllerConfig:
+    """The controller's configuration: the --config file's values, else the options'."""
+
+    def option(key: str) -> Any:
+        return file_options.get(key, getattr(args, key))
+
     where = f"{args.config}: sq_eventidx" if "sq_eventidx" in file_options else "--sq-eventidx"
-    sq_policy = _choice(SqEventIdxPolicy, file_options.get("sq_eventidx", args.sq_eventidx), where)
+    sq_policy = _choice(SqEventIdxPolicy, option("sq_eventidx"), where)
     where = f"{args.config}: cq_eventidx" if "cq_eventidx" in file_options else "--cq-eventidx"
-    cq_policy = _choice(CqEventIdxPolicy, file_options.get("cq_eventidx", args.cq_eventidx), where)
-    config = ControllerConfig(
-        shadow_doorbells=shadow,
-        sq_eventidx=SqEventIdxPolicy.POLL if poll else sq_policy,
-        batch_timeout=float(file_options.get("batch_timeout", args.batch_timeout)),
+    cq_policy = _choice(CqEventIdxPolicy, option("cq_eventidx"), where)
+    return ControllerConfig(
+        shadow_doorbells=file_options.get("shadow_doorbells", True) and not args.no_shadow_doorbells,
+        sq_eventidx=SqEventIdxPolicy.POLL if _polls(args, file_options) else sq_policy,
+        batch_timeout=float(option("batch_timeout")),
+        max_batch_wait=float(option("max_batch_wait")),
         cq_eventidx=cq_policy,
-        max_io_queues=int(file_options.get("max_io_queues", args.max_io_queues)),
-        interrupt_vectors=int(file_options.get("max_io_queues", args.max_io_queues)) + 1,
+        max_io_queues=int(option("max_io_queues")),
+        interrupt_vectors=int(option("max_io_queues")) + 1,
         max_queue_entries=int(file_options.get("queue_entries", args.queue_entries)),
     )
-    if args.trace:
-        matching_events(args.trace)  # unknown patterns fail before anything starts
-    namespaces = build_namespaces(specs, fault_specs)
-    try:
-        # Everything that can refuse the start comes before the device exists: a start that
-        # fails leaves no file it created behind (the namespaces' nor the socket).
-        listener = listen(args.socket)
-    except BaseException:
-        discard_namespaces(namespaces)
-        raise
-    sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
-    function = NvmeFunction(
-        namespaces,
-        config,
-        controller_polls=poll,
-        trace=args.trace,
-        trace_sink=sink,
-        mappable_doorbells=mappable,
-        idle_sleep=float(file_options.get("idle_sleep", args.idle_sleep)),
+
+
+def _polls(args: argparse.Namespace, file_options: dict[str, Any]) -> bool:
+    return bool(file_options.get("poll", False) or args.poll)
+
+
+def _banner(args: argparse.Namespace, function: NvmeFunction, mappable: bool, out: TextIO) -> None:
+    config = function.controller.config
+    ns_text = ", ".join(
+        f"nsid {ns.nsid}: {ns.backend.describe()}, {ns.lba_size}-byte LBAs"
+        for ns in function.controller.namespaces.values()
     )
-    passes = int(file_options.get("poll_passes", args.poll_passes)) if poll or mappable else 0
-    server = VfioUserServer(function, ServerOptions(poll_passes=passes), trace=args.trace, trace_sink=sink)
+    print(f"vnvme serving on {args.socket} ({ns_text})", file=out)
+    polls = config.sq_eventidx is SqEventIdxPolicy.POLL
+    print(
+        f"shadow doorbells {'on' if config.shadow_doorbells else 'off'}, SQ EventIdx {config.sq_eventidx}, "
+        f"CQ EventIdx {config.cq_eventidx}, {'controller polls' if polls else 'event driven'}, "
+        f"{'mappable' if mappable else 'trapped'} doorbells",
+        file=out,
+    )
+    print(f"attach QEMU (>= 10.1) with:\n  {qemu_command_line(args.socket)}", file=out, flush=True)
+
+
+@contextlib.contextmanager
+def _signals(server: VfioUserServer, function: NvmeFunction, out: TextIO) -> Iterator[int]:
+    """SIGINT / SIGTERM stop the server, SIGUSR1 prints the statistics; yields the wake-up fd
+    the loop polls (a signal wakes it). Installed before the socket appears, so a client's
+    SIGTERM right after that always finds them."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
@@ -399,44 +414,79 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, report)
-    if not args.quiet:
-        ns_text = ", ".join(
-            f"nsid {ns.nsid}: {ns.backend.describe()}, {ns.lba_size}-byte LBAs"
-            for ns in function.controller.namespaces.values()
-        )
-        print(f"vnvme serving on {args.socket} ({ns_text})", file=out)
-        print(
-            f"shadow doorbells {'on' if shadow else 'off'}, SQ EventIdx {config.sq_eventidx}, "
-            f"CQ EventIdx {config.cq_eventidx}, "
-            f"{'controller polls' if poll else 'event driven'}, "
-            f"{'mappable' if mappable else 'trapped'} doorbells",
-            file=out,
-        )
-        print(f"attach QEMU (>= 10.1) with:\n  {qemu_command_line(args.socket)}", file=out, flush=True)
     try:
-        poller = select.poll()
-        poller.register(listener.sock, select.POLLIN)
-        poller.register(wake_r, select.POLLIN)
-        while not server.stopping:
-            for fd, _ in poller.poll():
-                if fd == wake_r:
-                    os.read(wake_r, 512)
-                elif not server.stopping:
-                    conn, _ = listener.sock.accept()
-                    log.info("client connected")
-                    server.serve_connection(conn, listener=listener.sock, wakeup=wake_r)
-                    conn.close()
+        yield wake_r
     finally:
-        # No new client from here on; a second SIGTERM meanwhile only repeats "stop".
-        listener.close()  # removes the socket, if the path still names it
-        function.close()  # flushes every backend
-        if not args.quiet:
-            print(format_statistics(server, function), file=out, flush=True)
-        if trace_stream is not None:
-            trace_stream.close()
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
+
+
+def _accept_clients(listener: Listener, server: VfioUserServer, wake_r: int) -> None:
+    """Serve one client after another until a signal stops the server."""
+    poller = select.poll()
+    poller.register(listener.sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while not server.stopping:
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                os.read(wake_r, 512)
+            elif not server.stopping:
+                conn, _ = listener.sock.accept()
+                log.info("client connected")
+                server.serve_connection(conn, listener=listener.sock, wakeup=wake_r)
+                conn.close()
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    file_options: dict[str, Any] = _load_config(args.config) if args.config else {}
+    config = _controller_config(args, file_options)
+    poll = _polls(args, file_options)
+    mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
+    if args.trace:
+        matching_events(args.trace)  # unknown patterns fail before anything starts
+    namespaces = build_namespaces(
+        list(file_options.get("namespace", [])) + list(args.namespace),
+        list(file_options.get("fault", [])) + list(args.fault),
+    )
+    try:
+        sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
+        function = NvmeFunction(
+            namespaces,
+            config,
+            controller_polls=poll,
+            trace=args.trace,
+            trace_sink=sink,
+            mappable_doorbells=mappable,
+            idle_sleep=float(file_options.get("idle_sleep", args.idle_sleep)),
+        )
+    except BaseException:
+        discard_namespaces(namespaces)
+        raise
+    passes = int(file_options.get("poll_passes", args.poll_passes)) if poll or mappable else 0
+    server = VfioUserServer(function, ServerOptions(poll_passes=passes), trace=args.trace, trace_sink=sink)
+    try:
+        with _signals(server, function, out) as wake_r:
+            try:
+                listener = listen(args.socket)
+            except BaseException:
+                # A start that fails leaves no file it created behind (a namespace's, the socket).
+                function.close()
+                discard_namespaces(namespaces)
+                raise
+            if not args.quiet:
+                _banner(args, function, mappable, out)
+            try:
+                _accept_clients(listener, server, wake_r)
+            finally:
+                # No new client from here on; a second SIGTERM meanwhile only repeats "stop".
+                listener.close()  # removes the socket, if the path still names it
+                function.close()  # flushes every backend
+                if not args.quiet:
+                    print(format_statistics(server, function), file=out, flush=True)
+    finally:
+        if trace_stream is not None:
+            trace_stream.close()
     return 0

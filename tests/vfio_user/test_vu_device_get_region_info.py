@@ -103,6 +103,8 @@ def test_region_info_offers_the_doorbell_page_as_a_sparse_mmap_area() -> None:
         reply = client.receive()
         argsz, flags, _index, cap_offset, size, _offset = vu.REGION_INFO.unpack(reply.payload)
         assert argsz == 32 + 8 + 8 + 16 and cap_offset == 0 and size == function.bar0_size
+        # no CAPS flag without caps: QEMU's vfio-user-pci rejects CAPS with cap_offset 0
+        assert flags & vu.RegionFlags.MMAP and not flags & vu.RegionFlags.CAPS
         for fd in reply.fds:
             os.close(fd)
         client.send(

@@ -124,6 +124,8 @@ class JobSpec:
     #: Commands placed before the SQ tail doorbell is updated (fio's iodepth_batch_submit): 1,
     #: fio's default, rings for every command as libaio + blk-mq do; 0 means the whole batch.
     iodepth_batch_submit: int = 1
+    #: The I/O queue of a single job (numjobs 1); by default job ``j`` runs on ``driver.io[j]``.
+    qid: int | None = None
 
     def __post_init__(self) -> None:
         if self.rw not in RW_MODES:
@@ -437,11 +439,17 @@ class _Run:
                 f"the range ({size} bytes from offset {spec.offset}) holds no block of bs {spec.bs}"
             )
         self.first_lba = spec.offset // lba_size
-        if len(driver.io) < spec.numjobs:
+        if spec.qid is not None:
+            if spec.numjobs != 1:
+                raise ValueError(f"qid {spec.qid} names the queue of one job, not {spec.numjobs}")
+            self.queues = [driver.queue(spec.qid)]
+        elif len(driver.io) < spec.numjobs:
             raise ValueError(
                 f"numjobs {spec.numjobs} needs {spec.numjobs} I/O queue pairs; the driver has {len(driver.io)}"
             )
-        for qp in driver.io[: spec.numjobs]:
+        else:
+            self.queues = driver.io[: spec.numjobs]
+        for qp in self.queues:
             if spec.iodepth > qp.depth - 1:
                 raise ValueError(f"iodepth {spec.iodepth} exceeds what queue {qp.qid} holds ({qp.depth - 1})")
         self.verify = spec.verify is not None
@@ -473,7 +481,7 @@ class _Run:
         memory = self.driver.transport.memory
         spec = self.spec
         for index in range(spec.numjobs):
-            job = _Job(index, self.driver.io[index], spec.iodepth, spec.seed)
+            job = _Job(index, self.queues[index], spec.iodepth, spec.seed)
             self.jobs.append(job)
             for _ in range(spec.iodepth):
                 job.buffers.append(memory.alloc(self.bs))

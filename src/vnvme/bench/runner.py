@@ -555,6 +555,28 @@ def format_tables(points: Sequence[Point], options: BenchOptions, out: TextIO) -
                     f"| {cpu} | {med(lambda p: p.client_cpu_us):.1f} | {r[0].counted_by} |",
                     file=out,
                 )
+    print("\n" + doorbell_note(options), file=out)
+
+
+def doorbell_note(options: BenchOptions) -> str:
+    """What the tables count and how this host submits (printed under them)."""
+    batch = options.spec.iodepth_batch_submit
+    rings = (
+        "once per command (fio's default)"
+        if batch == 1
+        else ("once per batch of all free slots" if batch == 0 else f"once per {batch} commands")
+    )
+    return (
+        "doorbells per IO: writes to the I/O queues' SQ tail and CQ head doorbells that trapped to "
+        "the controller (each a vfio-user message), per I/O; counted by the controller (by the client "
+        "for an external server). With dbbuf the host stores each new tail / head in the shadow "
+        "buffer and writes the doorbell only past the controller's EventIdx; those stores are not "
+        "counted. Mappable doorbells: stores into the mapped page instead, none trapped.\n"
+        "The host is this process's Python driver, as fio drives a device: it keeps iodepth commands "
+        f"in flight per job and updates the SQ tail {rings} (--iodepth_batch_submit); it reaps "
+        "every completion ready (waiting for the interrupt only when none is) and updates the CQ head "
+        "once per reap. Without dbbuf that is 1 SQ doorbell per I/O plus 1 CQ doorbell per reap."
+    )
 
 
 def summary(points: Sequence[Point], jobname: Callable[[Point], str]) -> list[dict[str, object]]:

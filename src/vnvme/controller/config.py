@@ -27,6 +27,13 @@ class SqEventIdxPolicy(StrEnum):
     #: the host is still working towards the prediction: it is kept, and the controller looks
     #: again after the next timeout; the first look that finds nothing publishes exactly.
     BATCH = "batch"
+    #: Event-driven, learning per SQ how the host places commands: BATCH's prediction, sized by
+    #: a window that grows while the host fills it and shrinks to what it placed when it does
+    #: not, and a wait sized by the host's own pace (a weighted average of the time it takes per
+    #: command to reach a prediction) between ``batch_timeout`` and ``max_batch_wait``. A host
+    #: whose bursts are all 1 (one vCPU that takes every interrupt) is offered a larger batch
+    #: now and then, less often after each offer it could not fill.
+    ADAPTIVE = "adaptive"
 
 
 class CqEventIdxPolicy(StrEnum):
@@ -69,6 +76,9 @@ class ControllerConfig:
     #: With SQ policy BATCH: how long (seconds of ``now``) a predicted EventIdx may go unreached
     #: before the controller reads the shadow tail by itself.
     batch_timeout: float = 100e-6
+    #: With SQ policy ADAPTIVE: the longest it waits for a prediction (a guest under emulation
+    #: places a command every few hundred microseconds).
+    max_batch_wait: float = 2e-3
     cq_eventidx: CqEventIdxPolicy = CqEventIdxPolicy.NEVER
     #: Let the admin queue follow its shadow slots after Doorbell Buffer Config, as the spec
     #: allows. Linux and SPDK hosts keep ringing MMIO for the admin queue; the controller notices
@@ -105,6 +115,8 @@ class ControllerConfig:
             raise ValueError("need 0 <= mps_min <= mps_max <= 15")
         if not 1 <= self.max_rearm_attempts <= 1000:
             raise ValueError("max_rearm_attempts must be in 1..1000")
+        if not 0 < self.batch_timeout <= self.max_batch_wait:
+            raise ValueError("need 0 < batch_timeout <= max_batch_wait")
         if self.arbitration_burst < 1:
             raise ValueError("arbitration_burst must be positive")
         if not 1 <= self.async_event_limit <= 256 or not 1 <= self.error_log_entries <= 256:

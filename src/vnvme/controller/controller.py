@@ -281,9 +281,10 @@ class Controller:
             if self.memory.generation != self._memory_generation:
                 self._sync_memory()  # the memory may be back
             if self._memory_missing:
-                if self._pending or self._deadlines or self.delayed:
+                if self._pending or self.delayed:
                     self._memory_gone()
-                # Otherwise wait for the memory to come back; interrupts owed stay owed.
+                # Otherwise wait for the memory to come back; interrupts owed stay owed, and so
+                # do an EventIdx policy's deadlines (its own, not a use by the host).
                 return self._take_effects()
         if self._deadlines:
             self._expire_deadlines()
@@ -340,6 +341,8 @@ class Controller:
         interrupts, an SQ EventIdx policy's deadline, a completion a fault hook delays."""
         if not self._deadlines and not self.features.interrupt_coalescing and not self.delayed:
             return None  # asked before every wait: the common answer without the work
+        if self._memory_missing:
+            return self.delayed.earliest()  # nothing else can run before the memory is back
         deadline = self._next_deadline()
         held = self.delayed.earliest()
         return held if deadline is None or (held is not None and held < deadline) else deadline

@@ -91,6 +91,10 @@ class SqEventIdx:
     def posted(self, cq: CompletionQueue, now: float) -> None:
         """Completions were posted to ``cq`` in this pass (called only if overridden)."""
 
+    def counters(self, sq: SubmissionQueue) -> tuple[int, int, int]:
+        """Predictions ``sq``'s host met, missed, and larger batches offered to it."""
+        return 0, 0, 0
+
 
 class EagerSqEventIdx(SqEventIdx):
     """EventIdx = the tail just consumed: one doorbell per batch the host submits while idle."""
@@ -169,12 +173,148 @@ class BatchSqEventIdx(SqEventIdx):
         state.renewing = True
 
 
+class _Learned:
+    """Policy ADAPTIVE's per-SQ state: what it has learnt of the host, and its counters."""
+
+    __slots__ = (
+        "mark",
+        "window",
+        "gap",
+        "armed_at",
+        "predicted",
+        "expired",
+        "probing",
+        "credit",
+        "patience",
+        "met",
+        "missed",
+        "probes",
+    )
+
+    def __init__(self, gap: float) -> None:
+        self.mark = 0  # sq.entries at the last rearm: what was taken since is the host's burst
+        self.window = 1  # the batch the host is believed to place
+        self.gap = gap  # seconds per command it takes the host to reach a prediction (average)
+        self.armed_at = 0.0  # when the outstanding prediction was published
+        self.predicted = 0  # its size (ahead + 1); 0: none outstanding
+        self.expired = False  # its deadline passed before the host rang
+        self.probing = False  # it offered the host more than it had shown it places
+        self.credit = 0  # predictions met since the last offer of a larger batch
+        self.patience = ADAPTIVE_MIN_PATIENCE  # how many it takes before the next offer
+        self.met = 0
+        self.missed = 0
+        self.probes = 0
+
+
+#: ADAPTIVE: predictions met before another larger batch is offered, at first and at most (the
+#: wait doubles after each offer the host could not fill, halves after one it did).
+ADAPTIVE_MIN_PATIENCE = 4
+ADAPTIVE_MAX_PATIENCE = 1024
+#: ADAPTIVE: weight of a new sample in the host's pace (1/8, as QEMU's default poll-weight).
+ADAPTIVE_WEIGHT = 0.125
+#: ADAPTIVE: how many times the host's usual time to place the predicted batch it waits.
+ADAPTIVE_SLACK = 2.0
+
+
+class AdaptiveSqEventIdx(SqEventIdx):
+    """EventIdx ahead by a learnt batch, with a learnt wait (see
+    :attr:`SqEventIdxPolicy.ADAPTIVE <vnvme.controller.config.SqEventIdxPolicy.ADAPTIVE>`).
+
+    Each idle moment judges the prediction before it: met (the host rang: its pace is
+    sampled, the window is kept or widened to what it placed) or missed (the deadline came
+    first: the window shrinks to what the host had placed). The next prediction is the window,
+    or the completions the host has yet to reap if more (it replaces each one it reaps, as
+    BATCH counts), doubled as an offer once enough predictions in a row were met.
+    """
+
+    name = SqEventIdxPolicy.ADAPTIVE
+
+    def __init__(self, config: ControllerConfig, refresh_cq_head: RefreshCqHead) -> None:
+        super().__init__(config, refresh_cq_head)
+        self.min_wait = config.batch_timeout
+        self.max_wait = config.max_batch_wait
+
+    def attached(self, sq: SubmissionQueue) -> int:
+        sq.policy_state = _Learned(self.min_wait / 2)
+        return -1 if self.polling else 0
+
+    def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
+        if self.polling:
+            return -1
+        if attempts or not sq.doorbell.slot_kept:
+            # The host is moving the tail right now, or it rings for every command whatever
+            # EventIdx says (Linux's admin queue): ask for its very next entry.
+            return 0
+        state: _Learned = sq.policy_state
+        placed = sq.entries - state.mark
+        if state.predicted:
+            if state.expired:
+                state.missed += 1
+                if state.probing:
+                    state.patience = min(state.patience * 2, ADAPTIVE_MAX_PATIENCE)
+                elif placed:
+                    # A host that was placing commands, only slower than usual this time: its
+                    # pace is at most this (an offer it could not fill says nothing of it).
+                    sample = min(now - state.armed_at, self.max_wait) / state.predicted
+                    state.gap += (sample - state.gap) * ADAPTIVE_WEIGHT
+                # Halved at most, as KVM's halt polling shrinks: a late host does not undo a
+                # window it built, a host that really places fewer brings it down in a few.
+                state.window = max(placed, state.window // 2, 1)
+                state.credit = 0
+            elif placed:
+                state.met += 1
+                # Capped: an idle host (between jobs) says nothing about its pace.
+                sample = min(now - state.armed_at, self.max_wait) / state.predicted
+                state.gap += (sample - state.gap) * ADAPTIVE_WEIGHT
+                if state.probing:
+                    state.patience = max(state.patience // 2, ADAPTIVE_MIN_PATIENCE)
+                state.window = placed  # at least the prediction: the host crossed it
+                state.credit += 1
+            else:
+                return state.predicted - 1  # woken for something else: the prediction stands
+        state.expired = False
+        state.probing = False
+        n = sq.size
+        target = state.window
+        cq = sq.cq
+        if cq.shadow_mode:
+            self.refresh_cq_head(cq)
+            target = max(target, (cq.tail - cq.head) % cq.size)
+        if state.credit >= state.patience and target < n - 1:
+            target *= 2
+            state.probing = True
+            state.probes += 1
+            state.credit = 0
+        return min(target, n - 1) - 1
+
+    def rearmed(self, sq: SubmissionQueue, ahead: int, now: float) -> float | None:
+        state: _Learned = sq.policy_state
+        if state.predicted != ahead + 1 or sq.entries != state.mark:
+            state.armed_at = now  # a new prediction (not one that stood through a pass)
+        state.mark = sq.entries
+        state.predicted = ahead + 1
+        if not ahead:
+            return None  # the host rings for its first command: nothing to wait for
+        wait = ADAPTIVE_SLACK * state.gap * state.predicted
+        return state.armed_at + min(max(wait, self.min_wait), self.max_wait)
+
+    def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
+        state: _Learned = sq.policy_state
+        state.expired = True
+
+    def counters(self, sq: SubmissionQueue) -> tuple[int, int, int]:
+        state: _Learned = sq.policy_state
+        return state.met, state.missed, state.probes
+
+
 #: What the controller takes as an SQ policy: a policy class, or anything that makes one.
 SqPolicyFactory = Callable[[ControllerConfig, RefreshCqHead], SqEventIdx]
 
 #: Every SQ policy ``ControllerConfig.sq_eventidx`` can name.
 SQ_POLICIES: dict[SqEventIdxPolicy, type[SqEventIdx]] = {
-    cls.name: cls for cls in (EagerSqEventIdx, PollSqEventIdx, BatchSqEventIdx) if cls.name is not None
+    cls.name: cls
+    for cls in (EagerSqEventIdx, PollSqEventIdx, BatchSqEventIdx, AdaptiveSqEventIdx)
+    if cls.name is not None
 }
 
 

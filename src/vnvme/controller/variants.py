@@ -16,7 +16,7 @@ from typing import Final
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 
 #: ``vnvme serve``'s EventIdx policies when no option says otherwise.
-SERVE_SQ_EVENTIDX: Final = SqEventIdxPolicy.BATCH
+SERVE_SQ_EVENTIDX: Final = SqEventIdxPolicy.ADAPTIVE
 SERVE_CQ_EVENTIDX: Final = CqEventIdxPolicy.NEVER
 #: The SQ policies ``vnvme serve --sq-eventidx`` takes (polling is ``--poll``: it also changes
 #: how the server runs the controller).
@@ -71,6 +71,7 @@ VARIANTS: Final[dict[str, DoorbellVariant]] = {
     for v in (
         DoorbellVariant("no-dbbuf", "no dbbuf", shadow=False),
         DoorbellVariant("dbbuf", "dbbuf"),
+        DoorbellVariant("dbbuf-batch", "dbbuf, SQ EventIdx batch", sq_eventidx=SqEventIdxPolicy.BATCH),
         DoorbellVariant("dbbuf-eager", "dbbuf, SQ EventIdx eager", sq_eventidx=SqEventIdxPolicy.EAGER),
         DoorbellVariant("dbbuf-cq-eager", "dbbuf, CQ EventIdx eager", cq_eventidx=CqEventIdxPolicy.EAGER),
         DoorbellVariant(
@@ -90,6 +91,7 @@ VARIANTS: Final[dict[str, DoorbellVariant]] = {
 BENCH: Final = (
     "no-dbbuf",
     "dbbuf",
+    "dbbuf-batch",
     "dbbuf-eager",
     "dbbuf-cq-eager",
     "dbbuf-poll",
@@ -104,7 +106,7 @@ BENCH_EXTERNAL: Final = ("no-dbbuf", "dbbuf", "posted-no-dbbuf", "posted-dbbuf")
 #: What ``vnvme demo`` compares in one process (the controller's own defaults: SQ EventIdx eager).
 DEMO: Final = ("no-dbbuf", "dbbuf-eager", "dbbuf-eager-cq-eager", "dbbuf-poll")
 #: What ``vnvme vm compare`` boots a guest on.
-VM_COMPARE: Final = ("dbbuf", "no-dbbuf", "dbbuf-poll")
+VM_COMPARE: Final = ("dbbuf", "dbbuf-batch", "no-dbbuf", "dbbuf-poll", "mappable")
 
 for _selection in (BENCH, BENCH_DEFAULT, BENCH_EXTERNAL, DEMO, VM_COMPARE):
     if not set(_selection) <= VARIANTS.keys():

@@ -142,8 +142,11 @@ class InProcessTransport:
         *,
         controller_polls: bool = False,
         trace_sink: Callable[[TraceEvent], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.controller = controller
+        # The controller's ``now``: a test may run it on a clock of its own.
+        self.clock = clock
         self.memory = memory
         self.controller_polls = controller_polls
         self.trace_sink = trace_sink
@@ -172,11 +175,11 @@ class InProcessTransport:
 
     def _run_controller(self) -> None:
         ctrl = self.controller
-        self._handle(ctrl.process(time.monotonic()))
+        self._handle(ctrl.process(self.clock()))
         for _ in range(64):
             if not ctrl.has_pending_work:
                 break
-            self._handle(ctrl.process(time.monotonic()))
+            self._handle(ctrl.process(self.clock()))
 
     def mmio_read(self, offset: int, size: int) -> int:
         value = self.controller.mmio_read(offset, size)
@@ -189,7 +192,7 @@ class InProcessTransport:
 
     def device_idle(self) -> None:
         if self.controller_polls:
-            self._handle(self.controller.poll(time.monotonic()))
+            self._handle(self.controller.poll(self.clock()))
         self._run_controller()
 
     def wait_for_interrupt(self, vector: int, timeout: float) -> bool:

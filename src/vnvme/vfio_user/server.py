@@ -662,8 +662,10 @@ class VfioUserServer:
         need = vu.REGION_INFO.size + len(caps)
         flags = region.flags
         if argsz < need:
-            # As the kernel does: say how much room the full answer needs, without the caps.
-            info = vu.REGION_INFO.pack(need, flags, index, 0, region.size, region.mmap_offset)
+            # Say how much room the full answer needs, without the caps; and without the CAPS
+            # flag (as libvfio-user): QEMU's vfio-user-pci refuses CAPS with cap_offset 0 (EINVAL).
+            short_flags = flags & ~vu.RegionFlags.CAPS
+            info = vu.REGION_INFO.pack(need, short_flags, index, 0, region.size, region.mmap_offset)
             return info, [region.mmap_fd] if region.mmap_fd >= 0 else []
         cap_offset = vu.REGION_INFO.size if caps else 0
         info = vu.REGION_INFO.pack(need, flags, index, cap_offset, region.size, region.mmap_offset)

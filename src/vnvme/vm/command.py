@@ -5,19 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 from vnvme.bench.command import machine_description
-from vnvme.vm.provision import DEFAULT_KERNEL, KERNELS, MIRROR, Provisioner, ProvisionError, cache_dir
-from vnvme.vm.scenarios import (
-    DeviceColumn,
-    VmOptions,
-    compare,
-    format_columns,
-    git_describe,
-    run_scenarios,
-)
+from vnvme.controller.variants import VM_COMPARE
+from vnvme.vm.compare import DeviceColumn, compare, explanation, format_columns, vm_variant_problem
+from vnvme.vm.provision import DEFAULT_KERNEL, KERNELS, MIRROR, Image, Provisioner, ProvisionError, cache_dir
+from vnvme.vm.scenarios import VmOptions, git_describe, run_scenarios
 
 
 def _depths(text: str) -> list[int]:
@@ -25,6 +22,29 @@ def _depths(text: str) -> list[int]:
     if not values or any(v < 1 or v > 1023 for v in values):
         raise argparse.ArgumentTypeError("depths must be in 1..1023")
     return values
+
+
+def _repeat(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 20:
+        raise argparse.ArgumentTypeError(f"{text!r}: boots per column must be in 1..20")
+    return value
+
+
+def _variants(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one variant")
+    for name in names:
+        problem = vm_variant_problem(name)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a variant named twice")
+    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +84,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cmp.add_argument(
         "--no-qemu-vfio-user", action="store_true", help="leave out QEMU's vfio-user server column"
     )
+    cmp.add_argument("--no-qemu", action="store_true", help="leave out both QEMU columns")
+    cmp.add_argument(
+        "--smp",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="guest vCPUs (1); with 2: two I/O queues, one fio job per vCPU pinned to it, iodepth per job",
+    )
+    cmp.add_argument("--repeat", type=_repeat, default=1, help="boots per column: median and min-max (1)")
+    cmp.add_argument(
+        "--variants",
+        type=_variants,
+        default=list(VM_COMPARE),
+        help=f"vnvme columns, by the names of vnvme.controller.variants ({','.join(VM_COMPARE)})",
+    )
 
 
 def _say(text: str) -> None:
@@ -89,71 +124,93 @@ def main(args: argparse.Namespace) -> int:
         say=_say,
     )
     if args.vm_command == "run":
-        report = run_scenarios(image, options)
-        print()
-        for scenario in report.scenarios:
-            mark = "PASS" if scenario.passed else "FAIL"
-            print(f"{mark}  {scenario.name}")
-            for line in scenario.evidence.splitlines():
-                print(f"      {line}")
-        print(f"\n{sum(s.passed for s in report.scenarios)}/{len(report.scenarios)} scenarios passed")
-        if args.json:
-            args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        return 0 if report.passed else 1
-    columns = compare(image, options, include_qemu_vfio_user=not args.no_qemu_vfio_user)
-    table = format_columns(columns, options.depths)
+        return _run(image, options, args.json)
+    options.smp = args.smp
+    options.repeat = args.repeat
+    options.variants = tuple(args.variants)
+    return _compare(image, options, args)
+
+
+def _run(image: Image, options: VmOptions, json_path: Path | None) -> int:
+    report = run_scenarios(image, options)
+    print()
+    for scenario in report.scenarios:
+        mark = "PASS" if scenario.passed else "FAIL"
+        print(f"{mark}  {scenario.name}")
+        for line in scenario.evidence.splitlines():
+            print(f"      {line}")
+    print(f"\n{sum(s.passed for s in report.scenarios)}/{len(report.scenarios)} scenarios passed")
+    print()
+    for paragraph in explanation(options.smp)[:2]:  # what the fio line's doorbells/IO count
+        print(textwrap.fill(paragraph, 100))
+    if json_path:
+        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return 0 if report.passed else 1
+
+
+def _compare(image: Image, options: VmOptions, args: argparse.Namespace) -> int:
+    try:
+        columns = compare(
+            image, options, include_qemu=not args.no_qemu, include_qemu_vfio_user=not args.no_qemu_vfio_user
+        )
+    except RuntimeError as exc:  # a guest that did not finish, a server that would not start
+        print(f"vnvme vm compare: {exc}", file=sys.stderr)
+        return 1
+    table = format_columns(columns, options.depths, options.smp)
     print()
     print(table)
+    print()
+    for paragraph in explanation(options.smp):
+        print(textwrap.fill(paragraph, 100))
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "kernel": image.kernel_version,
-                    "qemu": image.qemu_version,
-                    "depths": options.depths,
-                    "runtime": options.runtime,
-                    "columns": [
-                        {
-                            "name": c.name,
-                            "description": c.description,
-                            "server_cpu_us": c.server_cpu_us,
-                            "results": [r.__dict__ for r in c.results],
-                        }
-                        for c in columns
-                    ],
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        args.json.write_text(json.dumps(compare_json(image, options, columns), indent=2) + "\n")
     if args.markdown:
+        argv = " ".join(sys.argv[1:])
         args.markdown.write_text(
-            _markdown(
-                image.kernel_version, image.qemu_version, options, columns, table, " ".join(sys.argv[1:])
-            )
+            _markdown(image.kernel_version, image.qemu_version, options, columns, table, argv)
         )
     return 0
+
+
+def compare_json(image: Image, options: VmOptions, columns: list[DeviceColumn]) -> dict[str, Any]:
+    """``vnvme vm compare --json``: the setting, every repeat's results and the medians."""
+    return {
+        "kernel": image.kernel_version,
+        "qemu": image.qemu_version,
+        "smp": options.smp,
+        "numjobs": options.smp,
+        "depths": options.depths,
+        "runtime": options.runtime,
+        "ramp": options.ramp,
+        "repeat": options.repeat,
+        "variants": list(options.variants),
+        "columns": [column.to_json(options.depths) for column in columns],
+        "explanation": explanation(options.smp),
+    }
 
 
 def _markdown(
     kernel: str, qemu: str, options: VmOptions, columns: list[DeviceColumn], table: str, argv: str
 ) -> str:
+    jobs = f"{options.smp} jobs (one per vCPU, pinned)" if options.smp > 1 else "1 job"
+    boots = (
+        f"median of {options.repeat} boots per column (min-max beside)"
+        if options.repeat > 1
+        else "one boot per column"
+    )
     lines = [
         "# vnvme in a real Linux guest: side by side",
         "",
         f"Regenerated by `vnvme {argv}` (commit {git_describe()}, {time.strftime('%Y-%m-%d')}).",
         "",
-        f"- Host: {machine_description()}; guest: Debian kernel {kernel}, 1 vCPU under TCG, {qemu}.",
-        f"- fio in the guest: randread, 4k, libaio, direct, 1 job, runtime {options.runtime} s "
-        f"(ramp {options.ramp} s) per depth, on a 1 GiB namespace that reads zeroes.",
-        "- Doorbells per I/O are I/O-queue doorbell writes that reached the controller, divided by "
-        "the I/O commands: vnvme's from its own counters (vendor log page C0h, read by the guest "
-        "before and after each job, no tracing); QEMU's from its `pci_nvme_mmio_doorbell_*` trace "
-        "events in a separate traced pass (ramp 0) cut at the guest's marks.",
+        f"- Host: {machine_description()}; guest: Debian kernel {kernel}, {options.smp} vCPU under TCG, {qemu}.",
+        f"- fio in the guest: randread, 4k, libaio, direct, {jobs}, iodepth per job, runtime "
+        f"{options.runtime} s (ramp {options.ramp} s) per depth, on a 1 GiB namespace that reads "
+        f"zeroes; {boots}.",
         "",
         table,
         "",
-        "Under TCG the guest's one vCPU does all of the guest's work, so IOPS are bounded by what each I/O costs the guest: a doorbell write is an exit to QEMU in every column, but only QEMU's built-in device handles it inside the guest's own process; vnvme and QEMU's controller over vfio-user pay a socket message for it (posted: QEMU's client does not wait for a reply). Doorbell counts are exact; IOPS come from one run on a shared 2-CPU machine.",
+        *(f"- {paragraph}" for paragraph in explanation(options.smp)),
         "",
         "Devices:",
         "",

@@ -144,6 +144,7 @@ class Guest:
         allow_reboot: bool = False,
         trace_events: Sequence[str] = (),
         cpus: frozenset[int] | None = None,
+        smp: int = 1,
     ) -> None:
         self.image = image
         self.run_dir = run_dir
@@ -153,6 +154,7 @@ class Guest:
         self.allow_reboot = allow_reboot
         self.trace_events = list(trace_events)
         self.cpus = cpus
+        self.smp = smp
         self.console_path = run_dir / f"{name}.console.log"
         self.results_path = run_dir / f"{name}.results.log"
         self.trace_path = run_dir / f"{name}.trace.log"
@@ -180,7 +182,7 @@ class Guest:
             "-m",
             GUEST_MEMORY,
             "-smp",
-            "1",
+            str(self.smp),
             "-nodefaults",
             "-no-user-config",
             "-display",
@@ -253,7 +255,8 @@ class Guest:
                     timed_out = True
                     self.stop()
                     break
-                time.sleep(0.2)
+                # short: the host samples the server's CPU time at the guest's block boundaries
+                time.sleep(0.05)
                 if on_line is not None:
                     seen = self._follow(seen, on_line)
         finally:
@@ -267,14 +270,20 @@ class Guest:
         return proc.returncode, timed_out, qemu_output, time.monotonic() - started
 
     def _follow(self, seen: int, on_line: Callable[[str], None]) -> int:
-        """Report new @@begin / @@note lines (progress while a long scenario runs)."""
-        text = _read(self.results_path)
-        for line in text[seen:].splitlines(keepends=True):
-            if not line.endswith("\n"):
+        """Report new @@begin / @@end / @@note lines (progress while a long scenario runs, and the
+        moments the host samples the server at); ``seen``: bytes of the file already read."""
+        try:
+            with open(self.results_path, "rb") as f:
+                f.seek(seen)
+                data = f.read()
+        except FileNotFoundError:
+            return seen
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
                 break
             seen += len(line)
-            if line.startswith(("@@note", "@@end")):
-                on_line(line.strip())
+            if line.startswith((b"@@note", b"@@begin", b"@@end")):
+                on_line(line.decode(errors="replace").strip())
         return seen
 
     def stop(self) -> None:

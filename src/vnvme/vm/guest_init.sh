@@ -82,16 +82,30 @@ mark() {
     nvme get-feature /dev/nvme0 --feature-id=7 > /dev/null 2>&1
 }
 
+# NUMJOBS jobs of DEPTH each, one per CPU (job i on CPU i: cpus_allowed_policy=split), reported
+# as one (group_reporting: summed IOPS, merged latency percentiles).
 fio_read() {  # fio_read NAME DEPTH RUNTIME
+    jobs=${NUMJOBS:-1}
+    pin=""
+    [ "$jobs" -gt 1 ] && pin="--cpus_allowed=0-$((jobs - 1)) --cpus_allowed_policy=split"
     fio --name="$1" --filename="$READ_DEV" --rw=randread --bs=4k --ioengine=libaio --direct=1 \
         --iodepth="$2" --runtime="$3" --ramp_time="${RAMP:-1}" --time_based --size="${READ_SIZE:-1G}" \
-        --randrepeat=0 --output-format=json
+        --randrepeat=0 --numjobs="$jobs" $pin --group_reporting --output-format=json
+}
+
+# What the guest saw around one job: its interrupt counts (the host sums the nvme I/O queues'
+# vectors) and the block device's statistics (reads completed: the I/Os, ramp included).
+guest_counts() {
+    run "irq-$1" cat /proc/interrupts
+    run "iostat-$1" cat "/sys/block/${READ_DEV#/dev/}/stat"
 }
 
 reads() {
     for d in $DEPTHS; do
         mark "before-d$d"
+        guest_counts "before-d$d"
         run "fio-randread-d$d" fio_read "randread-d$d" "$d" "$RUNTIME"
+        guest_counts "after-d$d"
         mark "after-d$d"
     done
 }

@@ -1,0 +1,127 @@
+"""SQ EventIdx policy ADAPTIVE against a host that behaves as a guest under emulation does.
+
+The host here is the driver on a virtual clock: it places the commands it has to place one at a
+time, ``gap`` seconds apart, each with Linux's store / fence / need_event (a doorbell only when
+the tail crosses EventIdx), and the controller runs the moment a doorbell is written (so it
+finishes a command before the next one is placed, as against a guest with one vCPU). When it has
+nothing left to place the host waits: for an interrupt, or, if none can come until a deadline
+of the controller's, until that deadline. Every completion it reaps it replaces (fio's closed
+loop). Doorbell counts are the controller's; time is the virtual clock's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from host import make_rig
+from vnvme.controller.config import ControllerConfig, SqEventIdxPolicy
+from vnvme.controller.namespace import Namespace, NullBackend
+from vnvme.spec.commands import NvmOpcode
+
+GAP = 150e-6  # a TCG guest places a command every 100-300 us
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Run:
+    ios: int
+    sq_doorbells: int  # over the measured part (after the warm-up)
+    elapsed: float
+    met: int
+    missed: int
+    offers: int
+
+    @property
+    def doorbells_per_io(self) -> float:
+        return self.sq_doorbells / self.ios
+
+
+def closed_loop(policy: SqEventIdxPolicy, depth: int, ios: int, *, warmup: int = 400) -> Run:
+    clock = Clock()
+    config = ControllerConfig(sq_eventidx=policy)
+    rig = make_rig(
+        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)], config=config, trace=(), clock=clock
+    )
+    try:
+        driver, ctrl = rig.driver, rig.controller
+        qp = driver.queue(1)
+        buf = rig.host_memory.alloc(4096)
+        sqe = driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096)
+        to_place, done = depth, 0
+        start_doorbells = start_time = 0.0
+        while done < warmup + ios:
+            if done >= warmup and not start_time:
+                start_doorbells = ctrl.statistics().io_doorbell_writes
+                start_time = clock.now
+            reaped = 0
+            for _ in range(to_place):
+                clock.now += GAP
+                qp.submit(sqe)
+                qp.ring_sq()  # the shadow tail, and a doorbell only if EventIdx is crossed
+                # One vCPU takes the interrupt at once: its handler reaps (the CQ head moves),
+                # and fio replaces those commands once this submission loop is done.
+                cqes = qp.reap()
+                if cqes:
+                    qp.ring_cq()
+                    reaped += len(cqes)
+            while not reaped:
+                cqes = qp.reap()
+                if cqes:
+                    qp.ring_cq()
+                    reaped = len(cqes)
+                    break
+                deadline = ctrl.next_deadline()
+                assert deadline is not None, "the host waits for a controller that waits for nothing"
+                clock.now = max(clock.now, deadline)
+                rig.transport.device_idle()
+            done += reaped
+            to_place = reaped
+        stats = ctrl.statistics()
+        policy_obj = ctrl.sq_policy
+        sq = ctrl.sqs[1]
+        assert sq is not None
+        met, missed, offers = policy_obj.counters(sq)
+        return Run(
+            ios=done - warmup,
+            sq_doorbells=int(stats.io_doorbell_writes - start_doorbells),
+            elapsed=clock.now - start_time,
+            met=met,
+            missed=missed,
+            offers=offers,
+        )
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("depth", [2, 4, 8])
+def test_a_host_that_places_one_command_at_a_time_is_batched_by_adaptive(depth: int) -> None:
+    adaptive = closed_loop(SqEventIdxPolicy.ADAPTIVE, depth, 2000)
+    batch = closed_loop(SqEventIdxPolicy.BATCH, depth, 2000)
+    # BATCH never predicts more than the bursts it sees, all 1 here: a doorbell per command.
+    assert batch.doorbells_per_io > 0.9
+    # ADAPTIVE offers larger batches until the host's whole depth goes in one: 1/depth, and
+    # fewer doorbells cost no time (the controller waits for commands the host is placing).
+    assert adaptive.doorbells_per_io <= 1 / depth + 0.01
+    assert adaptive.elapsed <= batch.elapsed * 1.02
+    # Past the host's depth an offer cannot be filled: each costs one wait, and doubles the
+    # patience before the next (4, 8, ..., 1024 predictions met).
+    assert adaptive.missed <= adaptive.offers <= 12
+
+
+def test_adaptive_offers_a_depth_1_host_larger_batches_ever_more_rarely() -> None:
+    run = closed_loop(SqEventIdxPolicy.ADAPTIVE, 1, 4000)
+    eager = closed_loop(SqEventIdxPolicy.EAGER, 1, 4000)
+    assert run.doorbells_per_io > 0.99  # nothing to batch
+    # Each offer the host could not fill cost one wait, and doubled the patience before the next.
+    assert run.missed == run.offers
+    assert run.offers <= 12  # 4 + 8 + 16 + ... + 1024 predictions met between offers
+    assert run.elapsed <= eager.elapsed * 1.05
