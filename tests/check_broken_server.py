@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from vnvme import cli
 from vnvme.controller.controller import Controller
-from vnvme.controller.doorbells import DoorbellBuffers
+from vnvme.controller.doorbells import Doorbells, QueueDoorbell
 from vnvme.controller.namespace import RamBackend
 from vnvme.function import NvmeFunction
 from vnvme.vfio_user.server import VfioUserServer
@@ -25,13 +25,21 @@ def device_reset_ignored() -> None:
 
 def dbbuf_survives_reset() -> None:
     """A controller reset keeps the shadow doorbell pages (OpenVMM's PR 4080 bug)."""
-    DoorbellBuffers.forget = lambda self: None  # type: ignore[method-assign]
+    Doorbells.reset = lambda self: None  # type: ignore[method-assign]
 
 
 def eventidx_never_published() -> None:
     """SQ EventIdx never written: a host obeying need_event stops ringing (run with
     --sq-eventidx eager, so that nothing else makes the controller look at the shadow tail)."""
     Controller._publish_sq_eventidx = lambda self, sq, value: None  # type: ignore[method-assign]
+    probe = Doorbells.probe
+
+    def probe_without_sq_store(self: Doorbells, queue: QueueDoorbell, value: int, size: int = 1 << 32) -> int:
+        if queue.slot % 2:  # a CQ's slot (doorbell stride 0): published as ever
+            return probe(self, queue, value, size)
+        return self.load(queue, size)
+
+    Doorbells.probe = probe_without_sq_store  # type: ignore[method-assign]
 
 
 def exit_on_hangup() -> None:
