@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from host import make_rig
-from vnvme.controller import controller as controller_module
+from vnvme.controller import processing
 
 
 class RecordingDwords:
@@ -36,7 +36,7 @@ def test_dword3_is_one_store_of_the_final_value(monkeypatch: pytest.MonkeyPatch)
     def forbidden(*args: object) -> None:
         raise AssertionError("dword 3 packed with struct.pack_into (zero-fills first)")
 
-    monkeypatch.setattr(controller_module, "_CQE_TAIL_PACK", forbidden)
+    monkeypatch.setattr(processing, "_CQE_TAIL_PACK", forbidden)
     r = make_rig()
     try:
         cq = r.controller.cqs[1]

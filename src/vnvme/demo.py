@@ -13,8 +13,9 @@ from typing import TextIO
 
 from vnvme.bench.engine import JobSpec, run_job
 from vnvme.controller import variants
-from vnvme.controller.controller import Controller, ControllerStatistics
+from vnvme.controller.controller import Controller
 from vnvme.controller.namespace import Namespace, NullBackend, RamBackend
+from vnvme.controller.statistics import ControllerStatistics
 from vnvme.controller.variants import VARIANTS as ALL_VARIANTS
 from vnvme.controller.variants import DoorbellVariant
 from vnvme.driver import HostMemory, InProcessTransport, NvmeDriver

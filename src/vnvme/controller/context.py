@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from vnvme.controller.admin import AsyncEvents, ErrorLog, FeatureState, SmartCounters
     from vnvme.controller.config import ControllerConfig
-    from vnvme.controller.controller import ControllerStatistics
     from vnvme.controller.faults import DelayedCompletions
     from vnvme.controller.namespace import Namespace
     from vnvme.controller.queues import CompletionQueue, SubmissionQueue
+    from vnvme.controller.statistics import ControllerStatistics
     from vnvme.memory import GuestMemory
 
 #: What a handler returns: (status, CQE dword 0), or None when it completes later.

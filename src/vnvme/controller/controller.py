@@ -18,30 +18,27 @@ A polling edge calls :meth:`Controller.poll` instead of waiting for doorbells, a
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
 from vnvme.controller import admin, faults
 from vnvme.controller.config import ControllerConfig
+from vnvme.controller.doorbell_writes import DoorbellWrites
 from vnvme.controller.doorbells import Doorbells
-from vnvme.controller.errors import CommandFailed
-from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, CqEventIdx, SqPolicyFactory, overridden
+from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, SqPolicyFactory
 from vnvme.controller.interrupts import Interrupts
 from vnvme.controller.namespace import Namespace
+from vnvme.controller.processing import CommandProcessing
 from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
-from vnvme.controller.registers import RegisterFile, RegisterRefused
+from vnvme.controller.registers import RegisterFile, RegisterRefused, capabilities
 from vnvme.controller.state import TRANSITIONS, Event, Step, cc_events, enable_refusal
+from vnvme.controller.statistics import ControllerStatistics
 from vnvme.effects import ControllerFatal, Effect, TraceEvent
 from vnvme.memory import GuestMemory, GuestMemoryError
 from vnvme.spec import registers as regs
 from vnvme.spec.commands import (
     CQE_SIZE,
-    FLAGS_FUSE,
-    SQE,
     SQE_SIZE,
-    AsyncEventErrorInfo,
     AsyncEventSmartInfo,
     AsyncEventType,
     LogPageId,
@@ -49,61 +46,15 @@ from vnvme.spec.commands import (
 )
 from vnvme.spec.dbbuf import cq_slot, rearm_event_idx, sq_slot
 from vnvme.spec.log_pages import CriticalWarning
-from vnvme.spec.registers import AQA, CAP, CC, CSTS, Reg
-from vnvme.spec.status import DNR, Status
+from vnvme.spec.registers import AQA, CC, CSTS, Reg
 from vnvme.trace import TRACE_EVENTS, matching_events
 
 log = logging.getLogger("vnvme.controller")
 
-_SQE_UNPACK: Final = SQE.unpack_from
-# A CQE is stored as dwords 0-2 first, then dword 3 (CID + status with the phase tag) in one
-# 32-bit store, so a host polling the phase tag never sees a half-written entry.
-_CQE_HEAD_PACK: Final = struct.Struct("<IIHH").pack_into
-# CQE dword 3 on big-endian hosts only; little-endian hosts store it through CompletionQueue.dwords.
-_CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
-_FUSE_MASK: Final = FLAGS_FUSE.mask
 _DEFAULT_BUDGET: Final = 4096
 
 
-@dataclass(frozen=True)
-class ControllerStatistics:
-    #: Register (non-doorbell) reads and writes through BAR0.
-    register_reads: int
-    register_writes: int
-    #: Trapped doorbell writes through BAR0, by kind.
-    doorbell_sq_admin: int
-    doorbell_sq_io: int
-    doorbell_cq_admin: int
-    doorbell_cq_io: int
-    invalid_doorbell_writes: int
-    #: Shadow doorbell page reads and EventIdx page writes.
-    shadow_reads: int
-    eventidx_writes: int
-    rearms_won: int
-    rearms_lost: int
-    interrupts_raised: int
-    completions_posted: int
-    error_completions: int
-    dbbuf_configs: int
-    #: MMIO doorbell values that were ahead of their shadow slot (a host not keeping the slot).
-    shadow_catchups: int
-    #: Exceptions caught inside the controller: emulator bugs, zero in a healthy run.
-    internal_errors: int
-    #: Doorbell values taken from a doorbell page the host writes directly (mappable doorbells).
-    mapped_doorbell_updates: int
-    admin_commands: dict[str, int] = field(default_factory=dict)
-    io_commands: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def doorbell_writes(self) -> int:
-        return self.doorbell_sq_admin + self.doorbell_sq_io + self.doorbell_cq_admin + self.doorbell_cq_io
-
-    @property
-    def io_doorbell_writes(self) -> int:
-        return self.doorbell_sq_io + self.doorbell_cq_io
-
-
-class Controller:
+class Controller(DoorbellWrites, CommandProcessing):
     """An NVMe 1.3 controller with Doorbell Buffer Config, over a :class:`GuestMemory`."""
 
     def __init__(
@@ -116,27 +67,10 @@ class Controller:
     ) -> None:
         """``sq_policy``: an SQ EventIdx policy class (or factory) instead of the one
         ``config.sq_eventidx`` names."""
-        self.config = config or ControllerConfig()
+        cfg = self.config = config or ControllerConfig()
         self.memory = memory
-        self.namespaces: dict[int, Namespace] = {}
-        for ns in namespaces:
-            if ns.nsid in self.namespaces:
-                raise ValueError(f"duplicate NSID {ns.nsid}")
-            ns.assign_identifiers(self.config.serial)
-            self.namespaces[ns.nsid] = ns
-        # Identify NN: the largest NSID; the inactive ones in between read as zeroes.
-        self.nn = max(self.namespaces, default=0)
-        cfg = self.config
-        self.cap = regs.compose(
-            (CAP.MQES, cfg.max_queue_entries - 1),
-            (CAP.CQR, 1),
-            (CAP.TO, cfg.timeout_500ms),
-            (CAP.DSTRD, cfg.dstrd),
-            (CAP.NSSRS, int(cfg.nssr_supported)),
-            (CAP.CSS, 1),  # NVM command set
-            (CAP.MPSMIN, cfg.mps_min),
-            (CAP.MPSMAX, cfg.mps_max),
-        )
+        self._take_namespaces(namespaces)
+        self.cap = capabilities(cfg)
         self.dstrd = cfg.dstrd
         self.bar0_size = regs.bar0_size(cfg.max_io_queues + 1, cfg.dstrd)
         self._doorbell_end = regs.DOORBELL_BASE + 2 * (cfg.max_io_queues + 1) * (4 << cfg.dstrd)
@@ -162,7 +96,31 @@ class Controller:
         # SQs whose policy asked for a deadline (sq.deadline), by sqid.
         self._deadlines: dict[int, SubmissionQueue] = {}
         self.now = 0.0
-        # Statistics counters.
+        self._reset_counters()
+        self.features = admin.FeatureState(self)
+        self.async_events = admin.AsyncEvents(self)
+        self.interrupts = Interrupts(self.features, self._effects, self)
+        self.registers = self._register_file()
+        self._steps: dict[Step, Callable[..., str | None]] = {
+            Step.START: self._start,
+            Step.FORGET: self._forget,
+            Step.FLUSH: self._flush,
+            Step.HALT: self._halt,
+        }
+        self._command_state(cfg)
+
+    def _take_namespaces(self, namespaces: Sequence[Namespace]) -> None:
+        self.namespaces: dict[int, Namespace] = {}
+        for ns in namespaces:
+            if ns.nsid in self.namespaces:
+                raise ValueError(f"duplicate NSID {ns.nsid}")
+            ns.assign_identifiers(self.config.serial)
+            self.namespaces[ns.nsid] = ns
+        # Identify NN: the largest NSID; the inactive ones in between read as zeroes.
+        self.nn = max(self.namespaces, default=0)
+
+    def _reset_counters(self) -> None:
+        """Statistics counters (the hot path increments them as plain attributes)."""
         self._db_sq_admin = 0
         self._db_sq_io = 0
         self._db_cq_admin = 0
@@ -178,34 +136,31 @@ class Controller:
         self._enable_count = 0
         self._admin_counts = [0] * 256
         self._io_counts = [0] * 256
-        self.features = admin.FeatureState(self)
-        self.async_events = admin.AsyncEvents(self)
-        self.interrupts = Interrupts(self.features, self._effects, self)
-        intms = self.interrupts
-        self.registers = RegisterFile(
+
+    def _register_file(self) -> RegisterFile:
+        """BAR0's registers: the live ones read from their owners, the side effects of a write."""
+        interrupts = self.interrupts
+        return RegisterFile(
             live={
                 Reg.CAP: lambda: self.cap,
                 Reg.CC: lambda: self.cc,
                 Reg.CSTS: lambda: self.csts,
-                Reg.INTMS: lambda: intms.intms,
-                Reg.INTMC: lambda: intms.intms,
+                Reg.INTMS: lambda: interrupts.intms,
+                Reg.INTMC: lambda: interrupts.intms,
             },
             actions={
                 Reg.CC: self._write_cc,
                 Reg.CSTS: self._write_csts,
-                Reg.INTMS: intms.mask,
-                Reg.INTMC: intms.unmask,
+                Reg.INTMS: interrupts.mask,
+                Reg.INTMC: interrupts.unmask,
                 Reg.NSSR: self._write_nssr,
             },
             enabled=lambda: self.enabled,
             tracer=self,
         )
-        self._steps: dict[Step, Callable[..., str | None]] = {
-            Step.START: self._start,
-            Step.FORGET: self._forget,
-            Step.FLUSH: self._flush,
-            Step.HALT: self._halt,
-        }
+
+    def _command_state(self, cfg: ControllerConfig) -> None:
+        """What the command handlers keep and use: error log, SMART, handler tables, limits."""
         self.error_log = admin.ErrorLog(cfg.error_log_entries)
         self.smart = admin.SmartCounters()
         self.io_handlers = faults.io_handlers(self.namespaces.values())
@@ -473,40 +428,6 @@ class Controller:
         """BAR0 offset just past the last doorbell register."""
         return self._doorbell_end
 
-    def check_shadow_tails(self) -> bool:
-        """An edge polling a mapped doorbell page: look at the shadow tail of every SQ whose
-        host keeps its shadow slot, and mark the ones with unconsumed commands pending.
-
-        A store into the mapped page cannot be seen as an event: a host that rings with the
-        very value the page already holds (a stale value from a lap ago, looked at while the
-        controller was idle at the same head) changes nothing there. The shadow slot it wrote
-        first is the truth. True if any SQ was marked."""
-        doorbells = self.doorbells
-        if not doorbells.active or not self.csts & 1 or self._fatal or self._memory_missing:
-            return False
-        found = False
-        for sq in self.sqs:
-            if (
-                sq is not None
-                and sq.shadow_mode
-                and sq.doorbell.slot_kept
-                and not sq.blocked
-                and doorbells.peek(sq.doorbell) != sq.head
-            ):
-                self._pending[sq.sqid] = sq
-                found = True
-        return found
-
-    def doorbell_values(self) -> list[tuple[int, int]]:
-        """(BAR0 offset, the value the controller holds) for every existing queue's doorbell: SQ
-        tails and CQ heads. An edge polling a mapped doorbell page compares against these."""
-        stride = 4 << self.dstrd
-        out = [(regs.DOORBELL_BASE + 2 * sq.sqid * stride, sq.tail) for sq in self.sqs if sq is not None]
-        out += [
-            (regs.DOORBELL_BASE + (2 * cq.cqid + 1) * stride, cq.head) for cq in self.cqs if cq is not None
-        ]
-        return out
-
     @property
     def completions(self) -> int:
         """Completions posted so far (cheap: an edge checks it after every pass for progress)."""
@@ -612,597 +533,7 @@ class Controller:
     def _ready(self) -> bool:
         return bool(self.csts & 1) and not self._fatal
 
-    # Section: doorbells
-
-    def mapped_doorbell(self, offset: int, value: int) -> list[Effect]:
-        """A doorbell value the edge found changed in a doorbell page the host writes directly
-        (mappable doorbells): handled as a doorbell write, counted apart from trapped ones."""
-        try:
-            self._doorbell_write(offset, value & 0xFFFFFFFF, trapped=False)
-        except Exception as exc:
-            log.exception("mapped_doorbell(%#x, %#x) failed", offset, value)
-            self._internal_errors += 1
-            self._set_fatal(f"internal error in a mapped doorbell: {exc!r}")
-        return self._take_effects()
-
-    def _doorbell_write(self, offset: int, value: int, *, trapped: bool = True) -> None:
-        # regs.decode_doorbell, inlined: once per doorbell.
-        stride = 4 << self.dstrd
-        rel = offset - regs.DOORBELL_BASE
-        if rel < 0 or rel % stride or offset >= self._doorbell_end:
-            self.registers.ignored(offset, 4, value, "not a doorbell register")
-            self._invalid_doorbell(-1, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
-            return
-        index = rel // stride
-        qid, is_cq = index >> 1, index & 1
-        if not self.csts & 1 or self._fatal or self._memory_missing:  # not self._ready()
-            if self._memory_missing and not self._fatal and self.csts & 1:
-                self._memory_gone()  # a doorbell for queues whose memory is not there
-                return
-            self.registers.ignored(offset, 4, value, "doorbell write while not ready")
-            return
-        if is_cq:
-            cq = self.cqs[qid]
-            if cq is None:
-                self._invalid_doorbell(qid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
-                return
-            if not trapped:
-                self._mapped_doorbells += 1
-            elif qid:
-                self._db_cq_io += 1
-            else:
-                self._db_cq_admin += 1
-            self._cq_doorbell(cq, value)
-        else:
-            sq = self.sqs[qid]
-            if sq is None:
-                self._invalid_doorbell(qid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER)
-                return
-            if not trapped:
-                self._mapped_doorbells += 1
-            elif qid:
-                self._db_sq_io += 1
-            else:
-                self._db_sq_admin += 1
-            self._sq_doorbell(sq, value)
-
-    def _invalid_doorbell(self, qid: int, is_cq: bool, value: int, info: AsyncEventErrorInfo) -> None:
-        self._invalid_doorbells += 1
-        if self.tracing:
-            name = (
-                "pci_nvme_err_db_invalid_queue"
-                if info is AsyncEventErrorInfo.INVALID_DOORBELL_REGISTER
-                else "pci_nvme_err_db_invalid_value"
-            )
-            self.trace(name, qid, int(is_cq), value)
-        if self._ready():
-            self.async_events.enqueue(AsyncEventType.ERROR_STATUS, info, LogPageId.ERROR_INFORMATION)
-
-    def _sq_doorbell(self, sq: SubmissionQueue, value: int) -> None:
-        sq.mmio_writes += 1
-        if self.tracing:
-            self.trace("pci_nvme_mmio_doorbell_sq", sq.sqid, value)
-        n = sq.size
-        if value >= n:
-            self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
-            return
-        if sq.shadow_mode:
-            shadow = self.doorbells.load(sq.doorbell)
-            if not sq.doorbell.slot_kept and not (
-                shadow < n and (shadow - sq.head) % n >= (value - sq.head) % n
-            ):
-                self._catch_up_shadow(sq, sq.sqid, False, shadow, value)
-            if self._sq_rang is not None:
-                self._sq_rang(sq, self.now)
-        else:
-            sq.tail = value
-        if not sq.blocked:
-            self._pending[sq.sqid] = sq
-
-    def _cq_doorbell(self, cq: CompletionQueue, value: int) -> None:
-        cq.mmio_writes += 1
-        if self.tracing:
-            self.trace("pci_nvme_mmio_doorbell_cq", cq.cqid, value)
-        n = cq.size
-        used = (cq.tail - cq.head) % n
-        if cq.shadow_mode and value < n:
-            shadow = self.doorbells.load(cq.doorbell)
-            if cq.doorbell.slot_kept:
-                # The host keeps its head in the slot: this MMIO is a wake-up, and a posted one
-                # may carry a head older than the slot's; the slot decides.
-                self._refresh_cq_head(cq)
-                return
-        # §4.1: the host may only consume posted entries: the new head lies in [head, tail].
-        if value >= n or (value - cq.head) % n > used:
-            self._invalid_doorbell(cq.cqid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
-            return
-        head = value
-        if cq.shadow_mode:
-            if shadow < n and (value - cq.head) % n <= (shadow - cq.head) % n <= used:
-                head = shadow
-            else:
-                self._catch_up_shadow(cq, cq.cqid, True, shadow, value)
-        self._set_cq_head(cq, head)
-
-    def _catch_up_shadow(
-        self, queue: SubmissionQueue | CompletionQueue, qid: int, is_cq: bool, shadow: int, value: int
-    ) -> None:
-        """An MMIO doorbell value ahead of the queue's shadow slot: see Doorbells.catch_up."""
-        self.doorbells.catch_up(queue.doorbell, value)
-        if self.tracing:
-            self.trace("pci_nvme_dbbuf_shadow_catchup", qid, int(is_cq), shadow, value)
-
-    def _sq_tail(self, sq: SubmissionQueue, value: int) -> int | None:
-        """A tail read from the SQ's shadow slot, or None if the value is not a valid tail."""
-        if value >= sq.size:
-            if self.tracing:
-                self.trace("pci_nvme_err_shadow_invalid_value", sq.sqid, 0, value)
-            self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
-            return None
-        if self.tracing:
-            self.trace("pci_nvme_update_sq_tail", sq.sqid, value)
-        return value
-
-    def _probe_sq(self, sq: SubmissionQueue, event_idx: int) -> int | None:
-        """Publish the SQ's EventIdx, fence, re-read its tail (None: not a valid tail). (_run_sq
-        does the same inline: once per I/O.)"""
-        value = self.doorbells.probe(sq.doorbell, event_idx, sq.size)
-        if self.tracing:
-            self.trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
-        return self._sq_tail(sq, value)
-
-    def _refresh_cq_head(self, cq: CompletionQueue, value: int | None = None) -> None:
-        """Learn how far the host has consumed, from the shadow slot (or the ``value`` a probe
-        just read there)."""
-        if not cq.shadow_mode:
-            return
-        if value is None:
-            value = self.doorbells.load(cq.doorbell)
-        n = cq.size
-        if value >= n or (value - cq.head) % n > (cq.tail - cq.head) % n:
-            if self.tracing:
-                self.trace("pci_nvme_err_shadow_invalid_value", cq.cqid, 1, value)
-            self._invalid_doorbell(cq.cqid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
-            return
-        if self.tracing:
-            self.trace("pci_nvme_update_cq_head", cq.cqid, value)
-        if value != cq.head:
-            self._set_cq_head(cq, value)
-
-    def _set_cq_head(self, cq: CompletionQueue, head: int) -> None:
-        cq.head = head
-        if cq.shadow_mode:
-            self._publish_cq_eventidx(cq)
-        if cq.waiting_for_room and not cq.is_full():
-            cq.waiting_for_room = False
-        if cq.backlog:
-            self._drain_backlog(cq)
-        for sq in cq.sqs.values():
-            if sq.blocked:
-                sq.blocked = False
-                self._pending[sq.sqid] = sq
-
-    def _publish_sq_eventidx(self, sq: SubmissionQueue, value: int) -> None:
-        self.doorbells.store_eventidx(sq.doorbell, value)
-        if self.tracing:
-            self.trace("pci_nvme_update_sq_eventidx", sq.sqid, value)
-
-    def _publish_cq_eventidx(self, cq: CompletionQueue, *, probe: bool = False) -> int:
-        """Publish the CQ's EventIdx; with ``probe``, fence and return the shadow head read again
-        (else -1). Blocked on a full CQ it asks for any progress of the head, whatever the policy."""
-        # rearm_event_idx, inlined: once per I/O.
-        value = (cq.head + (0 if cq.waiting_for_room else self._cq_ahead)) % cq.size
-        if self.tracing:
-            self.trace("pci_nvme_update_cq_eventidx", cq.cqid, value)
-        if probe:
-            return self.doorbells.probe(cq.doorbell, value)
-        self.doorbells.store_eventidx(cq.doorbell, value)
-        return -1
-
-    def _make_room(self, cq: CompletionQueue) -> bool:
-        """The CQ looks full by the head we know. Refresh it; if still full, ask for a wake-up."""
-        self._refresh_cq_head(cq)
-        if not cq.is_full():
-            return True
-        if cq.shadow_mode and not cq.waiting_for_room:
-            cq.waiting_for_room = True
-            self._refresh_cq_head(cq, self._publish_cq_eventidx(cq, probe=True))
-            if not cq.is_full():
-                cq.waiting_for_room = False
-                self._publish_cq_eventidx(cq)
-                return True
-        cq.waiting_for_room = True
-        if self.tracing:
-            self.trace("pci_nvme_err_cq_full", cq.cqid)
-        return False
-
-    # Section: shadow doorbell buffers
-
-    def configure_dbbuf(self, shadow_addr: int, eventidx_addr: int) -> None:
-        """Doorbell Buffer Config: take the pages and move every existing queue onto them.
-
-        Existing queues get their current tail / head written into their shadow slot (QEMU and
-        OpenVMM do the same), so the slot holds a valid value before the controller reads it.
-        """
-        self.doorbells.configure(self.memory, shadow_addr, eventidx_addr, self.page_size)
-        self._dbbuf_configs += 1
-        doorbells = self.doorbells
-        for sq in self.sqs:
-            if sq is None or (sq.sqid == 0 and not self.config.admin_queue_shadow):
-                continue
-            doorbells.take(sq.doorbell, sq.tail)
-            sq.shadow_mode = True
-            self._attach_sq_policy(sq)
-        for cq in self.cqs:
-            if cq is None or (cq.cqid == 0 and not self.config.admin_queue_shadow):
-                continue
-            doorbells.take(cq.doorbell, cq.head)
-            cq.shadow_mode = True
-            self._publish_cq_eventidx(cq)
-        if self.tracing:
-            self.trace("pci_nvme_dbbuf_config", shadow_addr, eventidx_addr)
-
-    def attach_to_dbbuf(self, sq: SubmissionQueue | None, cq: CompletionQueue | None) -> None:
-        """A queue created while shadow doorbells are on starts on its shadow slot."""
-        doorbells = self.doorbells
-        if not doorbells.active:
-            return
-        fresh = 0 if self.config.zero_shadow_on_create else None
-        if sq is not None:
-            doorbells.take(sq.doorbell, fresh)
-            sq.shadow_mode = True
-            self._attach_sq_policy(sq)
-        if cq is not None:
-            doorbells.take(cq.doorbell, fresh)
-            cq.shadow_mode = True
-            self._publish_cq_eventidx(cq)
-
-    def _attach_sq_policy(self, sq: SubmissionQueue) -> None:
-        """``sq`` has just switched onto its shadow slot: publish its first EventIdx."""
-        ahead = self.sq_policy.attached(sq)
-        self._publish_sq_eventidx(sq, rearm_event_idx(sq.head if ahead < 0 else sq.tail, ahead, sq.size))
-
-    # Section: EventIdx policies
-
-    def _set_policies(self, sq_policy: SqPolicyFactory, cq_policy: type[CqEventIdx]) -> None:
-        """Take the policies, caching what the hot path calls or reads."""
-        policy = self.sq_policy = sq_policy(self.config, self._refresh_cq_head)
-        self._sq_ran_dry = policy.ran_dry
-        self._sq_rearmed = policy.rearmed
-        self._sq_rang = policy.rang if overridden(policy, "rang") else None
-        self._sq_posted = policy.posted if overridden(policy, "posted") else None
-        self._cq_ahead = cq_policy.ahead
-        self._cq_on_completions = cq_policy.on_completions
-        self._completions_watched = self._cq_on_completions or self._sq_posted is not None
-
-    def _completions_posted(self, cq: CompletionQueue) -> None:
-        """Completions were posted to ``cq`` (shadow mode) in this pass: tell the policies."""
-        if self._cq_on_completions:
-            self._refresh_cq_head(cq)
-            self._publish_cq_eventidx(cq)
-        if self._sq_posted is not None:
-            self._sq_posted(cq, self.now)
-
-    def _expire_deadlines(self) -> None:
-        """Deadlines an SQ policy asked for that have passed: look at those shadow tails (e.g.
-        a host that placed fewer commands than predicted, and did not ring)."""
-        now = self.now
-        for sqid, sq in list(self._deadlines.items()):
-            if sq.deadline is None or self.sqs[sqid] is not sq:
-                del self._deadlines[sqid]
-            elif now >= sq.deadline:
-                del self._deadlines[sqid]
-                sq.deadline = None
-                self.sq_policy.deadline_passed(sq, now)
-                self._pending[sqid] = sq
-
-    # Section: command processing
-
-    def _run_pending(self, budget: int) -> None:
-        if self._fatal or not self.csts & 1:  # not self._ready()
-            self._pending.clear()
-            return
-        if self.memory.generation != self._memory_generation:
-            self._sync_memory()
-            if self._memory_missing:
-                self._memory_gone()
-            if self._fatal:
-                return
-        pending = self._pending
-        burst = self._arbitration_burst
-        while pending and budget > 0 and not self._fatal:
-            sqid = next(iter(pending))
-            sq = pending.pop(sqid)
-            if self.sqs[sqid] is not sq or sq.blocked:
-                continue
-            budget -= self._run_sq(sq, min(burst, budget))
-
-    def _run_sq(self, sq: SubmissionQueue, budget: int) -> int:
-        """Fetch and execute commands of one SQ; returns how many were taken."""
-        cq = sq.cq
-        n = sq.size
-        view = sq.view
-        execute = self._execute
-        processed = 0
-        attempts = 0
-        while True:
-            if sq.shadow_mode:
-                tail = self.doorbells.load(sq.doorbell, n)
-                if (tail >= n or self.tracing) and self._sq_tail(sq, tail) is None:
-                    return processed
-                sq.tail = tail
-            tail = sq.tail
-            head = sq.head
-            while head != tail:
-                if processed >= budget:
-                    self._pending[sq.sqid] = sq
-                    return processed
-                room = cq.tail + 1  # cq.is_full(), inlined: once per command
-                if room == cq.size:
-                    room = 0
-                if room == cq.head and not self._make_room(cq):
-                    sq.blocked = True
-                    return processed
-                if sq.remote and not self._fetch_remote_sqe(sq, head):
-                    return processed
-                fields = _SQE_UNPACK(view, head * SQE_SIZE)
-                head += 1
-                if head == n:
-                    head = 0
-                sq.head = head
-                processed += 1
-                sq.entries += 1
-                execute(sq, fields)
-                if self._fatal or self.sqs[sq.sqid] is not sq:
-                    return processed
-                # A command may have switched this queue onto the shadow page (Doorbell
-                # Buffer Config) or changed the tail; re-evaluate from the top.
-                if sq.shadow_mode and tail != sq.tail:
-                    break
-            else:
-                if not sq.shadow_mode:
-                    return processed
-                # Idle: the policy says when the host is to ring next.
-                ahead = self._sq_ran_dry(sq, processed, attempts, self.now)
-                event_idx = (head + ahead) % n  # rearm_event_idx, inlined: once per I/O
-                if ahead < 0:  # no doorbell wanted (the edge polls): nothing to probe
-                    self._publish_sq_eventidx(sq, event_idx)
-                    return processed
-                again = self.doorbells.probe(sq.doorbell, event_idx, n)  # _probe_sq, inlined
-                if self.tracing:
-                    self.trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
-                if again >= n or self.tracing:
-                    self._sq_tail(sq, again)  # an invalid value is reported, and ends the pass
-                if again == head or again >= n:
-                    sq.rearms_won += 1
-                    self._rearms_won += 1
-                    deadline = self._sq_rearmed(sq, ahead, self.now)
-                    if deadline is not None:
-                        sq.deadline = deadline
-                        self._deadlines[sq.sqid] = sq
-                    elif sq.deadline is not None:
-                        sq.deadline = None
-                        self._deadlines.pop(sq.sqid, None)
-                    if self.tracing:
-                        self.trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
-                    return processed
-                # The host moved the tail while we published: it may not ring. Keep going.
-                sq.rearms_lost += 1
-                self._rearms_lost += 1
-                attempts += 1
-                if attempts >= self.config.max_rearm_attempts:
-                    if self.tracing:
-                        self.trace("pci_nvme_err_rearm_exhausted", sq.sqid, attempts)
-                    self._pending[sq.sqid] = sq
-                    return processed
-
-    def _execute(self, sq: SubmissionQueue, fields: tuple[int, ...]) -> None:
-        opcode = fields[0]
-        cid = fields[2]
-        status = 0  # Status.SUCCESS
-        dw0 = 0
-        try:
-            if sq.sqid == 0:
-                self._admin_counts[opcode] += 1
-                if self.tracing:
-                    self.trace("pci_nvme_admin_cmd", cid, 0, opcode, opcode_name(opcode, True))
-                handler = self.admin_handlers.get(opcode)
-            else:
-                self._io_counts[opcode] += 1
-                if self.tracing:
-                    self.trace("pci_nvme_io_cmd", cid, fields[3], sq.sqid, opcode, opcode_name(opcode, False))
-                handler = self.io_handlers.get(opcode)
-            if handler is None:
-                raise CommandFailed(Status.INVALID_OPCODE | DNR, "invalid opcode")
-            if fields[1] & _FUSE_MASK:
-                raise CommandFailed(Status.INVALID_FIELD | DNR, "fused operations are not supported")
-            result = handler(self, sq, fields)
-            if result is None:
-                return  # completed later (Asynchronous Event Request)
-            status, dw0 = result
-        except CommandFailed as failure:
-            status = failure.status
-            if self.tracing:
-                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, failure.reason)
-        except GuestMemoryError as exc:
-            status = Status.DATA_TRANSFER_ERROR | DNR
-            if self.tracing:
-                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, str(exc))
-        except Exception as exc:  # an emulator bug: fail the command, keep serving
-            log.exception("command opcode %#x on sqid %d failed", opcode, sq.sqid)
-            self._internal_errors += 1
-            status = Status.INTERNAL_ERROR
-            if self.tracing:
-                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, repr(exc))
-        if status:
-            self.record_error(sq.sqid, cid, status, fields[3])
-        cq = sq.cq
-        room = cq.tail + 1  # post_completion, inlined
-        if room == cq.size:
-            room = 0
-        if room == cq.head or cq.backlog:
-            cq.backlog.append((sq, cid, status, dw0))
-        else:
-            self._write_cqe(cq, sq, cid, status, dw0)
-
-    def record_error(self, sqid: int, cid: int, status: int, nsid: int, *, lba: int = 0) -> None:
-        """A command completes with an error status: counted, and an Error Information entry."""
-        self._error_completions += 1
-        self.error_log.record(sqid, cid, status, nsid, lba=lba)
-
-    # Section: queues admin commands create and delete
-
-    def add_cq(self, cq: CompletionQueue) -> None:
-        self.cqs[cq.cqid] = cq
-        self.attach_to_dbbuf(None, cq)
-
-    def add_sq(self, sq: SubmissionQueue) -> None:
-        sq.cq.sqs[sq.sqid] = sq
-        self.sqs[sq.sqid] = sq
-        self.attach_to_dbbuf(sq, None)
-
-    def remove_sq(self, sq: SubmissionQueue) -> None:
-        del sq.cq.sqs[sq.sqid]
-        self.sqs[sq.sqid] = None
-        sq.release()
-        self._pending.pop(sq.sqid, None)
-
-    def remove_cq(self, cq: CompletionQueue) -> None:
-        self.cqs[cq.cqid] = None
-        self._touched_cqs.pop(cq.cqid, None)
-        cq.release()
-
-    def post_completion(self, sq: SubmissionQueue, cid: int, status: int, dw0: int) -> None:
-        """Post a CQE for a command of ``sq`` (the CQ has room: checked before fetching)."""
-        cq = sq.cq
-        if cq.is_full() or cq.backlog:
-            # Only completions made later (AER, Abort) can find the CQ full; keep them in order.
-            cq.backlog.append((sq, cid, status, dw0))
-            return
-        self._write_cqe(cq, sq, cid, status, dw0)
-
-    def _write_cqe(self, cq: CompletionQueue, sq: SubmissionQueue, cid: int, status: int, dw0: int) -> None:
-        tail = cq.tail
-        offset = tail * CQE_SIZE
-        view = cq.view
-        _CQE_HEAD_PACK(view, offset, dw0 & 0xFFFFFFFF, 0, sq.head, sq.sqid)
-        dword3 = cid | (((status << 1) | cq.phase) << 16)
-        dwords = cq.dwords
-        if dwords is not None:
-            dwords[(offset >> 2) + 3] = dword3  # one store: see queues._dwords
-        else:  # pragma: no cover - big-endian hosts
-            _CQE_TAIL_PACK(view, offset + 12, dword3)
-        if cq.remote:
-            self._push_remote_cqe(cq, offset)
-        tail += 1
-        if tail == cq.size:
-            tail = 0
-            cq.phase ^= 1
-        cq.tail = tail
-        cq.entries += 1
-        self._completions += 1
-        self._touched_cqs[cq.cqid] = cq
-        if self.tracing:
-            self.trace("pci_nvme_enqueue_req_completion", cid, cq.cqid, dw0 & 0xFFFFFFFF, status)
-
-    def _fetch_remote_sqe(self, sq: SubmissionQueue, head: int) -> bool:
-        offset = head * SQE_SIZE
-        try:
-            self.memory.read_into(sq.base + offset, sq.view[offset : offset + SQE_SIZE])
-        except GuestMemoryError as exc:
-            self._set_fatal(f"sqid {sq.sqid}: entry unreachable: {exc}")
-            return False
-        return True
-
-    def _push_remote_cqe(self, cq: CompletionQueue, offset: int) -> None:
-        try:
-            self.memory.write(cq.base + offset, cq.view[offset : offset + CQE_SIZE])
-        except GuestMemoryError as exc:
-            self._set_fatal(f"cqid {cq.cqid}: entry unreachable: {exc}")
-
-    def _drain_backlog(self, cq: CompletionQueue) -> None:
-        while cq.backlog and not cq.is_full():
-            sq, cid, status, dw0 = cq.backlog.pop(0)
-            self._write_cqe(cq, sq, cid, status, dw0)
-
-    # Section: interrupts
-
-    def _deliver_interrupts(self) -> None:
-        touched = self._touched_cqs
-        if touched:
-            if self._completions_watched:
-                for cq in touched.values():
-                    if cq.shadow_mode:
-                        self._completions_posted(cq)
-            self.interrupts.deliver(touched, self.now)
-            touched.clear()
-        elif self.interrupts.coalescing:
-            self.interrupts.deliver_coalesced(self.now)
-
     # Section: helpers
-
-    def memory_changed(self) -> list[Effect]:
-        """The guest memory map changed (DMA map / unmap): drop every view into the old map now,
-        so the caller can unmap the memory behind it. A queue whose memory is gone is fatal only
-        once the controller needs it: a client that remaps memory in several steps (QEMU does,
-        whenever the guest's memory layout changes, e.g. while the firmware runs) may take it
-        away and give it back between two accesses."""
-        self._sync_memory()
-        return self._take_effects()
-
-    def _memory_gone(self) -> None:
-        """The host took memory away from under live queues and then used them: drop the
-        queues (no view may survive the unmap) and report CFS; the host must reset (§9.5)."""
-        reason = self._memory_missing or "queue or doorbell memory unmapped"
-        self._drop_queues()
-        self._set_fatal(f"queue or doorbell memory unmapped: {reason}")
-
-    def _sync_memory(self) -> None:
-        """Look every cached view up again; release them all first so none outlives its region."""
-        self._memory_generation = self.memory.generation
-        queues = [q for q in (*self.cqs, *self.sqs) if q is not None]
-        for queue in queues:
-            queue.drop_view()
-        if self._memory_missing is None:
-            self._dbbuf_wanted = (
-                self.doorbells.active,
-                self.doorbells.shadow_addr,
-                self.doorbells.eventidx_addr,
-                self.doorbells.page_size,
-            )
-        was_active, shadow_addr, eventidx_addr, page_size = self._dbbuf_wanted
-        self.doorbells.reset()
-        try:
-            for cq in self.cqs:
-                if cq is not None:
-                    view, cq.remote = self.memory.window(cq.base, cq.size * CQE_SIZE, write=True)
-                    cq.set_view(view)
-            for sq in self.sqs:
-                if sq is not None:
-                    sq.view, sq.remote = self.memory.window(sq.base, sq.size * SQE_SIZE)
-            if was_active:
-                self.doorbells.configure(self.memory, shadow_addr, eventidx_addr, page_size)
-            self._memory_missing = None
-        except GuestMemoryError as exc:
-            # Not fatal yet (see memory_changed): no view is kept, and every path that would
-            # touch a queue or a doorbell page checks _memory_missing first.
-            for queue in queues:
-                queue.drop_view()
-            self.doorbells.reset()
-            self._memory_missing = str(exc)
-            if self.tracing:
-                self.trace("pci_nvme_memory_missing", str(exc))
-
-    def _drop_queues(self) -> None:
-        self._memory_missing = None
-        for queues in (self.sqs, self.cqs):
-            for qid, queue in enumerate(queues):
-                if queue is not None:
-                    queue.release()
-                    queues[qid] = None
-        self.doorbells.reset()
-        self._pending.clear()
-        self._touched_cqs.clear()
 
     def _set_fatal(self, reason: str) -> None:
         self._fire(Event.FATAL, reason)

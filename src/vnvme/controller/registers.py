@@ -19,7 +19,8 @@ import errno
 from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
-from vnvme.spec.registers import DOORBELL_BASE, REGISTER_FILE_SIZE, REGISTERS, Reg, Register
+from vnvme.controller.config import ControllerConfig
+from vnvme.spec.registers import CAP, DOORBELL_BASE, REGISTER_FILE_SIZE, REGISTERS, Reg, Register, compose
 
 #: (BAR0 offset, size, value, reason) of one ignored or refused access, as traced.
 Report = tuple[int, int, int, str]
@@ -28,6 +29,20 @@ WIDTH_OR_ALIGNMENT: Final = "unsupported write width or alignment"
 READ_WIDTH_OR_ALIGNMENT: Final = "unsupported read width or alignment"
 READ_ONLY: Final = "write to a read-only or reserved register"
 _SIZES: Final = (1, 2, 4, 8)
+
+
+def capabilities(cfg: ControllerConfig) -> int:
+    """CAP (§3.1.1) for a configuration."""
+    return compose(
+        (CAP.MQES, cfg.max_queue_entries - 1),
+        (CAP.CQR, 1),
+        (CAP.TO, cfg.timeout_500ms),
+        (CAP.DSTRD, cfg.dstrd),
+        (CAP.NSSRS, int(cfg.nssr_supported)),
+        (CAP.CSS, 1),  # NVM command set
+        (CAP.MPSMIN, cfg.mps_min),
+        (CAP.MPSMAX, cfg.mps_max),
+    )
 
 
 class RegisterRefused(Exception):
