@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from vnvme.controller.admin import AsyncEvents, ErrorLog, FeatureState, SmartCounters
+    from vnvme.controller.admin_state import AsyncEvents, ErrorLog, FeatureState, SmartCounters
     from vnvme.controller.config import ControllerConfig
     from vnvme.controller.faults import DelayedCompletions
     from vnvme.controller.namespace import Namespace

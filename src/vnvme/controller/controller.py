@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from vnvme.controller import admin, faults
+from vnvme.controller.admin_state import AsyncEvents, ErrorLog, FeatureState, SmartCounters
 from vnvme.controller.config import ControllerConfig
 from vnvme.controller.doorbell_writes import DoorbellWrites
 from vnvme.controller.doorbells import Doorbells
@@ -97,8 +98,8 @@ class Controller(DoorbellWrites, CommandProcessing):
         self._deadlines: dict[int, SubmissionQueue] = {}
         self.now = 0.0
         self._reset_counters()
-        self.features = admin.FeatureState(self)
-        self.async_events = admin.AsyncEvents(self)
+        self.features = FeatureState(self)
+        self.async_events = AsyncEvents(self)
         self.interrupts = Interrupts(self.features, self._effects, self)
         self.registers = self._register_file()
         self._steps: dict[Step, Callable[..., str | None]] = {
@@ -161,8 +162,8 @@ class Controller(DoorbellWrites, CommandProcessing):
 
     def _command_state(self, cfg: ControllerConfig) -> None:
         """What the command handlers keep and use: error log, SMART, handler tables, limits."""
-        self.error_log = admin.ErrorLog(cfg.error_log_entries)
-        self.smart = admin.SmartCounters()
+        self.error_log = ErrorLog(cfg.error_log_entries)
+        self.smart = SmartCounters()
         self.io_handlers = faults.io_handlers(self.namespaces.values())
         # Completions a fault hook delays (faults.py): deadlines for next_deadline() / process().
         self.delayed = faults.DelayedCompletions()

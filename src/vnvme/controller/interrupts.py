@@ -16,7 +16,7 @@ from vnvme.effects import Effect, RaiseInterrupt
 from vnvme.spec.features import InterruptCoalescing
 
 if TYPE_CHECKING:
-    from vnvme.controller.admin import FeatureState
+    from vnvme.controller.admin_state import FeatureState
     from vnvme.controller.queues import CompletionQueue
 
 # Effects are immutable: one RaiseInterrupt per vector, made once.
