@@ -59,12 +59,9 @@ class CommandProcessing:
 
     def _run_sq(self: Controller, sq: SubmissionQueue, budget: int) -> int:
         """Fetch and execute commands of one SQ; returns how many were taken."""
-        cq = sq.cq
-        n = sq.size
-        view = sq.view
+        cq, n, view = sq.cq, sq.size, sq.view
         execute = self._execute
-        processed = 0
-        attempts = 0
+        processed = attempts = 0
         while True:
             if sq.shadow_mode:
                 tail = self.doorbells.load(sq.doorbell, n)
@@ -109,32 +106,48 @@ class CommandProcessing:
                     self._publish_sq_eventidx(sq, event_idx)
                     return processed
                 again = self.doorbells.probe(sq.doorbell, event_idx, n)  # _probe_sq, inlined
-                if self.tracing:
-                    self.trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
                 if again >= n or self.tracing:
-                    self._sq_tail(sq, again)  # an invalid value is reported, and ends the pass
+                    self._sq_probed(sq, event_idx, again)  # an invalid value ends the pass
                 if again == head or again >= n:
-                    sq.rearms_won += 1
-                    self._rearms_won += 1
-                    deadline = self._sq_rearmed(sq, ahead, self.now)
-                    if deadline is not None:
-                        sq.deadline = deadline
-                        self._deadlines[sq.sqid] = sq
-                    elif sq.deadline is not None:
-                        sq.deadline = None
-                        self._deadlines.pop(sq.sqid, None)
-                    if self.tracing:
-                        self.trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
+                    self._sq_rearm_won(sq, ahead, attempts)
                     return processed
                 # The host moved the tail while we published: it may not ring. Keep going.
-                sq.rearms_lost += 1
-                self._rearms_lost += 1
-                attempts += 1
-                if attempts >= self.config.max_rearm_attempts:
-                    if self.tracing:
-                        self.trace("pci_nvme_err_rearm_exhausted", sq.sqid, attempts)
-                    self._pending[sq.sqid] = sq
+                attempts = self._sq_rearm_lost(sq, attempts)
+                if attempts < 0:
                     return processed
+
+    def _sq_probed(self: Controller, sq: SubmissionQueue, event_idx: int, value: int) -> None:
+        """Trace an SQ probe and report a tail that is not valid (tracing, or a bad value)."""
+        if self.tracing:
+            self.trace("pci_nvme_update_sq_eventidx", sq.sqid, event_idx)
+        self._sq_tail(sq, value)
+
+    def _sq_rearm_won(self: Controller, sq: SubmissionQueue, ahead: int, attempts: int) -> None:
+        """The SQ's EventIdx is published and no new tail came meanwhile: the host rings next."""
+        sq.rearms_won += 1
+        self._rearms_won += 1
+        deadline = self._sq_rearmed(sq, ahead, self.now)
+        if deadline is not None:
+            sq.deadline = deadline
+            self._deadlines[sq.sqid] = sq
+        elif sq.deadline is not None:
+            sq.deadline = None
+            self._deadlines.pop(sq.sqid, None)
+        if self.tracing:
+            self.trace("pci_nvme_rearm", sq.sqid, 1, attempts + 1)
+
+    def _sq_rearm_lost(self: Controller, sq: SubmissionQueue, attempts: int) -> int:
+        """A new tail came while EventIdx was published: the attempts so far, or -1 once they are
+        exhausted (the SQ stays pending: the next pass looks again)."""
+        sq.rearms_lost += 1
+        self._rearms_lost += 1
+        attempts += 1
+        if attempts < self.config.max_rearm_attempts:
+            return attempts
+        if self.tracing:
+            self.trace("pci_nvme_err_rearm_exhausted", sq.sqid, attempts)
+        self._pending[sq.sqid] = sq
+        return -1
 
     def _execute(self: Controller, sq: SubmissionQueue, fields: tuple[int, ...]) -> None:
         opcode = fields[0]
