@@ -201,6 +201,8 @@ class VfioUserServer:
         self.version_done = False
         self._channel: Channel | None = None
         self._deferred: collections.deque[Message] = collections.deque()
+        # The listener and wake-up fd of the connection being served (serve_connection).
+        self._others: tuple[socket.socket | None, int | None] = (None, None)
         self._stop_connection = False
         self._server_msg_id = 0
         self.dma_messages = 0
@@ -227,91 +229,19 @@ class VfioUserServer:
     ) -> None:
         """Serve one client until it disconnects or :meth:`stop` is called; a second client
         connecting to ``listener`` meanwhile is refused (closed at once)."""
-        channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds, buffered=True)
-        self._channel = channel
-        self._writes_until_check = 0  # a new client: look at its CPU affinity again
-        self._ran_early = None
-        self._replied_early = False
-        self._deferred.clear()
-        self._stop_connection = False
-        self.clients_served += 1
-        self._trace("vfio_user_connect", self.clients_served)
-        self.version_done = False
+        channel = self._begin_connection(sock)
         poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        if listener is not None:
-            poller.register(listener, select.POLLIN)
-        if wakeup is not None:
-            poller.register(wakeup, select.POLLIN)
-        device = self.device
-        sock_fd = sock.fileno()
         watched = (
-            [sock_fd]
-            + ([listener.fileno()] if listener is not None else [])
+            [sock.fileno()]
+            + ([listener.fileno()] if listener else [])
             + ([wakeup] if wakeup is not None else [])
         )
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
         reason = ""
-        passes = self.options.poll_passes
-        idle_passes = 0
         try:
-            while not self._stop and not self._stop_connection:
-                while self._deferred:
-                    # Commands that arrived while we waited for a DMA reply, in order.
-                    self._handle_message(channel, self._deferred.popleft())
-                if channel.framing_lost is not None:
-                    # Met while waiting for a DMA reply: answered after the commands before it.
-                    raise channel.framing_lost
-                busy = self._ran_early
-                if busy is None:
-                    busy = device.run(time.monotonic())
-                else:
-                    self._ran_early = None  # the pass the last message's write ran is this one
-                if self._deferred or channel.framing_lost is not None:
-                    continue  # the pass waited for DMA replies and commands came in meanwhile
-                if busy or idle_passes < passes:
-                    idle_passes = 0 if busy else idle_passes + 1
-                    timeout_ms: float | None = 0
-                elif device.idle():
-                    deadline = device.next_deadline()
-                    timeout_ms = None if deadline is None else max(0.0, (deadline - time.monotonic()) * 1e3)
-                else:
-                    idle_passes = 0
-                    continue
-                if channel.buffered_header():
-                    # A message came in with the last read: poll() cannot see it.
-                    events = [(sock_fd, select.POLLIN)]
-                elif (
-                    timeout_ms != 0
-                    and self._replied_early
-                    and (early := self._early_message(channel)) is not None
-                ):
-                    # About to wait, but a client on our CPU that we answered after acting on
-                    # its write has usually sent its next message by now (it ran when the reply
-                    # woke it): one read, no poll() first. (Not in polling passes, where poll(0)
-                    # is cheaper than a failed read, nor after posted writes, which no reply
-                    # paces.)
-                    self._handle_message(channel, early)
-                    idle_passes = 0
-                    continue
-                elif timeout_ms is not None and 0 < timeout_ms < 1:
-                    # poll() rounds a timeout up to whole milliseconds; select() waits in
-                    # microseconds and still wakes for a message.
-                    ready, _, _ = select.select(watched, [], [], timeout_ms / 1e3)
-                    events = [(fd, select.POLLIN) for fd in ready]
-                else:
-                    events = poller.poll(timeout_ms)
-                for fd, _ in events:
-                    if fd == sock_fd:
-                        self._handle_message(channel, channel.receive())  # _handle_one
-                        idle_passes = 0
-                    elif listener is not None and fd == listener.fileno():
-                        extra, _ = listener.accept()
-                        log.warning("refusing a second client while one is attached")
-                        self.errors["second_client"] += 1
-                        extra.close()
-                    elif wakeup is not None and fd == wakeup:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(wakeup, 512)
+            self._others = (listener, wakeup)
+            self._serve_messages(channel, poller, watched)
         except MessageTooLarge as exc:
             self._refuse_too_large(channel, exc)
             reason = f"{exc.reason}: framing lost, connection closed"
@@ -322,15 +252,99 @@ class VfioUserServer:
             log.info("client connection lost: %s", exc)
             reason = str(exc)
         finally:
-            if not reason:
-                reason = "server stopping" if self._stop else "client unreachable"
-            self._trace("vfio_user_disconnect", reason)
-            self._channel = None
-            channel.drop_pending()
-            for message in self._deferred:
-                message.close_fds()
-            self._deferred.clear()
-            self._disconnect()
+            self._end_connection(channel, reason)
+
+    def _begin_connection(self, sock: socket.socket) -> Channel:
+        channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds, buffered=True)
+        self._channel = channel
+        self._writes_until_check = 0  # a new client: look at its CPU affinity again
+        self._ran_early = None
+        self._replied_early = False
+        self._deferred.clear()
+        self._stop_connection = False
+        self.clients_served += 1
+        self._trace("vfio_user_connect", self.clients_served)
+        self.version_done = False
+        return channel
+
+    def _end_connection(self, channel: Channel, reason: str) -> None:
+        if not reason:
+            reason = "server stopping" if self._stop else "client unreachable"
+        self._trace("vfio_user_disconnect", reason)
+        self._channel = None
+        channel.drop_pending()
+        for message in self._deferred:
+            message.close_fds()
+        self._deferred.clear()
+        self._disconnect()
+
+    def _serve_messages(self, channel: Channel, poller: select.poll, watched: list[int]) -> None:
+        """The connection's loop: device passes, then messages (or a wait for one)."""
+        device = self.device
+        sock_fd = watched[0]
+        passes = self.options.poll_passes
+        idle_passes = 0
+        while not self._stop and not self._stop_connection:
+            while self._deferred:
+                # Commands that arrived while we waited for a DMA reply, in order.
+                self._handle_message(channel, self._deferred.popleft())
+            if channel.framing_lost is not None:
+                # Met while waiting for a DMA reply: answered after the commands before it.
+                raise channel.framing_lost
+            busy = self._ran_early
+            if busy is None:
+                busy = device.run(time.monotonic())
+            else:
+                self._ran_early = None  # the pass the last message's write ran is this one
+            if self._deferred or channel.framing_lost is not None:
+                continue  # the pass waited for DMA replies and commands came in meanwhile
+            if busy or idle_passes < passes:
+                idle_passes = 0 if busy else idle_passes + 1
+                timeout_ms: float | None = 0
+            elif device.idle():
+                deadline = device.next_deadline()
+                timeout_ms = None if deadline is None else max(0.0, (deadline - time.monotonic()) * 1e3)
+            else:
+                idle_passes = 0
+                continue
+            if channel.buffered_header():
+                # A message came in with the last read: poll() cannot see it.
+                events = [(sock_fd, select.POLLIN)]
+            elif (
+                timeout_ms != 0
+                and self._replied_early
+                and (early := self._early_message(channel)) is not None
+            ):
+                # About to wait, but a client on our CPU answered after we acted on its write has
+                # usually sent its next message by now: one read, no poll() first (not in polling
+                # passes, where poll(0) is cheaper than a failed read, nor after posted writes).
+                self._handle_message(channel, early)
+                idle_passes = 0
+                continue
+            elif timeout_ms is not None and 0 < timeout_ms < 1:
+                # poll() rounds a timeout up to whole milliseconds; select() waits in microseconds.
+                ready, _, _ = select.select(watched, [], [], timeout_ms / 1e3)
+                events = [(fd, select.POLLIN) for fd in ready]
+            else:
+                events = poller.poll(timeout_ms)
+            for fd, _ in events:
+                if fd == sock_fd:
+                    self._handle_message(channel, channel.receive())  # _handle_one
+                    idle_passes = 0
+                else:
+                    self._other_event(fd)
+
+    def _other_event(self, fd: int) -> None:
+        """A second client at the listener (refused), or the wake-up fd (drained)."""
+        listener, wakeup = self._others
+        if listener is not None and fd == listener.fileno():
+            extra, _ = listener.accept()
+            log.warning("refusing a second client while one is attached")
+            self.errors["second_client"] += 1
+            extra.close()
+        elif wakeup is not None and fd == wakeup:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wakeup, 512)
 
     def _refuse_too_large(self, channel: Channel, exc: MessageTooLarge) -> None:
         """E2BIG for a header declaring more than the maximum (none of its body read), then
