@@ -17,6 +17,7 @@ A polling edge calls :meth:`Controller.poll` instead of waiting for doorbells, a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 from collections.abc import Iterable, Sequence
@@ -93,6 +94,10 @@ class ControllerStatistics:
     internal_errors: int
     #: Doorbell values taken from a doorbell page the host writes directly (mappable doorbells).
     mapped_doorbell_updates: int
+    #: The SQ EventIdx policy's predictions met / missed and larger batches offered (ADAPTIVE).
+    predictions_met: int = 0
+    predictions_missed: int = 0
+    batch_offers: int = 0
     admin_commands: dict[str, int] = field(default_factory=dict)
     io_commands: dict[str, int] = field(default_factory=dict)
 
@@ -187,6 +192,7 @@ class Controller:
         self._rearms_won = 0
         self._rearms_lost = 0
         self._interrupts = 0
+        self._vector_interrupts: dict[int, int] = {}  # by MSI-X vector, for queue_statistics()
         self._completions = 0
         self._error_completions = 0
         self._dbbuf_configs = 0
@@ -398,13 +404,29 @@ class Controller:
             shadow_catchups=self.doorbells.catchups,
             internal_errors=self._internal_errors,
             mapped_doorbell_updates=self._mapped_doorbells,
+            predictions_met=self.sq_policy.met,
+            predictions_missed=self.sq_policy.missed,
+            batch_offers=self.sq_policy.offers,
             admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
             io_commands={opcode_name(op, False): n for op, n in enumerate(self._io_counts) if n},
         )
 
     def queue_statistics(self) -> list[QueueStatistics]:
-        sqs = [sq.statistics() for sq in self.sqs if sq is not None]
-        return sqs + [cq.statistics() for cq in self.cqs if cq is not None]
+        sqs = []
+        for sq in self.sqs:
+            if sq is not None:
+                met, missed, offers = self.sq_policy.counters(sq)
+                sqs.append(
+                    dataclasses.replace(
+                        sq.statistics(), predictions_met=met, predictions_missed=missed, batch_offers=offers
+                    )
+                )
+        cqs = [
+            dataclasses.replace(cq.statistics(), interrupts=self._vector_interrupts.get(cq.vector, 0))
+            for cq in self.cqs
+            if cq is not None
+        ]
+        return sqs + cqs
 
     def critical_warning(self) -> int:
         """SMART Critical Warning bits (temperature against the thresholds)."""
@@ -1211,6 +1233,7 @@ class Controller:
                 self._trace("pci_nvme_irq_masked", vector)
             return
         self._interrupts += 1
+        self._vector_interrupts[vector] = self._vector_interrupts.get(vector, 0) + 1
         effect = _RAISE[vector] if vector < _RAISE_CACHED else RaiseInterrupt(vector)
         self._effects.append(effect)
         if self._tracing:
