@@ -32,8 +32,9 @@ log = logging.getLogger("vnvme.serve")
 
 DEFAULT_SOCKET = "/tmp/vnvme.sock"
 REFERENCE_NAMESPACE = "null,size=1G"
-#: --poll-budget's default: measured in a Linux guest, see benchmarks/VM-RESULTS.md.
-DEFAULT_POLL_BUDGET = 1.0
+#: --poll-budget's default: in a Linux guest under TCG on 2 CPUs no budget made polling beat the
+#: event-driven controller (benchmarks/VM-RESULTS.md), so it stays modest: a quarter of a CPU.
+DEFAULT_POLL_BUDGET = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
