@@ -19,6 +19,12 @@ from host import make_rig
 from vnvme.controller.config import ControllerConfig, SqEventIdxPolicy
 from vnvme.controller.namespace import Namespace, NullBackend
 from vnvme.spec.commands import NvmOpcode
+from vnvme.spec.log_pages import (
+    VNVME_COUNTERS,
+    VNVME_COUNTERS_LID,
+    VNVME_QUEUE_ROW,
+    VNVME_QUEUE_ROWS_OFFSET,
+)
 
 GAP = 150e-6  # a TCG guest places a command every 100-300 us
 
@@ -125,3 +131,58 @@ def test_adaptive_offers_a_depth_1_host_larger_batches_ever_more_rarely() -> Non
     assert run.missed == run.offers
     assert run.offers <= 12  # 4 + 8 + 16 + ... + 1024 predictions met between offers
     assert run.elapsed <= eager.elapsed * 1.05
+
+
+def test_predictions_and_interrupts_are_counted_per_queue_and_in_the_c0h_page() -> None:
+    clock = Clock()
+    rig = make_rig(
+        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
+        config=ControllerConfig(sq_eventidx=SqEventIdxPolicy.ADAPTIVE),
+        trace=(),
+        clock=clock,
+        io_queues=2,
+    )
+    try:
+        driver, ctrl = rig.driver, rig.controller
+        buf = rig.host_memory.alloc(4096)
+        for qid, batches in ((1, 40), (2, 3)):
+            qp = driver.queue(qid)
+            for _ in range(batches):  # 4 commands, one doorbell for them all
+                for _ in range(4):
+                    clock.now += GAP
+                    qp.submit(driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+                qp.ring_sq()
+                while len(qp.reap()) < 4 and (deadline := ctrl.next_deadline()) is not None:
+                    clock.now = max(clock.now, deadline)
+                    rig.transport.device_idle()
+                qp.ring_cq()
+        stats = ctrl.statistics()
+        rows = {q.qid: q for q in ctrl.queue_statistics() if not q.is_cq}
+        cqs = {q.qid: q for q in ctrl.queue_statistics() if q.is_cq}
+        assert rows[1].predictions_met > 30 and rows[2].predictions_met + rows[2].predictions_missed >= 2
+        assert stats.predictions_met == sum(q.predictions_met for q in rows.values())
+        assert stats.predictions_missed == sum(q.predictions_missed for q in rows.values())
+        assert stats.batch_offers == sum(q.batch_offers for q in rows.values()) > 0
+        assert cqs[1].interrupts > 0 and cqs[2].interrupts > 0
+        page_bytes = driver.get_log_page(VNVME_COUNTERS_LID, 512)
+        page = VNVME_COUNTERS.unpack(page_bytes)
+        assert page["queue_rows"] == 2
+        assert (page["predictions_met"], page["predictions_missed"], page["batch_offers"]) == (
+            stats.predictions_met,
+            stats.predictions_missed,
+            stats.batch_offers,
+        )
+        for i, qid in enumerate((1, 2)):
+            offset = VNVME_QUEUE_ROWS_OFFSET + i * VNVME_QUEUE_ROW.size
+            row = VNVME_QUEUE_ROW.unpack(page_bytes[offset : offset + VNVME_QUEUE_ROW.size])
+            q = rows[qid]
+            assert row["sqid"] == qid
+            assert (row["commands"], row["sq_doorbells"]) == (q.entries, q.mmio_doorbell_writes)
+            assert (row["predictions_met"], row["predictions_missed"], row["batch_offers"]) == (
+                q.predictions_met,
+                q.predictions_missed,
+                q.batch_offers,
+            )
+            assert row["interrupts"] == cqs[qid].interrupts
+    finally:
+        rig.close()

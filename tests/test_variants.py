@@ -53,6 +53,11 @@ def test_the_demo_compares_the_controller_defaults_and_their_neighbours() -> Non
     assert all(len(v.label) <= 28 for v in demo.VARIANTS)  # the demo's table column
 
 
+def test_a_poll_budget_reaches_serve() -> None:
+    assert VARIANTS["dbbuf-poll-cpu"].serve_args() == ("--poll", "--poll-budget", "1.0")
+    assert VARIANTS["dbbuf-poll"].serve_args() == ("--poll",)  # serve's default budget
+
+
 def test_every_policy_is_offered_by_serve() -> None:
     offered = {v.sq_eventidx for v in VARIANTS.values()}, {v.cq_eventidx for v in VARIANTS.values()}
     assert offered == (set(SqEventIdxPolicy), set(CqEventIdxPolicy))

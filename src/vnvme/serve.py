@@ -32,6 +32,9 @@ log = logging.getLogger("vnvme.serve")
 
 DEFAULT_SOCKET = "/tmp/vnvme.sock"
 REFERENCE_NAMESPACE = "null,size=1G"
+#: --poll-budget's default: in a Linux guest under TCG on 2 CPUs no budget made polling beat the
+#: event-driven controller (benchmarks/VM-RESULTS.md), so it stays modest: a quarter of a CPU.
+DEFAULT_POLL_BUDGET = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +118,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --poll: idle passes before the controller rearms EventIdx and sleeps (2000)",
     )
     parser.add_argument(
+        "--poll-budget",
+        type=float,
+        default=DEFAULT_POLL_BUDGET,
+        help="with --poll or --mappable-doorbells: the share of one CPU the server may spend "
+        "polling without finding work (0..1, 1 = no limit); past it the controller rearms and "
+        f"the server sleeps until a doorbell, so a guest on the same CPUs is not starved ({DEFAULT_POLL_BUDGET})",
+    )
+    parser.add_argument(
         "--mappable-doorbells",
         action="store_true",
         help="offer the doorbell page as shared memory the client maps (sparse mmap of BAR0): doorbell "
@@ -155,6 +166,7 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "max_batch_wait": (int, float),
     "poll": (bool,),
     "poll_passes": (int,),
+    "poll_budget": (int, float),
     "mappable_doorbells": (bool,),
     "idle_sleep": (int, float),
     "max_io_queues": (int,),
@@ -246,6 +258,10 @@ def format_statistics(server: VfioUserServer, function: NvmeFunction) -> str:
         "messages": dict(server.messages),
         "message_errors": dict(server.errors),
         "clients_served": server.clients_served,
+        "polling": {
+            "idle_seconds": round(budget.spent, 6) if (budget := server.poll_budget) else 0.0,
+            "cut_short": budget.exhausted if budget else 0,
+        },
     }
     return json.dumps(out, sort_keys=True)
 
@@ -466,7 +482,10 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         discard_namespaces(namespaces)
         raise
     passes = int(file_options.get("poll_passes", args.poll_passes)) if poll or mappable else 0
-    server = VfioUserServer(function, ServerOptions(poll_passes=passes), trace=args.trace, trace_sink=sink)
+    options = ServerOptions(
+        poll_passes=passes, poll_budget=float(file_options.get("poll_budget", args.poll_budget))
+    )
+    server = VfioUserServer(function, options, trace=args.trace, trace_sink=sink)
     try:
         with _signals(server, function, out) as wake_r:
             try:

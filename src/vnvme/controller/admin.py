@@ -56,6 +56,9 @@ from vnvme.spec.log_pages import (
     VNVME_COUNTERS,
     VNVME_COUNTERS_LID,
     VNVME_COUNTERS_SIGNATURE,
+    VNVME_QUEUE_ROW,
+    VNVME_QUEUE_ROWS,
+    VNVME_QUEUE_ROWS_OFFSET,
     CommandEffects,
 )
 from vnvme.spec.registers import CC
@@ -467,7 +470,29 @@ def _counters_page(ctrl: AdminContext) -> bytes:
     values["signature"] = VNVME_COUNTERS_SIGNATURE
     values["enables"] = ctrl.enable_count
     values["io_commands"] = sum(stats.io_commands.values())
-    return bytes(VNVME_COUNTERS.pack(values))
+    queues = ctrl.queue_statistics()
+    cqs = {q.qid: q for q in queues if q.is_cq}
+    rows = [q for q in queues if not q.is_cq and q.qid][:VNVME_QUEUE_ROWS]
+    values["queue_rows"] = len(rows)
+    page = VNVME_COUNTERS.pack(values)
+    for i, sq in enumerate(rows):
+        sq_obj = ctrl.sqs[sq.qid]
+        cq = cqs.get(sq_obj.cq.cqid) if sq_obj is not None else None
+        row = {
+            "sqid": sq.qid,
+            "cq_vector": sq_obj.cq.vector if sq_obj is not None else 0,
+            "sq_doorbells": sq.mmio_doorbell_writes,
+            "commands": sq.entries,
+            "predictions_met": sq.predictions_met,
+            "predictions_missed": sq.predictions_missed,
+            "batch_offers": sq.batch_offers,
+            "interrupts": cq.interrupts if cq is not None else 0,
+        }
+        offset = VNVME_QUEUE_ROWS_OFFSET + i * VNVME_QUEUE_ROW.size
+        page[offset : offset + VNVME_QUEUE_ROW.size] = VNVME_QUEUE_ROW.pack(
+            {k: v & 0xFFFFFFFF if k not in ("sqid", "cq_vector") else v for k, v in row.items()}
+        )
+    return bytes(page)
 
 
 def get_log_page(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:

@@ -17,6 +17,7 @@ A polling edge calls :meth:`Controller.poll` instead of waiting for doorbells, a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
@@ -371,13 +372,29 @@ class Controller(DoorbellWrites, CommandProcessing):
             shadow_catchups=self.doorbells.catchups,
             internal_errors=self._internal_errors,
             mapped_doorbell_updates=self._mapped_doorbells,
+            predictions_met=self.sq_policy.met,
+            predictions_missed=self.sq_policy.missed,
+            batch_offers=self.sq_policy.offers,
             admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
             io_commands={opcode_name(op, False): n for op, n in enumerate(self._io_counts) if n},
         )
 
     def queue_statistics(self) -> list[QueueStatistics]:
-        sqs = [sq.statistics() for sq in self.sqs if sq is not None]
-        return sqs + [cq.statistics() for cq in self.cqs if cq is not None]
+        sqs = []
+        for sq in self.sqs:
+            if sq is not None:
+                met, missed, offers = self.sq_policy.counters(sq)
+                sqs.append(
+                    dataclasses.replace(
+                        sq.statistics(), predictions_met=met, predictions_missed=missed, batch_offers=offers
+                    )
+                )
+        cqs = [
+            dataclasses.replace(cq.statistics(), interrupts=self.interrupts.by_vector.get(cq.vector, 0))
+            for cq in self.cqs
+            if cq is not None
+        ]
+        return sqs + cqs
 
     def critical_warning(self) -> int:
         """SMART Critical Warning bits (temperature against the thresholds)."""

@@ -54,6 +54,9 @@ class SqEventIdx:
         self.config = config
         self.refresh_cq_head = refresh_cq_head
         self.polling = self.polls_from_reset
+        #: Over the controller's life (queues come and go): predictions met, missed, and larger
+        #: batches offered (policies that predict count them).
+        self.met = self.missed = self.offers = 0
 
     def reset(self) -> None:
         """Controller reset: every queue is gone."""
@@ -250,6 +253,7 @@ class AdaptiveSqEventIdx(SqEventIdx):
         if state.predicted:
             if state.expired:
                 state.missed += 1
+                self.missed += 1
                 if state.probing:
                     state.patience = min(state.patience * 2, ADAPTIVE_MAX_PATIENCE)
                 elif placed:
@@ -263,6 +267,7 @@ class AdaptiveSqEventIdx(SqEventIdx):
                 state.credit = 0
             elif placed:
                 state.met += 1
+                self.met += 1
                 # Capped: an idle host (between jobs) says nothing about its pace.
                 sample = min(now - state.armed_at, self.max_wait) / state.predicted
                 state.gap += (sample - state.gap) * ADAPTIVE_WEIGHT
@@ -284,6 +289,7 @@ class AdaptiveSqEventIdx(SqEventIdx):
             target *= 2
             state.probing = True
             state.probes += 1
+            self.offers += 1
             state.credit = 0
         return min(target, n - 1) - 1
 
@@ -303,7 +309,9 @@ class AdaptiveSqEventIdx(SqEventIdx):
         state.expired = True
 
     def counters(self, sq: SubmissionQueue) -> tuple[int, int, int]:
-        state: _Learned = sq.policy_state
+        state = sq.policy_state
+        if not isinstance(state, _Learned):
+            return 0, 0, 0  # never followed its shadow slot
         return state.met, state.missed, state.probes
 
 

@@ -51,6 +51,7 @@ class Interrupts:
         self.coalescing: dict[int, _Coalescing] = {}
         self._masked_pending: set[int] = set()
         self.raised = 0
+        self.by_vector: dict[int, int] = {}  # raised, by MSI-X vector (queue statistics)
 
     def reset(self) -> None:
         """Controller reset: nothing coalesced or held (INTMS is the register file's to clear)."""
@@ -129,6 +130,7 @@ class Interrupts:
                 tracer.trace("pci_nvme_irq_masked", vector)
             return
         self.raised += 1
+        self.by_vector[vector] = self.by_vector.get(vector, 0) + 1
         self._effects.append(_RAISE[vector] if vector < _RAISE_CACHED else RaiseInterrupt(vector))
         if tracer.tracing:
             tracer.trace("pci_nvme_irq_msix", vector)

@@ -27,6 +27,13 @@ class QueueStatistics:
     rearms_lost: int = 0
     #: Whether the queue currently reads its doorbell from the shadow page.
     shadow_mode: bool = False
+    #: SQ only: the EventIdx policy's predictions the host met (rang) / missed (the controller
+    #: looked after a deadline), and larger batches it offered (ADAPTIVE).
+    predictions_met: int = 0
+    predictions_missed: int = 0
+    batch_offers: int = 0
+    #: CQ only: interrupts raised on its vector (shared by every CQ on that vector).
+    interrupts: int = 0
 
 
 class SubmissionQueue:

@@ -31,6 +31,10 @@ class ControllerStatistics:
     internal_errors: int
     #: Doorbell values taken from a doorbell page the host writes directly (mappable doorbells).
     mapped_doorbell_updates: int
+    #: The SQ EventIdx policy's predictions met / missed and larger batches offered (ADAPTIVE).
+    predictions_met: int = 0
+    predictions_missed: int = 0
+    batch_offers: int = 0
     admin_commands: dict[str, int] = field(default_factory=dict)
     io_commands: dict[str, int] = field(default_factory=dict)
 

@@ -37,6 +37,8 @@ class DoorbellVariant:
     posted: bool = False
     #: The doorbells are stores into a page the client maps (no message at all).
     mapped: bool = False
+    #: ``vnvme serve --poll-budget`` for a polling variant (None: serve's default).
+    poll_budget: float | None = None
 
     @property
     def polls(self) -> bool:
@@ -56,6 +58,8 @@ class DoorbellVariant:
             args += ["--cq-eventidx", self.cq_eventidx.value]
         if self.mapped:
             args.append("--mappable-doorbells")
+        if self.poll_budget is not None:
+            args += ["--poll-budget", str(self.poll_budget)]
         return tuple(args)
 
     def config(self) -> ControllerConfig:
@@ -81,6 +85,12 @@ VARIANTS: Final[dict[str, DoorbellVariant]] = {
             cq_eventidx=CqEventIdxPolicy.EAGER,
         ),
         DoorbellVariant("dbbuf-poll", "dbbuf, controller polls", sq_eventidx=SqEventIdxPolicy.POLL),
+        DoorbellVariant(
+            "dbbuf-poll-cpu",
+            "dbbuf, controller polls, a whole CPU",
+            sq_eventidx=SqEventIdxPolicy.POLL,
+            poll_budget=1.0,
+        ),
         DoorbellVariant("posted-no-dbbuf", "no dbbuf, posted writes", shadow=False, posted=True),
         DoorbellVariant("posted-dbbuf", "dbbuf, posted writes", posted=True),
         DoorbellVariant("mappable", "dbbuf, mappable doorbells", mapped=True),
@@ -106,7 +116,7 @@ BENCH_EXTERNAL: Final = ("no-dbbuf", "dbbuf", "posted-no-dbbuf", "posted-dbbuf")
 #: What ``vnvme demo`` compares in one process (the controller's own defaults: SQ EventIdx eager).
 DEMO: Final = ("no-dbbuf", "dbbuf-eager", "dbbuf-eager-cq-eager", "dbbuf-poll")
 #: What ``vnvme vm compare`` boots a guest on.
-VM_COMPARE: Final = ("dbbuf", "dbbuf-batch", "no-dbbuf", "dbbuf-poll", "mappable")
+VM_COMPARE: Final = ("dbbuf", "dbbuf-batch", "no-dbbuf", "dbbuf-poll", "dbbuf-poll-cpu", "mappable")
 
 for _selection in (BENCH, BENCH_DEFAULT, BENCH_EXTERNAL, DEMO, VM_COMPARE):
     if not set(_selection) <= VARIANTS.keys():

@@ -109,6 +109,27 @@ VNVME_COUNTERS: Final = Layout(
         ("mapped_doorbell_updates", 120, "Q"),
         ("internal_errors", 128, "Q"),
         ("io_commands", 136, "Q"),  # I/O commands fetched, every opcode
+        ("predictions_met", 144, "Q"),  # SQ EventIdx predictions the host met (rang)
+        ("predictions_missed", 152, "Q"),  # ... missed (the controller looked after a deadline)
+        ("batch_offers", 160, "Q"),  # larger batches offered (policy ADAPTIVE)
+        ("queue_rows", 168, "H"),  # rows filled in the per-queue table below
     ],
 )
+#: The C0h page's per-queue table: one row per I/O SQ (lowest SQIDs first), counters modulo 2^32.
+VNVME_QUEUE_ROWS_OFFSET: Final = 256
+VNVME_QUEUE_ROW: Final = Layout(
+    "VnvmeQueueRow",
+    32,
+    [
+        ("sqid", 0, "H"),
+        ("cq_vector", 2, "H"),
+        ("sq_doorbells", 4, "I"),  # trapped SQ tail doorbell writes
+        ("commands", 8, "I"),  # commands fetched
+        ("predictions_met", 12, "I"),
+        ("predictions_missed", 16, "I"),
+        ("batch_offers", 20, "I"),
+        ("interrupts", 24, "I"),  # raised on its CQ's vector
+    ],
+)
+VNVME_QUEUE_ROWS: Final = (VNVME_COUNTERS.size - VNVME_QUEUE_ROWS_OFFSET) // VNVME_QUEUE_ROW.size
 VNVME_COUNTERS_SIGNATURE: Final = b"vnvmectr"

@@ -141,8 +141,47 @@ class ServerOptions:
     #: Keep calling Device.run while it reports work, checking the socket in between, for up to
     #: this many idle passes before blocking (0: purely event driven).
     poll_passes: int = 0
+    #: The share of one CPU those idle passes may take over time (1.0: no limit): past it the
+    #: device rearms and the server sleeps until a doorbell, so that a polling server never
+    #: starves the client (a guest's vCPUs run on the same few CPUs).
+    poll_budget: float = 1.0
+    #: How long the server may poll in one go on saved budget (seconds).
+    poll_burst: float = 0.005
     #: How long a DMA_READ / DMA_WRITE to the client may take before the access fails.
     dma_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.poll_budget <= 1.0:
+            raise ValueError(f"poll budget {self.poll_budget}: a share of one CPU, 0..1")
+
+
+class PollBudget:
+    """Idle polling as a token bucket: time earns ``share`` seconds of polling per second (up
+    to ``burst`` saved), and every idle polling pass spends what it took."""
+
+    def __init__(self, share: float, burst: float, now: float) -> None:
+        self.share = share
+        self.burst = burst
+        self.saved = burst
+        self.last = now
+        #: Seconds spent in idle polling passes, and passes cut short for want of budget.
+        self.spent = 0.0
+        self.exhausted = 0
+
+    def spend(self, since: float, now: float) -> None:
+        """An idle polling pass ran from ``since`` to ``now``."""
+        self.spent += now - since
+        self.saved -= now - since
+
+    def allows(self, now: float) -> bool:
+        if self.share >= 1.0:
+            return True
+        self.saved = min(self.burst, self.saved + (now - self.last) * self.share)
+        self.last = now
+        if self.saved > 0:
+            return True
+        self.exhausted += 1
+        return False
 
 
 @dataclass
@@ -174,6 +213,8 @@ class VfioUserServer:
         self.messages: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.clients_served = 0
+        # The polling budget of the connection being served (or last served).
+        self.poll_budget: PollBudget | None = None
         self.dma: dict[int, DmaMapping] = {}
         self._remote_mappings = 0  # mappings without a descriptor (DMA_READ / DMA_WRITE messages)
         self._same_cpu = False  # see _act_before_reply
@@ -284,6 +325,10 @@ class VfioUserServer:
         sock_fd = watched[0]
         passes = self.options.poll_passes
         idle_passes = 0
+        budget = self.poll_budget = PollBudget(
+            self.options.poll_budget, self.options.poll_burst, time.monotonic()
+        )
+        spinning_since: float | None = None
         while not self._stop and not self._stop_connection:
             while self._deferred:
                 # Commands that arrived while we waited for a DMA reply, in order.
@@ -292,13 +337,19 @@ class VfioUserServer:
                 # Met while waiting for a DMA reply: answered after the commands before it.
                 raise channel.framing_lost
             busy = self._ran_early
+            now = time.monotonic()
+            if spinning_since is not None:
+                budget.spend(spinning_since, now)
+                spinning_since = None
             if busy is None:
-                busy = device.run(time.monotonic())
+                busy = device.run(now)
             else:
                 self._ran_early = None  # the pass the last message's write ran is this one
             if self._deferred or channel.framing_lost is not None:
                 continue  # the pass waited for DMA replies and commands came in meanwhile
-            if busy or idle_passes < passes:
+            if busy or (idle_passes < passes and budget.allows(now)):
+                if not busy:
+                    spinning_since = now  # an idle polling pass: charged to the budget
                 idle_passes = 0 if busy else idle_passes + 1
                 timeout_ms: float | None = 0
             elif device.idle():
@@ -307,32 +358,36 @@ class VfioUserServer:
             else:
                 idle_passes = 0
                 continue
-            if channel.buffered_header():
-                # A message came in with the last read: poll() cannot see it.
-                events = [(sock_fd, select.POLLIN)]
-            elif (
-                timeout_ms != 0
-                and self._replied_early
-                and (early := self._early_message(channel)) is not None
-            ):
-                # About to wait, but a client on our CPU answered after we acted on its write has
-                # usually sent its next message by now: one read, no poll() first (not in polling
-                # passes, where poll(0) is cheaper than a failed read, nor after posted writes).
-                self._handle_message(channel, early)
-                idle_passes = 0
+            events = self._wait(channel, poller, watched, timeout_ms)
+            if events is None:
+                idle_passes = 0  # a message was read and handled
                 continue
-            elif timeout_ms is not None and 0 < timeout_ms < 1:
-                # poll() rounds a timeout up to whole milliseconds; select() waits in microseconds.
-                ready, _, _ = select.select(watched, [], [], timeout_ms / 1e3)
-                events = [(fd, select.POLLIN) for fd in ready]
-            else:
-                events = poller.poll(timeout_ms)
             for fd, _ in events:
                 if fd == sock_fd:
                     self._handle_message(channel, channel.receive())  # _handle_one
                     idle_passes = 0
                 else:
                     self._other_event(fd)
+
+    def _wait(
+        self, channel: Channel, poller: select.poll, watched: list[int], timeout_ms: float | None
+    ) -> list[tuple[int, int]] | None:
+        """The fds ready within ``timeout_ms`` (None: no limit), or None when the next message
+        has been read and handled here already."""
+        if channel.buffered_header():
+            # A message came in with the last read: poll() cannot see it.
+            return [(watched[0], select.POLLIN)]
+        if timeout_ms != 0 and self._replied_early and (early := self._early_message(channel)) is not None:
+            # About to wait, but a client on our CPU answered after we acted on its write has
+            # usually sent its next message by now: one read, no poll() first (not in polling
+            # passes, where poll(0) is cheaper than a failed read, nor after posted writes).
+            self._handle_message(channel, early)
+            return None
+        if timeout_ms is not None and 0 < timeout_ms < 1:
+            # poll() rounds a timeout up to whole milliseconds; select() waits in microseconds.
+            ready, _, _ = select.select(watched, [], [], timeout_ms / 1e3)
+            return [(fd, select.POLLIN) for fd in ready]
+        return poller.poll(timeout_ms)
 
     def _other_event(self, fd: int) -> None:
         """A second client at the listener (refused), or the wake-up fd (drained)."""
