@@ -68,13 +68,13 @@ class ConfigReg(IntEnum):
 class Command(IntFlag):
     """Command register bits this function implements; the rest are hardwired to 0."""
 
-    MEMORY_SPACE = 1 << 1
-    BUS_MASTER = 1 << 2
+    MEMORY_SPACE = 0x002
+    BUS_MASTER = 0x004
     # PCIe r4.0 §7.5.1.1.3: these two are RW for every PCIe function, though they only gate
     # error reporting, which this model never generates on its own.
-    PARITY_ERROR_RESPONSE = 1 << 6
-    SERR_ENABLE = 1 << 8
-    INTX_DISABLE = 1 << 10
+    PARITY_ERROR_RESPONSE = 0x040
+    SERR_ENABLE = 0x100
+    INTX_DISABLE = 0x400
 
 
 class Status(IntFlag):
@@ -156,18 +156,14 @@ PCIE_CAP_V2_SIZE: Final = 0x3C
 class DeviceStatus(IntFlag):
     """PCI Express Device Status bits that are RW1C (PCIe r4.0 §7.5.3.5)."""
 
-    CORRECTABLE_ERROR = 1 << 0
-    NON_FATAL_ERROR = 1 << 1
-    FATAL_ERROR = 1 << 2
-    UNSUPPORTED_REQUEST = 1 << 3
+    CORRECTABLE_ERROR = 0x1  # bit 0
+    NON_FATAL_ERROR = 0x2
+    FATAL_ERROR = 0x4
+    UNSUPPORTED_REQUEST = 0x8
 
 
-DEVSTA_RW1C: Final = (
-    DeviceStatus.CORRECTABLE_ERROR
-    | DeviceStatus.NON_FATAL_ERROR
-    | DeviceStatus.FATAL_ERROR
-    | DeviceStatus.UNSUPPORTED_REQUEST
-)
+#: Every Device Status bit declared above is RW1C.
+DEVSTA_RW1C: Final = DeviceStatus(sum(DeviceStatus))
 
 # Memory BAR low bits (PCI 3.0 §6.2.5.1): bit 0 = 0 (memory), bits 2:1 = locatable type, bit 3.
 _BAR_TYPE_64BIT: Final = 0b10 << 1
@@ -257,12 +253,17 @@ class PciConfig:
         msix: MsixConfig,
         interrupt_pin: int = 0,
     ) -> None:
-        _check_u("vendor ID", vendor_id, 16)
-        _check_u("device ID", device_id, 16)
-        _check_u("subsystem vendor ID", subsystem_vendor_id, 16)
-        _check_u("subsystem ID", subsystem_id, 16)
-        _check_u("revision", revision, 8)
-        _check_u("class code", class_code, 24)
+        # (name, register, bytes, value): read-only identity fields of the header.
+        identity = (
+            ("vendor ID", ConfigReg.VENDOR_ID, 2, vendor_id),
+            ("device ID", ConfigReg.DEVICE_ID, 2, device_id),
+            ("subsystem vendor ID", ConfigReg.SUBSYSTEM_VENDOR_ID, 2, subsystem_vendor_id),
+            ("subsystem ID", ConfigReg.SUBSYSTEM_ID, 2, subsystem_id),
+            ("revision", ConfigReg.REVISION_ID, 1, revision),
+            ("class code", ConfigReg.CLASS_CODE, 3, class_code),
+        )
+        for name, _, size, value in identity:
+            _check_u(name, value, 8 * size)
         if not 0 <= interrupt_pin <= 4:
             raise ValueError(f"interrupt pin {interrupt_pin} out of range 0 (none), 1..4 (INTA..INTD)")
 
@@ -281,9 +282,7 @@ class PciConfig:
         self._wmask = bytearray(CONFIG_SPACE_SIZE)
         self._w1c = bytearray(CONFIG_SPACE_SIZE)
 
-        self._build_header(
-            vendor_id, device_id, subsystem_vendor_id, subsystem_id, revision, class_code, interrupt_pin
-        )
+        self._build_header(identity, interrupt_pin)
         self._build_pm(PM_CAP_OFFSET, next_cap=MSIX_CAP_OFFSET)
         self._build_msix(MSIX_CAP_OFFSET, next_cap=PCIE_CAP_OFFSET)
         self._build_pcie(PCIE_CAP_OFFSET, next_cap=0)
@@ -319,18 +318,9 @@ class PciConfig:
         self._wmask[offset : offset + size] = wmask.to_bytes(size, "little")
         self._w1c[offset : offset + size] = w1c.to_bytes(size, "little")
 
-    def _build_header(
-        self,
-        vendor_id: int,
-        device_id: int,
-        subsystem_vendor_id: int,
-        subsystem_id: int,
-        revision: int,
-        class_code: int,
-        interrupt_pin: int,
-    ) -> None:
-        self._set(ConfigReg.VENDOR_ID, 2, vendor_id)
-        self._set(ConfigReg.DEVICE_ID, 2, device_id)
+    def _build_header(self, identity: Sequence[tuple[str, int, int, int]], interrupt_pin: int) -> None:
+        for _, offset, size, value in identity:
+            self._set(offset, size, value)
         command_wmask = (
             Command.MEMORY_SPACE
             | Command.BUS_MASTER
@@ -341,16 +331,12 @@ class PciConfig:
         # No I/O BARs, so I/O Space Enable stays hardwired to 0.
         self._set(ConfigReg.COMMAND, 2, 0, wmask=command_wmask)
         self._set(ConfigReg.STATUS, 2, Status.CAPABILITIES_LIST, w1c=STATUS_RW1C)
-        self._set(ConfigReg.REVISION_ID, 1, revision)
-        self._set(ConfigReg.CLASS_CODE, 3, class_code)
         # RW for software's benefit, no effect on a PCIe function (PCIe r4.0 §7.5.1.1.7).
         self._set(ConfigReg.CACHE_LINE_SIZE, 1, 0, wmask=0xFF)
         # Latency Timer, BIST: hardwired 0. Header Type 0, single function.
         self._set(ConfigReg.HEADER_TYPE, 1, 0x00)
         for bar in self.bars:
             self._build_bar(bar)
-        self._set(ConfigReg.SUBSYSTEM_VENDOR_ID, 2, subsystem_vendor_id)
-        self._set(ConfigReg.SUBSYSTEM_ID, 2, subsystem_id)
         # Expansion ROM BAR: not implemented, so it reads 0 and no bit is writable, which
         # sizing software reads as "no ROM" (PCI 3.0 §6.2.5.2).
         self._set(ConfigReg.CAPABILITIES_POINTER, 1, PM_CAP_OFFSET)
