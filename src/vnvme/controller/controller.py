@@ -193,20 +193,16 @@ class Controller(DoorbellWrites, CommandProcessing):
         write is traced and ignored. With no error reply to give, a 32-bit write at any
         doorbell offset is taken as a doorbell (one off the stride: an invalid doorbell)."""
         try:
-            self._write(offset, size, value, size == 4 and offset >= regs.DOORBELL_BASE)
+            return self.bar0_write(offset, size, value, any_doorbell=True)
         except RegisterRefused as refused:
             self._trace_refused(refused)
-        return self._take_effects()
+            return self._take_effects()
 
-    def bar0_write(self, offset: int, size: int, value: int) -> list[Effect]:
+    def bar0_write(self, offset: int, size: int, value: int, *, any_doorbell: bool = False) -> list[Effect]:
         """:meth:`mmio_write` for an edge: a write its peer must be told of (the rules are
         :mod:`vnvme.controller.registers`') raises :class:`RegisterRefused`."""
-        self._write(offset, size, value, size == 4 and offset >= regs.DOORBELL_BASE and not offset & 3)
-        return self._take_effects()
-
-    def _write(self, offset: int, size: int, value: int, doorbell: bool) -> None:
         try:
-            if doorbell:
+            if size == 4 and offset >= regs.DOORBELL_BASE and (any_doorbell or not offset & 3):
                 self._doorbell_write(offset, value & 0xFFFFFFFF)  # the common case
             else:
                 self.registers.write(offset, size, value)
@@ -216,6 +212,7 @@ class Controller(DoorbellWrites, CommandProcessing):
             log.exception("mmio_write(%#x, %d, %#x) failed", offset, size, value)
             self._internal_errors += 1
             self._set_fatal(f"internal error in register write: {exc!r}")
+        return self._take_effects()
 
     def _trace_refused(self, refused: RegisterRefused) -> None:
         for report in refused.reports:

@@ -358,10 +358,21 @@ class VfioUserServer:
             else:
                 idle_passes = 0
                 continue
-            events = self._wait(channel, poller, watched, timeout_ms)
-            if events is None:
-                idle_passes = 0  # a message was read and handled
+            if channel.buffered_header():
+                # A message came in with the last read: poll() cannot see it.
+                events = [(sock_fd, select.POLLIN)]
+            elif (
+                timeout_ms != 0
+                and self._replied_early
+                and (early := self._early_message(channel)) is not None
+            ):
+                # About to wait, but a client on our CPU answered after we acted on its write has
+                # usually sent its next message by now: one read, no poll() (see _early_message).
+                self._handle_message(channel, early)
+                idle_passes = 0
                 continue
+            else:
+                events = self._wait(poller, watched, timeout_ms)
             for fd, _ in events:
                 if fd == sock_fd:
                     self._handle_message(channel, channel.receive())  # _handle_one
@@ -370,19 +381,9 @@ class VfioUserServer:
                     self._other_event(fd)
 
     def _wait(
-        self, channel: Channel, poller: select.poll, watched: list[int], timeout_ms: float | None
-    ) -> list[tuple[int, int]] | None:
-        """The fds ready within ``timeout_ms`` (None: no limit), or None when the next message
-        has been read and handled here already."""
-        if channel.buffered_header():
-            # A message came in with the last read: poll() cannot see it.
-            return [(watched[0], select.POLLIN)]
-        if timeout_ms != 0 and self._replied_early and (early := self._early_message(channel)) is not None:
-            # About to wait, but a client on our CPU answered after we acted on its write has
-            # usually sent its next message by now: one read, no poll() first (not in polling
-            # passes, where poll(0) is cheaper than a failed read, nor after posted writes).
-            self._handle_message(channel, early)
-            return None
+        self, poller: select.poll, watched: list[int], timeout_ms: float | None
+    ) -> list[tuple[int, int]]:
+        """The fds ready within ``timeout_ms`` (None: no limit)."""
         if timeout_ms is not None and 0 < timeout_ms < 1:
             # poll() rounds a timeout up to whole milliseconds; select() waits in microseconds.
             ready, _, _ = select.select(watched, [], [], timeout_ms / 1e3)
@@ -453,7 +454,9 @@ class VfioUserServer:
         channel.reply(message, payload, fds)
 
     def _early_message(self, channel: Channel) -> Message | None:
-        """The client's next message if it is there already (one try after each early reply)."""
+        """The client's next message if it is there already (one try after each early reply).
+        Not in polling passes, where poll(0) is cheaper than a failed read, nor after posted
+        writes, which no reply paces."""
         self._replied_early = False
         return channel.receive_nowait()
 
