@@ -86,23 +86,8 @@ class NvmeFunction:
         # Passes that look for doorbells themselves (polling, mapped doorbell page) report progress.
         self._polls = controller_polls or mappable_doorbells
         self.vectors = cfg.interrupt_vectors
-        self.bar0_size = _pow2_at_least(self.controller.bar0_size, 0x4000)
-        table_bytes = self.vectors * MSIX_ENTRY
-        self.pba_offset = _pow2_at_least(table_bytes, 0x800)
-        pba_bytes = -(-self.vectors // 64) * 8
-        self.bar4_size = _pow2_at_least(self.pba_offset + pba_bytes, 0x1000)
-        self.pci = PciConfig(
-            vendor_id=cfg.pci_vendor_id,
-            device_id=device_id,
-            subsystem_vendor_id=cfg.pci_subsystem_vendor_id,
-            subsystem_id=device_id,
-            revision=1,
-            class_code=NVME_CLASS_CODE,
-            bars=[Bar(0, self.bar0_size, is_64bit=True), Bar(MSIX_BAR, self.bar4_size, is_64bit=False)],
-            msix=MsixConfig(self.vectors, MSIX_BAR, 0, MSIX_BAR, self.pba_offset),
-            interrupt_pin=1,
-        )
-        self.msix_table = bytearray(table_bytes)
+        self.pci = self._pci_config(cfg, device_id)
+        self.msix_table = bytearray(self.vectors * MSIX_ENTRY)
         self._reset_msix_table()
         bar0 = Region(vu.PciRegion.BAR0, self.bar0_size, self._bar0_read, self._bar0_write)
         self.mappable_doorbells = mappable_doorbells
@@ -127,6 +112,24 @@ class NvmeFunction:
         self._msix_live = 0  # MSI-X vectors with an eventfd
         self._command_changed()
         self.pci.on_change = self._command_changed
+
+    def _pci_config(self, cfg: ControllerConfig, device_id: int) -> PciConfig:
+        """Configuration space: BAR0 (registers, doorbells), BAR4 (MSI-X table, then the PBA)."""
+        self.bar0_size = _pow2_at_least(self.controller.bar0_size, 0x4000)
+        self.pba_offset = _pow2_at_least(self.vectors * MSIX_ENTRY, 0x800)
+        pba_bytes = -(-self.vectors // 64) * 8
+        self.bar4_size = _pow2_at_least(self.pba_offset + pba_bytes, 0x1000)
+        return PciConfig(
+            vendor_id=cfg.pci_vendor_id,
+            device_id=device_id,
+            subsystem_vendor_id=cfg.pci_subsystem_vendor_id,
+            subsystem_id=device_id,
+            revision=1,
+            class_code=NVME_CLASS_CODE,
+            bars=[Bar(0, self.bar0_size, is_64bit=True), Bar(MSIX_BAR, self.bar4_size, is_64bit=False)],
+            msix=MsixConfig(self.vectors, MSIX_BAR, 0, MSIX_BAR, self.pba_offset),
+            interrupt_pin=1,
+        )
 
     def _command_changed(self) -> None:
         """Cache the Command register's bits: they are tested on every access and pass."""

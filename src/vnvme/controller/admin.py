@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from vnvme.controller.admin_state import FeatureState
-from vnvme.controller.errors import CommandFailed
+from vnvme.controller.admin_features import get_features, set_features
+from vnvme.controller.errors import refused
 from vnvme.controller.nvm import IO_EFFECTS
 from vnvme.controller.queues import CompletionQueue, SubmissionQueue
 from vnvme.controller.transfer import CDW10, CDW11, CDW12, CDW13, CID, NSID, PRP1, PRP2, send_to_host
@@ -25,9 +25,6 @@ from vnvme.spec.commands import (
     Cns,
     CreateQueue,
     DeleteQueue,
-    FeatureFields,
-    FeatureId,
-    FeatureSelect,
     GetLogPage,
     LogPageId,
 )
@@ -62,7 +59,7 @@ from vnvme.spec.log_pages import (
     CommandEffects,
 )
 from vnvme.spec.registers import CC
-from vnvme.spec.status import DNR, Status
+from vnvme.spec.status import Status
 
 if TYPE_CHECKING:
     from vnvme.controller.context import AdminContext
@@ -71,10 +68,6 @@ Result = tuple[int, int] | None
 Handler = Callable[["AdminContext", SubmissionQueue, tuple[int, ...]], Result]
 
 _SUCCESS: Final = (0, 0)
-
-
-def _fail(status: int, reason: str) -> CommandFailed:
-    return CommandFailed(status | DNR, reason)
 
 
 # Section: queue management
@@ -89,22 +82,22 @@ def create_io_cq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
     if ctrl.tracing:
         ctrl.trace("pci_nvme_create_cq", qid, vector, size, cdw11 & 0xFFFF, int(ien))
     if qid == 0 or qid > ctrl.features.ncqa + 1 or ctrl.cqs[qid] is not None:
-        raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"invalid cqid {qid}")
+        raise refused(Status.INVALID_QUEUE_IDENTIFIER, f"invalid cqid {qid}")
     if size < 2 or size > ctrl.config.max_queue_entries:
-        raise _fail(Status.INVALID_QUEUE_SIZE, f"CQ size {size}")
+        raise refused(Status.INVALID_QUEUE_SIZE, f"CQ size {size}")
     if not CreateQueue.PC.get(cdw11):
         # CAP.CQR = 1: physically contiguous queues required.
-        raise _fail(Status.INVALID_FIELD, "PC = 0 but CAP.CQR is set")
+        raise refused(Status.INVALID_FIELD, "PC = 0 but CAP.CQR is set")
     if ien and vector >= ctrl.config.interrupt_vectors:
-        raise _fail(Status.INVALID_INTERRUPT_VECTOR, f"vector {vector}")
+        raise refused(Status.INVALID_INTERRUPT_VECTOR, f"vector {vector}")
     if CC.IOCQES.get(ctrl.cc) != CQE_SIZE_LOG2:
-        raise _fail(Status.INVALID_FIELD, f"CC.IOCQES is {CC.IOCQES.get(ctrl.cc)}, not 4")
+        raise refused(Status.INVALID_FIELD, f"CC.IOCQES is {CC.IOCQES.get(ctrl.cc)}, not 4")
     if prp1 & (ctrl.page_size - 1):
-        raise _fail(Status.PRP_OFFSET_INVALID, f"CQ base {prp1:#x} not page aligned")
+        raise refused(Status.PRP_OFFSET_INVALID, f"CQ base {prp1:#x} not page aligned")
     try:
         view, remote = ctrl.memory.window(prp1, size * CQE_SIZE, write=True)
     except GuestMemoryError as exc:
-        raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
+        raise refused(Status.DATA_TRANSFER_ERROR, str(exc)) from None
     cq = CompletionQueue(qid, size, prp1, view, cq_slot(qid, ctrl.dstrd), ien=ien, vector=vector)
     cq.remote = remote
     ctrl.add_cq(cq)
@@ -119,22 +112,22 @@ def create_io_sq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
     if ctrl.tracing:
         ctrl.trace("pci_nvme_create_sq", qid, cqid, size, cdw11 & 0xFFFF)
     if qid == 0 or qid > ctrl.features.nsqa + 1 or ctrl.sqs[qid] is not None:
-        raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"invalid sqid {qid}")
+        raise refused(Status.INVALID_QUEUE_IDENTIFIER, f"invalid sqid {qid}")
     cq = ctrl.cqs[cqid] if 0 < cqid < len(ctrl.cqs) else None
     if cq is None:
-        raise _fail(Status.COMPLETION_QUEUE_INVALID, f"cqid {cqid} does not exist")
+        raise refused(Status.COMPLETION_QUEUE_INVALID, f"cqid {cqid} does not exist")
     if size < 2 or size > ctrl.config.max_queue_entries:
-        raise _fail(Status.INVALID_QUEUE_SIZE, f"SQ size {size}")
+        raise refused(Status.INVALID_QUEUE_SIZE, f"SQ size {size}")
     if not CreateQueue.PC.get(cdw11):
-        raise _fail(Status.INVALID_FIELD, "PC = 0 but CAP.CQR is set")
+        raise refused(Status.INVALID_FIELD, "PC = 0 but CAP.CQR is set")
     if CC.IOSQES.get(ctrl.cc) != SQE_SIZE_LOG2:
-        raise _fail(Status.INVALID_FIELD, f"CC.IOSQES is {CC.IOSQES.get(ctrl.cc)}, not 6")
+        raise refused(Status.INVALID_FIELD, f"CC.IOSQES is {CC.IOSQES.get(ctrl.cc)}, not 6")
     if prp1 & (ctrl.page_size - 1):
-        raise _fail(Status.PRP_OFFSET_INVALID, f"SQ base {prp1:#x} not page aligned")
+        raise refused(Status.PRP_OFFSET_INVALID, f"SQ base {prp1:#x} not page aligned")
     try:
         view, remote = ctrl.memory.window(prp1, size * SQE_SIZE)
     except GuestMemoryError as exc:
-        raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
+        raise refused(Status.DATA_TRANSFER_ERROR, str(exc)) from None
     new_sq = SubmissionQueue(qid, cq, size, prp1, view, sq_slot(qid, ctrl.dstrd))
     new_sq.remote = remote
     new_sq.priority = CreateQueue.QPRIO.get(cdw11)
@@ -148,7 +141,7 @@ def delete_io_sq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
         ctrl.trace("pci_nvme_del_sq", qid)
     target = ctrl.sqs[qid] if 0 < qid < len(ctrl.sqs) else None
     if target is None:
-        raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"sqid {qid} does not exist")
+        raise refused(Status.INVALID_QUEUE_IDENTIFIER, f"sqid {qid} does not exist")
     # Commands are executed as they are fetched, so none are left to abort with SQ Deletion.
     ctrl.remove_sq(target)
     return _SUCCESS
@@ -160,9 +153,9 @@ def delete_io_cq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
         ctrl.trace("pci_nvme_del_cq", qid)
     target = ctrl.cqs[qid] if 0 < qid < len(ctrl.cqs) else None
     if target is None:
-        raise _fail(Status.INVALID_QUEUE_IDENTIFIER, f"cqid {qid} does not exist")
+        raise refused(Status.INVALID_QUEUE_IDENTIFIER, f"cqid {qid} does not exist")
     if target.sqs:
-        raise _fail(Status.INVALID_QUEUE_DELETION, f"cqid {qid} still has submission queues")
+        raise refused(Status.INVALID_QUEUE_DELETION, f"cqid {qid} still has submission queues")
     ctrl.remove_cq(target)
     return _SUCCESS
 
@@ -240,17 +233,17 @@ def identify(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Res
         data = ctrl.identify_controller
     elif cns == Cns.NAMESPACE:
         if nsid == 0 or nsid > ctrl.nn:
-            raise _fail(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
+            raise refused(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
         data = _identify_namespace_data(ctrl, nsid)
     elif cns == Cns.ACTIVE_NAMESPACE_LIST:
         if nsid >= 0xFFFFFFFE:
-            raise _fail(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
+            raise refused(Status.INVALID_NAMESPACE, f"NSID {nsid:#x}")
         active = sorted(n for n in ctrl.namespaces if n > nsid)[:ACTIVE_NAMESPACE_LIST_ENTRIES]
         data = b"".join(n.to_bytes(4, "little") for n in active)
     elif cns == Cns.NAMESPACE_ID_DESCRIPTORS:
         ns = ctrl.namespaces.get(nsid)
         if ns is None:
-            raise _fail(Status.INVALID_NAMESPACE, f"NSID {nsid:#x} is not active")
+            raise refused(Status.INVALID_NAMESPACE, f"NSID {nsid:#x} is not active")
         data = bytes(
             pack_namespace_id_descriptors(
                 [
@@ -261,162 +254,9 @@ def identify(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Res
             )
         )
     else:
-        raise _fail(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
+        raise refused(Status.INVALID_FIELD, f"CNS {cns:#x} not supported")
     send_to_host(ctrl, f, data, IDENTIFY_SIZE)
     return _SUCCESS
-
-
-# Section: features
-
-
-_CHANGEABLE: Final = int(feat.FeatureCapabilities.CHANGEABLE)
-_FEATURE_CAPABILITIES: Final[dict[int, int]] = {
-    FeatureId.ARBITRATION: _CHANGEABLE,
-    FeatureId.POWER_MANAGEMENT: _CHANGEABLE,
-    FeatureId.TEMPERATURE_THRESHOLD: _CHANGEABLE,
-    FeatureId.ERROR_RECOVERY: _CHANGEABLE | int(feat.FeatureCapabilities.NAMESPACE_SPECIFIC),
-    FeatureId.VOLATILE_WRITE_CACHE: _CHANGEABLE,
-    FeatureId.NUMBER_OF_QUEUES: _CHANGEABLE,
-    FeatureId.INTERRUPT_COALESCING: _CHANGEABLE,
-    FeatureId.INTERRUPT_VECTOR_CONFIGURATION: _CHANGEABLE,
-    FeatureId.WRITE_ATOMICITY_NORMAL: _CHANGEABLE,  # mandatory (NVMe 1.4 §5.21.1.10)
-    FeatureId.ASYNC_EVENT_CONFIGURATION: _CHANGEABLE,
-}
-
-
-def _temperature_selector(cdw11: int) -> int:
-    """0 = over threshold, 1 = under threshold, for the composite temperature only."""
-    tmpsel = feat.TemperatureThreshold.TMPSEL.get(cdw11)
-    thsel = feat.TemperatureThreshold.THSEL.get(cdw11)
-    if tmpsel not in (0, 0xF) or thsel > 1:
-        raise _fail(Status.INVALID_FIELD, f"TMPSEL {tmpsel} THSEL {thsel}")
-    return thsel
-
-
-def _check_vector(ctrl: AdminContext, cdw11: int) -> int:
-    vector = feat.InterruptVectorConfiguration.IV.get(cdw11)
-    if vector >= ctrl.config.interrupt_vectors:
-        raise _fail(Status.INVALID_FIELD, f"interrupt vector {vector}")
-    return vector
-
-
-def _feature_value(ctrl: AdminContext, fid: int, cdw11: int, *, default: bool) -> int:
-    state = ctrl.features
-    if default:
-        fresh = FeatureState(ctrl)
-        state = fresh
-    if fid == FeatureId.ARBITRATION:
-        return state.arbitration
-    if fid == FeatureId.POWER_MANAGEMENT:
-        return state.power_management
-    if fid == FeatureId.TEMPERATURE_THRESHOLD:
-        over = _temperature_selector(cdw11) == 0
-        return state.over_temperature if over else state.under_temperature
-    if fid == FeatureId.ERROR_RECOVERY:
-        return state.error_recovery
-    if fid == FeatureId.VOLATILE_WRITE_CACHE:
-        return state.volatile_write_cache
-    if fid == FeatureId.NUMBER_OF_QUEUES:
-        return (state.ncqa << 16) | state.nsqa
-    if fid == FeatureId.INTERRUPT_COALESCING:
-        return state.interrupt_coalescing
-    if fid == FeatureId.INTERRUPT_VECTOR_CONFIGURATION:
-        vector = _check_vector(ctrl, cdw11)
-        return vector | (int(vector in state.vector_coalescing_disabled) << 16)
-    if fid == FeatureId.WRITE_ATOMICITY_NORMAL:
-        return state.write_atomicity
-    if fid == FeatureId.ASYNC_EVENT_CONFIGURATION:
-        return state.async_event_configuration
-    raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
-
-
-def get_features(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
-    cdw10, cdw11 = f[CDW10], f[CDW11]
-    fid = FeatureFields.FID.get(cdw10)
-    sel = FeatureFields.SEL.get(cdw10)
-    if ctrl.tracing:
-        ctrl.trace("pci_nvme_getfeat", f[CID], f[NSID], fid, sel, cdw11)
-    if fid not in _FEATURE_CAPABILITIES:
-        raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
-    if sel == FeatureSelect.SUPPORTED_CAPABILITIES:
-        return 0, _FEATURE_CAPABILITIES[fid]
-    if sel > FeatureSelect.SUPPORTED_CAPABILITIES:
-        raise _fail(Status.INVALID_FIELD, f"SEL {sel}")
-    # Nothing is saveable, so the saved value is the default (§5.11, Select field).
-    default = sel in (FeatureSelect.DEFAULT, FeatureSelect.SAVED)
-    return 0, _feature_value(ctrl, fid, cdw11, default=default)
-
-
-def set_features(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
-    cdw10, cdw11 = f[CDW10], f[CDW11]
-    fid = FeatureFields.FID.get(cdw10)
-    save = FeatureFields.SV.get(cdw10)
-    state = ctrl.features
-    if ctrl.tracing:
-        ctrl.trace("pci_nvme_setfeat", f[CID], f[NSID], fid, save, cdw11)
-    if fid not in _FEATURE_CAPABILITIES:
-        raise _fail(Status.INVALID_FIELD, f"feature {fid:#x} not supported")
-    if save:
-        raise _fail(Status.FEATURE_NOT_SAVEABLE, f"feature {fid:#x} cannot be saved")
-    namespace_specific = _FEATURE_CAPABILITIES[fid] & feat.FeatureCapabilities.NAMESPACE_SPECIFIC
-    if not namespace_specific and f[NSID] not in (0, NSID_BROADCAST):
-        # NVMe 1.4 §5.21: a controller-wide feature addressed to one namespace.
-        raise _fail(Status.FEATURE_NOT_NAMESPACE_SPECIFIC, f"feature {fid:#x} for NSID {f[NSID]:#x}")
-    dw0 = 0
-    if fid == FeatureId.ARBITRATION:
-        state.arbitration = cdw11
-    elif fid == FeatureId.POWER_MANAGEMENT:
-        if feat.PowerManagement.PS.get(cdw11) > 0:  # NPSS = 0: only power state 0
-            raise _fail(Status.INVALID_FIELD, "power state beyond NPSS")
-        state.power_management = cdw11 & 0xFF
-    elif fid == FeatureId.TEMPERATURE_THRESHOLD:
-        threshold = feat.TemperatureThreshold.TMPTH.get(cdw11)
-        if _temperature_selector(cdw11) == 0:
-            state.over_temperature = threshold
-        else:
-            state.under_temperature = threshold
-        ctrl.check_temperature()
-    elif fid == FeatureId.ERROR_RECOVERY:
-        if feat.ErrorRecovery.DULBE.get(cdw11):
-            raise _fail(Status.INVALID_FIELD, "DULBE not supported (NSFEAT bit 2 is 0)")
-        state.error_recovery = cdw11 & 0xFFFF
-    elif fid == FeatureId.VOLATILE_WRITE_CACHE:
-        if not ctrl.has_volatile_cache:
-            # Identify VWC = 0: there is no cache to switch (§5.21.1.6).
-            raise _fail(Status.INVALID_FIELD, "no volatile write cache present")
-        if state.write_cache_enabled and not cdw11 & 1:
-            # Turning the cache off makes what it held durable first.
-            for ns in ctrl.namespaces.values():
-                ns.backend.flush()
-        state.volatile_write_cache = cdw11 & 1
-    elif fid == FeatureId.NUMBER_OF_QUEUES:
-        nsq = feat.NumberOfQueues.NSQ.get(cdw11)
-        ncq = feat.NumberOfQueues.NCQ.get(cdw11)
-        if nsq == 0xFFFF or ncq == 0xFFFF:
-            raise _fail(Status.INVALID_FIELD, "65536 queues requested")
-        if any(q is not None for q in ctrl.sqs[1:]) or any(q is not None for q in ctrl.cqs[1:]):
-            raise _fail(Status.COMMAND_SEQUENCE_ERROR, "Number of Queues after I/O queue creation")
-        # NVMe 1.4 §5.21.1.7: "the value allocated shall not change between resets": a repeated
-        # request reports the allocation made by the first one.
-        if not state.queues_set:
-            limit = ctrl.config.max_io_queues - 1
-            state.nsqa, state.ncqa = min(nsq, limit), min(ncq, limit)
-            state.queues_set = True
-        dw0 = (state.ncqa << 16) | state.nsqa
-    elif fid == FeatureId.INTERRUPT_COALESCING:
-        state.interrupt_coalescing = cdw11 & 0xFFFF
-    elif fid == FeatureId.INTERRUPT_VECTOR_CONFIGURATION:
-        vector = _check_vector(ctrl, cdw11)
-        if feat.InterruptVectorConfiguration.CD.get(cdw11):
-            state.vector_coalescing_disabled.add(vector)
-        else:
-            state.vector_coalescing_disabled.discard(vector)
-    elif fid == FeatureId.WRITE_ATOMICITY_NORMAL:
-        state.write_atomicity = feat.WriteAtomicityNormal.DN.get(cdw11)
-    elif fid == FeatureId.ASYNC_EVENT_CONFIGURATION:
-        state.async_event_configuration = cdw11 & 0x3FF
-        ctrl.check_temperature()
-    return 0, dw0
 
 
 # Section: log pages
@@ -511,7 +351,7 @@ def get_log_page(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
     elif lid == LogPageId.SMART_HEALTH:
         if f[NSID] not in (0, NSID_BROADCAST):
             # LPA bit 0 is clear: SMART is only reported for the whole controller.
-            raise _fail(Status.INVALID_FIELD, "per-namespace SMART not supported")
+            raise refused(Status.INVALID_FIELD, "per-namespace SMART not supported")
         data = _smart_page(ctrl)
         event_type = AsyncEventType.SMART_HEALTH_STATUS
     elif lid == LogPageId.FIRMWARE_SLOT:
@@ -521,11 +361,11 @@ def get_log_page(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
     elif lid == VNVME_COUNTERS_LID:
         data = _counters_page(ctrl)
     else:
-        raise _fail(Status.INVALID_LOG_PAGE, f"log page {lid:#x}")
+        raise refused(Status.INVALID_LOG_PAGE, f"log page {lid:#x}")
     if offset & 3 or offset >= len(data):
-        raise _fail(Status.INVALID_FIELD, f"log page offset {offset}")
+        raise refused(Status.INVALID_FIELD, f"log page offset {offset}")
     if length > ctrl.max_transfer:
-        raise _fail(Status.INVALID_FIELD, f"log page transfer of {length} bytes exceeds MDTS")
+        raise refused(Status.INVALID_FIELD, f"log page transfer of {length} bytes exceeds MDTS")
     send_to_host(ctrl, f, data[offset : offset + length], length)
     if event_type is not None and not rae:
         ctrl.async_events.log_page_read(event_type)
@@ -557,13 +397,13 @@ def doorbell_buffer_config(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int
     mask = ctrl.page_size - 1
     # NVMe 1.3 Doorbell Buffer Config: both buffers are one memory page, page aligned.
     if shadow_addr & mask or eventidx_addr & mask:
-        raise _fail(Status.INVALID_FIELD, f"buffers {shadow_addr:#x} / {eventidx_addr:#x} not page aligned")
+        raise refused(Status.INVALID_FIELD, f"buffers {shadow_addr:#x} / {eventidx_addr:#x} not page aligned")
     if shadow_addr == eventidx_addr:
-        raise _fail(Status.INVALID_FIELD, "shadow doorbell and EventIdx buffers are the same page")
+        raise refused(Status.INVALID_FIELD, "shadow doorbell and EventIdx buffers are the same page")
     try:
         ctrl.configure_dbbuf(shadow_addr, eventidx_addr)
     except GuestMemoryError as exc:
-        raise _fail(Status.DATA_TRANSFER_ERROR, str(exc)) from None
+        raise refused(Status.DATA_TRANSFER_ERROR, str(exc)) from None
     return _SUCCESS
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vnvme.controller.errors import CommandFailed
+from vnvme.controller.errors import refused
 from vnvme.controller.queues import SubmissionQueue
 from vnvme.spec import features as feat
 from vnvme.spec.commands import async_event_dw0
 from vnvme.spec.log_pages import ERROR_INFORMATION_ENTRY
-from vnvme.spec.status import DNR, Status
+from vnvme.spec.status import Status
 
 if TYPE_CHECKING:
     from vnvme.controller.context import AdminContext
@@ -68,7 +68,7 @@ class AsyncEvents:
 
     def request(self, sq: SubmissionQueue, cid: int) -> None:
         if len(self.outstanding) >= self._ctrl.config.async_event_limit:
-            raise CommandFailed(Status.ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED | DNR, "too many AERs outstanding")
+            raise refused(Status.ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED, "too many AERs outstanding")
         self.outstanding.append((sq, cid))
         self.dispatch()
 

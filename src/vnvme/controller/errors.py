@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vnvme.spec.status import DNR
+
 
 class CommandFailed(Exception):
     """A command ends with an NVMe status. ``reason`` goes to the trace, never to the guest."""
@@ -10,3 +12,8 @@ class CommandFailed(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+def refused(status: int, reason: str) -> CommandFailed:
+    """A command refused for good: ``status`` with Do Not Retry set."""
+    return CommandFailed(status | DNR, reason)
