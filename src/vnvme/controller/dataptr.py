@@ -97,6 +97,45 @@ def _append(segments: list[Segment], addr: int, length: int) -> None:
         segments.append((addr, length))
 
 
+def _take_data(
+    segments: list[Segment], addr: int, desc_len: int, ident: int, host_is_destination: bool
+) -> int:
+    """A Data Block or Bit Bucket descriptor (length already checked): its bytes appended to
+    ``segments``; returns how many."""
+    kind = ident >> 4
+    if ident & 0xF:
+        raise CommandFailed(Status.SGL_DESCRIPTOR_TYPE_INVALID | DNR, f"descriptor subtype {ident & 0xF}")
+    if kind == SglType.BIT_BUCKET and not host_is_destination:
+        raise CommandFailed(
+            Status.SGL_DESCRIPTOR_TYPE_INVALID | DNR, "bit bucket in a host-to-controller SGL"
+        )
+    if desc_len == 0:
+        return 0
+    if kind == SglType.BIT_BUCKET:
+        segments.append((BIT_BUCKET, desc_len))
+    elif segments:
+        _append(segments, addr, desc_len)
+    else:
+        segments.append((addr, desc_len))
+    return desc_len
+
+
+def _read_segment(memory: GuestMemory, addr: int, desc_len: int, seen: int) -> list[tuple[int, int, int]]:
+    """A Segment or Last Segment descriptor: the descriptors of the segment it points at."""
+    if desc_len == 0 or desc_len % 16 or addr & 0x3:
+        raise CommandFailed(
+            Status.INVALID_SGL_SEGMENT_DESCRIPTOR | DNR, f"segment length {desc_len} at {addr:#x}"
+        )
+    count = desc_len // 16
+    if seen + count > MAX_SGL_DESCRIPTORS:
+        raise CommandFailed(Status.INVALID_SGL_DESCRIPTOR_COUNT | DNR, "SGL too long")
+    try:
+        raw = memory.read(addr, desc_len)
+    except GuestMemoryError as exc:
+        raise CommandFailed(_TRANSFER, f"SGL segment at {addr:#x}: {exc}") from None
+    return [SGL_DESCRIPTOR.unpack_from(raw, 16 * i) for i in range(count)]
+
+
 def sgl_segments(
     memory: GuestMemory, prp1: int, prp2: int, length: int, *, host_is_destination: bool
 ) -> list[Segment]:
@@ -120,51 +159,19 @@ def sgl_segments(
             raise CommandFailed(Status.INVALID_SGL_DESCRIPTOR_COUNT | DNR, "SGL too long")
         kind = ident >> 4
         if kind in (SglType.DATA_BLOCK, SglType.BIT_BUCKET):
-            if ident & 0xF:
-                raise CommandFailed(
-                    Status.SGL_DESCRIPTOR_TYPE_INVALID | DNR, f"descriptor subtype {ident & 0xF}"
-                )
-            if kind == SglType.BIT_BUCKET and not host_is_destination:
-                raise CommandFailed(
-                    Status.SGL_DESCRIPTOR_TYPE_INVALID | DNR, "bit bucket in a host-to-controller SGL"
-                )
-            if desc_len == 0:
-                continue
             if desc_len > remaining:
                 raise CommandFailed(
                     Status.DATA_SGL_LENGTH_INVALID | DNR, f"SGL describes more than {length} bytes"
                 )
-            if kind == SglType.BIT_BUCKET:
-                segments.append((BIT_BUCKET, desc_len))
-            elif segments:
-                _append(segments, addr, desc_len)
-            else:
-                segments.append((addr, desc_len))
-            remaining -= desc_len
+            remaining -= _take_data(segments, addr, desc_len, ident, host_is_destination)
             continue
         if kind not in (SglType.SEGMENT, SglType.LAST_SEGMENT) or ident & 0xF:
             raise CommandFailed(Status.SGL_DESCRIPTOR_TYPE_INVALID | DNR, f"descriptor type {ident:#x}")
-        if last_segment_seen:
-            raise CommandFailed(
-                Status.INVALID_SGL_SEGMENT_DESCRIPTOR | DNR, "segment descriptor after last segment"
-            )
-        if pending:
-            raise CommandFailed(
-                Status.INVALID_SGL_SEGMENT_DESCRIPTOR | DNR, "segment descriptor not last in segment"
-            )
-        if desc_len == 0 or desc_len % 16 or addr & 0x3:
-            raise CommandFailed(
-                Status.INVALID_SGL_SEGMENT_DESCRIPTOR | DNR, f"segment length {desc_len} at {addr:#x}"
-            )
-        count = desc_len // 16
-        if seen + count > MAX_SGL_DESCRIPTORS:
-            raise CommandFailed(Status.INVALID_SGL_DESCRIPTOR_COUNT | DNR, "SGL too long")
-        try:
-            raw = memory.read(addr, desc_len)
-        except GuestMemoryError as exc:
-            raise CommandFailed(_TRANSFER, f"SGL segment at {addr:#x}: {exc}") from None
+        if last_segment_seen or pending:
+            where = "after last segment" if last_segment_seen else "not last in segment"
+            raise CommandFailed(Status.INVALID_SGL_SEGMENT_DESCRIPTOR | DNR, f"segment descriptor {where}")
+        pending.extend(_read_segment(memory, addr, desc_len, seen))
         last_segment_seen = kind == SglType.LAST_SEGMENT
-        pending.extend(SGL_DESCRIPTOR.unpack_from(raw, 16 * i) for i in range(count))
     if remaining > 0:
         raise CommandFailed(
             Status.DATA_SGL_LENGTH_INVALID | DNR, f"SGL describes {length - remaining} of {length} bytes"
