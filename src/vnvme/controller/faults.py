@@ -320,14 +320,8 @@ def _number(key: str, text: str) -> int:
     return value
 
 
-def parse_fault_rule(text: str) -> FaultRule:
-    """``nsid=1,op=read,lba=100-199,after=2,count=1,media-error`` to a :class:`FaultRule`.
-
-    Keys: ``nsid``; ``op`` (read, write, flush, compare, write-zeroes, dsm or an opcode number;
-    several joined by ``+``); ``lba`` (N or FIRST-LAST); ``after``; ``count``; and the fault:
-    ``delay=SECONDS`` and / or one of ``status=N`` ((SCT << 8) | SC, 0x4000 for DNR; e.g. 0x281
-    is Unrecovered Read Error) or ``media-error`` (``media-error=dnr`` sets DNR).
-    """
+def _fault_options(text: str) -> dict[str, str | None]:
+    """``key=value`` parts (``media-error`` may stand alone), each known key at most once."""
     options: dict[str, str | None] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -344,6 +338,11 @@ def parse_fault_rule(text: str) -> FaultRule:
     for key in known - {"media-error"}:
         if key in options and not options[key]:
             raise ValueError(f"fault option {key!r} needs a value")
+    return options
+
+
+def _fault(options: dict[str, str | None]) -> Fault:
+    """The fault the options name: a delay (then maybe a failure), a status or a media error."""
     then: Fail | MediaError | None = None
     if "status" in options and "media-error" in options:
         raise ValueError("a fault is a status or a media error, not both")
@@ -354,17 +353,27 @@ def parse_fault_rule(text: str) -> FaultRule:
         if flag not in (None, "dnr"):
             raise ValueError(f"media-error={flag!r}: only 'dnr' may follow")
         then = MediaError(dnr=flag == "dnr")
-    fault: Fault
     if "delay" in options:
         try:
             seconds = float(options["delay"] or "")
         except ValueError:
             raise ValueError(f"delay={options['delay']!r} is not a number of seconds") from None
-        fault = Delay(seconds, then)
-    elif then is not None:
-        fault = then
-    else:
+        return Delay(seconds, then)
+    if then is None:
         raise ValueError("a fault needs delay=, status= or media-error")
+    return then
+
+
+def parse_fault_rule(text: str) -> FaultRule:
+    """``nsid=1,op=read,lba=100-199,after=2,count=1,media-error`` to a :class:`FaultRule`.
+
+    Keys: ``nsid``; ``op`` (read, write, flush, compare, write-zeroes, dsm or an opcode number;
+    several joined by ``+``); ``lba`` (N or FIRST-LAST); ``after``; ``count``; and the fault:
+    ``delay=SECONDS`` and / or one of ``status=N`` ((SCT << 8) | SC, 0x4000 for DNR; e.g. 0x281
+    is Unrecovered Read Error) or ``media-error`` (``media-error=dnr`` sets DNR).
+    """
+    options = _fault_options(text)
+    fault = _fault(options)
     opcodes: frozenset[int] | None = None
     if options.get("op"):
         codes = set()
