@@ -404,6 +404,32 @@ class _Run:
         self.driver = driver
         self.spec = spec
         self.clock = clock
+        self._take_range(driver, spec)
+        self.queues = self._take_queues(driver, spec)
+        self.verify = spec.verify is not None
+        if self.verify and self.blocks <= spec.numjobs * spec.iodepth:
+            raise ValueError(
+                f"verify needs more blocks in the range ({self.blocks}) than I/Os in flight "
+                f"({spec.numjobs} x {spec.iodepth})"
+            )
+        self.bs = spec.bs
+        # The spec's per-command questions, answered once.
+        self.randrw = spec.rw == "randrw"
+        self.write_only = spec.rw in ("write", "randwrite")
+        self.random = spec.is_random
+        self.jobs: list[_Job] = []
+        self.busy: set[int] = set()
+        self.written: dict[int, int] = {}  # block -> generation of its last completed write
+        self.written_list: list[int] = []
+        self.next_generation = 1
+        self.verify_errors = 0
+        self.verify_reads = 0
+        self.read_lat: list[int] = []
+        self.write_lat: list[int] = []
+        self.ramp_ios = 0
+
+    def _take_range(self, driver: NvmeDriver, spec: JobSpec) -> None:
+        """The blocks of ``bs`` the job may touch: within the namespace, the transfer limit."""
         ns = driver.namespaces.get(spec.nsid)
         if ns is None:
             known = ", ".join(str(n) for n in sorted(driver.namespaces)) or "none"
@@ -439,40 +465,24 @@ class _Run:
                 f"the range ({size} bytes from offset {spec.offset}) holds no block of bs {spec.bs}"
             )
         self.first_lba = spec.offset // lba_size
+
+    @staticmethod
+    def _take_queues(driver: NvmeDriver, spec: JobSpec) -> list[QueuePair]:
+        """The jobs' I/O queue pairs, each deep enough for ``iodepth``."""
         if spec.qid is not None:
             if spec.numjobs != 1:
                 raise ValueError(f"qid {spec.qid} names the queue of one job, not {spec.numjobs}")
-            self.queues = [driver.queue(spec.qid)]
+            queues = [driver.queue(spec.qid)]
         elif len(driver.io) < spec.numjobs:
             raise ValueError(
                 f"numjobs {spec.numjobs} needs {spec.numjobs} I/O queue pairs; the driver has {len(driver.io)}"
             )
         else:
-            self.queues = driver.io[: spec.numjobs]
-        for qp in self.queues:
+            queues = driver.io[: spec.numjobs]
+        for qp in queues:
             if spec.iodepth > qp.depth - 1:
                 raise ValueError(f"iodepth {spec.iodepth} exceeds what queue {qp.qid} holds ({qp.depth - 1})")
-        self.verify = spec.verify is not None
-        if self.verify and self.blocks <= spec.numjobs * spec.iodepth:
-            raise ValueError(
-                f"verify needs more blocks in the range ({self.blocks}) than I/Os in flight "
-                f"({spec.numjobs} x {spec.iodepth})"
-            )
-        self.bs = spec.bs
-        # The spec's per-command questions, answered once.
-        self.randrw = spec.rw == "randrw"
-        self.write_only = spec.rw in ("write", "randwrite")
-        self.random = spec.is_random
-        self.jobs: list[_Job] = []
-        self.busy: set[int] = set()
-        self.written: dict[int, int] = {}  # block -> generation of its last completed write
-        self.written_list: list[int] = []
-        self.next_generation = 1
-        self.verify_errors = 0
-        self.verify_reads = 0
-        self.read_lat: list[int] = []
-        self.write_lat: list[int] = []
-        self.ramp_ios = 0
+        return queues
 
     # Section: setup and teardown
 
