@@ -181,6 +181,8 @@ def _load_config(path: str) -> dict[str, Any]:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise ValueError(f"{path}: nested too deeply to read") from None
     except OSError as exc:
         raise ValueError(f"{path}: {exc.strerror}") from None
     unknown = set(data) - set(_CONFIG_KEYS)

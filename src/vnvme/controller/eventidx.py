@@ -186,6 +186,7 @@ class _Learned:
         "armed_at",
         "predicted",
         "expired",
+        "wait",
         "probing",
         "credit",
         "patience",
@@ -201,6 +202,7 @@ class _Learned:
         self.armed_at = 0.0  # when the outstanding prediction was published
         self.predicted = 0  # its size (ahead + 1); 0: none outstanding
         self.expired = False  # its deadline passed before the host rang
+        self.wait = 0.0  # how long the controller waits this time before it looks
         self.probing = False  # it offered the host more than it had shown it places
         self.credit = 0  # predictions met since the last offer of a larger batch
         self.patience = ADAPTIVE_MIN_PATIENCE  # how many it takes before the next offer
@@ -244,39 +246,42 @@ class AdaptiveSqEventIdx(SqEventIdx):
     def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
         if self.polling:
             return -1
+        state: _Learned = sq.policy_state
         if attempts or not sq.doorbell.slot_kept:
             # The host is moving the tail right now, or it rings for every command whatever
-            # EventIdx says (Linux's admin queue): ask for its very next entry.
+            # EventIdx says (Linux's admin queue): ask for its very next entry. (An offer made
+            # before a lost race was never published: nothing to judge it by.)
+            state.probing = False
             return 0
-        state: _Learned = sq.policy_state
         placed = sq.entries - state.mark
         if state.predicted:
-            if state.expired:
-                state.missed += 1
-                self.missed += 1
+            if not state.expired:
+                if not placed:
+                    return state.predicted - 1  # woken for something else: the prediction stands
+                self._met(state, placed, now)
+            elif not placed:
+                # Nothing placed yet: the host has not started on the batch (a wake-up after
+                # an interrupt can take longer than the batch itself). Keep the prediction and
+                # wait twice as long, up to max_batch_wait since it was made; past that the
+                # host is idle: ask for its first command, keep the window.
+                state.expired = False
+                if now - state.armed_at + state.wait < self.max_wait:
+                    state.wait *= 2
+                    return state.predicted - 1
+                state.predicted = 0
+                return 0
+            else:
+                self._missed(state)
                 if state.probing:
                     state.patience = min(state.patience * 2, ADAPTIVE_MAX_PATIENCE)
-                elif placed:
+                else:
                     # A host that was placing commands, only slower than usual this time: its
                     # pace is at most this (an offer it could not fill says nothing of it).
-                    sample = min(now - state.armed_at, self.max_wait) / state.predicted
-                    state.gap += (sample - state.gap) * ADAPTIVE_WEIGHT
+                    elapsed = min(now - state.armed_at, self.max_wait)
+                    state.gap += (elapsed / state.predicted - state.gap) * ADAPTIVE_WEIGHT
                 # Halved at most, as KVM's halt polling shrinks: a late host does not undo a
                 # window it built, a host that really places fewer brings it down in a few.
                 state.window = max(placed, state.window // 2, 1)
-                state.credit = 0
-            elif placed:
-                state.met += 1
-                self.met += 1
-                # Capped: an idle host (between jobs) says nothing about its pace.
-                sample = min(now - state.armed_at, self.max_wait) / state.predicted
-                state.gap += (sample - state.gap) * ADAPTIVE_WEIGHT
-                if state.probing:
-                    state.patience = max(state.patience // 2, ADAPTIVE_MIN_PATIENCE)
-                state.window = placed  # at least the prediction: the host crossed it
-                state.credit += 1
-            else:
-                return state.predicted - 1  # woken for something else: the prediction stands
         state.expired = False
         state.probing = False
         n = sq.size
@@ -293,16 +298,35 @@ class AdaptiveSqEventIdx(SqEventIdx):
             state.credit = 0
         return min(target, n - 1) - 1
 
+    def _met(self, state: _Learned, batch: int, now: float) -> None:
+        """The host rang: it placed ``batch`` commands."""
+        state.met += 1
+        self.met += 1
+        elapsed = now - state.armed_at
+        if elapsed < self.max_wait:  # an idle host (between jobs) says nothing of its pace
+            state.gap += (elapsed / state.predicted - state.gap) * ADAPTIVE_WEIGHT
+        if state.probing:
+            state.patience = max(state.patience // 2, ADAPTIVE_MIN_PATIENCE)
+        state.window = batch  # at least the prediction: the host crossed it
+        state.credit += 1
+
+    def _missed(self, state: _Learned) -> None:
+        state.missed += 1
+        self.missed += 1
+        state.credit = 0
+
     def rearmed(self, sq: SubmissionQueue, ahead: int, now: float) -> float | None:
         state: _Learned = sq.policy_state
         if state.predicted != ahead + 1 or sq.entries != state.mark:
-            state.armed_at = now  # a new prediction (not one that stood through a pass)
+            # A new prediction (not one that stood through a pass, nor one waited for longer).
+            state.armed_at = now
+            state.predicted = ahead + 1
+            wait = ADAPTIVE_SLACK * state.gap * state.predicted
+            state.wait = min(max(wait, self.min_wait), self.max_wait)
         state.mark = sq.entries
-        state.predicted = ahead + 1
         if not ahead:
             return None  # the host rings for its first command: nothing to wait for
-        wait = ADAPTIVE_SLACK * state.gap * state.predicted
-        return state.armed_at + min(max(wait, self.min_wait), self.max_wait)
+        return now + state.wait
 
     def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
         state: _Learned = sq.policy_state

@@ -114,7 +114,10 @@ class RamBackend(Backend):
 
     def __init__(self, size: int, *, read_only: bool = False) -> None:
         super().__init__(size, read_only=read_only)
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (OSError, OverflowError) as exc:
+            raise ValueError(f"ram namespace of {size} bytes: {getattr(exc, 'strerror', None) or exc}") from None
         self._view = memoryview(self._map)
 
     def read_into(self, offset: int, dest: memoryview) -> None:
@@ -155,10 +158,9 @@ class FileBackend(Backend):
         if read_only and grow:
             raise ValueError(f"{self.path}: 'readonly' and 'grow' contradict each other")
         try:
-            st: os.stat_result | None = os.stat(self.path)
-        except FileNotFoundError:
-            st = None
-        fd = self._create(size, read_only) if st is None else self._open_existing(st, read_only)
+            fd = self._open(size, read_only)
+        except OSError as exc:  # a parser of the user's spec answers with ValueError only
+            raise ValueError(f"{self.path}: {exc.strerror or exc}") from None
         try:
             self.file_size = os.lseek(fd, 0, os.SEEK_END)
             if size is None:
@@ -173,6 +175,10 @@ class FileBackend(Backend):
                     )
                 os.ftruncate(fd, size)
                 self.file_size = size
+        except OSError as exc:
+            os.close(fd)
+            self._unlink_created()
+            raise ValueError(f"{self.path}: {exc.strerror or exc}") from None
         except BaseException:
             os.close(fd)
             self._unlink_created()
@@ -180,6 +186,13 @@ class FileBackend(Backend):
         super().__init__(size, read_only=read_only)
         self.fd = fd
         self._identity = os.fstat(fd)
+
+    def _open(self, size: int | None, read_only: bool) -> int:
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        return self._create(size, read_only) if st is None else self._open_existing(st, read_only)
 
     def _create(self, size: int | None, read_only: bool) -> int:
         if read_only:
