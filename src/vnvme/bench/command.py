@@ -77,7 +77,11 @@ def _positive(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG  # exit statuses, one per line: for a formatter that keeps line breaks
-    fio = parser.add_argument_group("workload (fio's names)")
+    _workload_arguments(parser.add_argument_group("workload (fio's names)"))
+    _experiment_arguments(parser.add_argument_group("experiment"))
+
+
+def _workload_arguments(fio: argparse._ArgumentGroup) -> None:
     fio.add_argument(
         "--rw",
         default="randread",
@@ -113,7 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     fio.add_argument("--output", metavar="FILE", help="write the report (tables or JSON) to FILE")
     fio.add_argument("--json-output", metavar="FILE", help="also write the fio-format JSON report to FILE")
-    exp = parser.add_argument_group("experiment")
+
+
+def _experiment_arguments(exp: argparse._ArgumentGroup) -> None:
     exp.add_argument(
         "--variants",
         default=",".join(DEFAULT_VARIANTS),
@@ -248,6 +254,40 @@ def _interruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _write_reports(
+    args: argparse.Namespace,
+    points: list[Point],
+    options: BenchOptions,
+    started: float,
+    heading: tuple[str, str],
+    out: TextIO,
+    err: TextIO,
+) -> None:
+    """The report (tables, or JSON) to --output or ``out``; --json-output and --plot besides."""
+    stream = open(args.output, "w") if args.output else out  # noqa: SIM115 - closed below
+    try:
+        if args.output_format in ("json", "json+"):
+            report = json_report(points, options, started, bins=args.output_format == "json+")
+            json.dump(report, stream, indent=2)
+            stream.write("\n")
+        else:
+            print(f"# vnvme bench: {heading[0]}", file=stream)
+            print(f"machine: {heading[1]}", file=stream)
+            format_tables(points, options, stream)
+    finally:
+        if stream is not out:
+            stream.close()
+    if args.json_output:
+        with open(args.json_output, "w") as f:
+            json.dump(json_report(points, options, started), f, indent=2)
+            f.write("\n")
+    if args.plot:
+        if plot(points, options, args.plot):
+            print(f"plot: {args.plot}", file=err)
+        else:
+            print("plot: matplotlib is not installed (pip install 'vnvme[plot]')", file=err)
+
+
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """The bench; returns the exit status (EPILOG). ValueError means a bad option (EXIT_USAGE)."""
     options = options_from(args)
@@ -290,28 +330,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         print(f"vnvme bench: interrupted by {signal.Signals(exc.signum).name}", file=err)
         return 128 + exc.signum
     try:
-        stream = open(args.output, "w") if args.output else out  # noqa: SIM115 - closed below
-        try:
-            if args.output_format in ("json", "json+"):
-                report = json_report(points, options, started, bins=args.output_format == "json+")
-                json.dump(report, stream, indent=2)
-                stream.write("\n")
-            else:
-                print(f"# vnvme bench: {what}, {amount} per point{runs}, against {target}", file=stream)
-                print(f"machine: {machine}", file=stream)
-                format_tables(points, options, stream)
-        finally:
-            if stream is not out:
-                stream.close()
-        if args.json_output:
-            with open(args.json_output, "w") as f:
-                json.dump(json_report(points, options, started), f, indent=2)
-                f.write("\n")
-        if args.plot:
-            if plot(points, options, args.plot):
-                print(f"plot: {args.plot}", file=err)
-            else:
-                print("plot: matplotlib is not installed (pip install 'vnvme[plot]')", file=err)
+        heading = (f"{what}, {amount} per point{runs}, against {target}", machine)
+        _write_reports(args, points, options, started, heading, out, err)
     except BrokenPipeError:
         raise  # our reader left (vnvme bench | head): the command line's business, not a failure
     except OSError as exc:  # checked before the run, yet the disk can still fill up
