@@ -492,7 +492,6 @@ def _k(value: float) -> str:
 
 
 def format_tables(points: Sequence[Point], options: BenchOptions, out: TextIO) -> None:
-    depths = options.depths
     runs = runs_by_point(points)
     if options.repeat > 1:
         print(
@@ -505,57 +504,68 @@ def format_tables(points: Sequence[Point], options: BenchOptions, out: TextIO) -
         if not by:
             continue
         print(f"\n### {placement.name}: {placement.describe()}\n", file=out)
-        print("| iodepth | " + " | ".join(map(str, depths)) + " |", file=out)
-        print("|---|" + "---|" * len(depths), file=out)
-        for name in options.variants:
-            label = VARIANTS[name].label
-            cells = [spread(by[name, d], lambda p: p.iops).format(_k) for d in depths]
-            print(f"| IOPS, {label} | " + " | ".join(cells) + " |", file=out)
-        for name in options.variants:
-            label = VARIANTS[name].label
-            key = "mapped doorbell stores" if VARIANTS[name].mapped else "doorbell MMIOs"
-            values = [spread(by[name, d], shown_doorbells).median for d in depths]
-            print(f"| {key} per IO, {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |", file=out)
-        if "no-dbbuf" in options.variants:
-            for name in options.variants:
-                if name == "no-dbbuf":
-                    continue
-                ratios = [
-                    spread(by[name, d], lambda p: p.iops).median
-                    / max(spread(by["no-dbbuf", d], lambda p: p.iops).median, 1e-9)
-                    for d in depths
-                ]
-                print(
-                    f"| IOPS ratio, {VARIANTS[name].label} / no dbbuf | "
-                    + " | ".join(f"{r:.2f}x" for r in ratios)
-                    + " |",
-                    file=out,
-                )
+        _summary_table(by, options, out)
         print(file=out)
-        print(
-            "| variant | depth | IOPS | SQ db/IO | CQ db/IO | admin db/IO | p50 us | p99 us | p99.9 us "
-            "| server CPU us/IO | client CPU us/IO | counted by |",
-            file=out,
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
-        for name in options.variants:
-            for d in depths:
-                r = by[name, d]
-
-                def med(value: Callable[[Point], float], r: list[Point] = r) -> float:
-                    return spread(r, value).median
-
-                server_cpu = _median_or_none([p.server_cpu_us for p in r])
-                cpu = f"{server_cpu:.1f}" if server_cpu is not None else "n/a"
-                print(
-                    f"| {VARIANTS[name].label} | {d} | {spread(r, lambda p: p.iops).format(lambda v: f'{v:.0f}')} "
-                    f"| {med(lambda p: p.sq_doorbells):.3f} | {med(lambda p: p.cq_doorbells):.3f} "
-                    f"| {med(lambda p: p.admin_doorbells):.3f} | {med(lambda p: p.lat_p50_us):.1f} "
-                    f"| {med(lambda p: p.lat_p99_us):.1f} | {med(lambda p: p.lat_p999_us):.1f} "
-                    f"| {cpu} | {med(lambda p: p.client_cpu_us):.1f} | {r[0].counted_by} |",
-                    file=out,
-                )
+        _detail_table(by, options, out)
     print("\n" + doorbell_note(options), file=out)
+
+
+def _summary_table(by: dict[tuple[str, int], list[Point]], options: BenchOptions, out: TextIO) -> None:
+    """IOPS, doorbells per I/O and the IOPS ratio to no dbbuf: a row per variant, a column per depth."""
+    depths = options.depths
+    print("| iodepth | " + " | ".join(map(str, depths)) + " |", file=out)
+    print("|---|" + "---|" * len(depths), file=out)
+    for name in options.variants:
+        label = VARIANTS[name].label
+        cells = [spread(by[name, d], lambda p: p.iops).format(_k) for d in depths]
+        print(f"| IOPS, {label} | " + " | ".join(cells) + " |", file=out)
+    for name in options.variants:
+        label = VARIANTS[name].label
+        key = "mapped doorbell stores" if VARIANTS[name].mapped else "doorbell MMIOs"
+        values = [spread(by[name, d], shown_doorbells).median for d in depths]
+        print(f"| {key} per IO, {label} | " + " | ".join(f"{v:.2f}" for v in values) + " |", file=out)
+    if "no-dbbuf" in options.variants:
+        for name in options.variants:
+            if name == "no-dbbuf":
+                continue
+            ratios = [
+                spread(by[name, d], lambda p: p.iops).median
+                / max(spread(by["no-dbbuf", d], lambda p: p.iops).median, 1e-9)
+                for d in depths
+            ]
+            print(
+                f"| IOPS ratio, {VARIANTS[name].label} / no dbbuf | "
+                + " | ".join(f"{r:.2f}x" for r in ratios)
+                + " |",
+                file=out,
+            )
+
+
+def _detail_table(by: dict[tuple[str, int], list[Point]], options: BenchOptions, out: TextIO) -> None:
+    """Every point: IOPS, doorbells, latency percentiles, CPU per I/O."""
+    print(
+        "| variant | depth | IOPS | SQ db/IO | CQ db/IO | admin db/IO | p50 us | p99 us | p99.9 us "
+        "| server CPU us/IO | client CPU us/IO | counted by |",
+        file=out,
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", file=out)
+    for name in options.variants:
+        for d in options.depths:
+            r = by[name, d]
+
+            def med(value: Callable[[Point], float], r: list[Point] = r) -> float:
+                return spread(r, value).median
+
+            server_cpu = _median_or_none([p.server_cpu_us for p in r])
+            cpu = f"{server_cpu:.1f}" if server_cpu is not None else "n/a"
+            print(
+                f"| {VARIANTS[name].label} | {d} | {spread(r, lambda p: p.iops).format(lambda v: f'{v:.0f}')} "
+                f"| {med(lambda p: p.sq_doorbells):.3f} | {med(lambda p: p.cq_doorbells):.3f} "
+                f"| {med(lambda p: p.admin_doorbells):.3f} | {med(lambda p: p.lat_p50_us):.1f} "
+                f"| {med(lambda p: p.lat_p99_us):.1f} | {med(lambda p: p.lat_p999_us):.1f} "
+                f"| {cpu} | {med(lambda p: p.client_cpu_us):.1f} | {r[0].counted_by} |",
+                file=out,
+            )
 
 
 def doorbell_note(options: BenchOptions) -> str:
