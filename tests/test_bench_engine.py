@@ -378,6 +378,19 @@ def test_number_ios_is_per_job() -> None:
         r.close()
 
 
+def test_qid_runs_the_one_job_on_that_queue() -> None:
+    r = make_rig(io_queues=3, trace=())
+    try:
+        result = run_job(r.driver, JobSpec(rw="randread", iodepth=2, number_ios=50, qid=2))
+        assert result.read.ios == 50
+        fetched = {s.qid: s.entries for s in r.controller.queue_statistics() if not s.is_cq and s.qid}
+        assert fetched == {1: 0, 2: 50, 3: 0}
+        with pytest.raises(ValueError, match="names the queue of one job"):
+            run_job(r.driver, JobSpec(rw="randread", numjobs=2, number_ios=1, qid=2))
+    finally:
+        r.close()
+
+
 def test_latency_is_submit_to_reap() -> None:
     with ram_rig(RamBackend(1 << 20)) as r:
         # Depth 4: four submit readings (2000..5000), one reap reading (6000), and again.
