@@ -117,7 +117,9 @@ class RamBackend(Backend):
         try:
             self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, OverflowError) as exc:
-            raise ValueError(f"ram namespace of {size} bytes: {getattr(exc, 'strerror', None) or exc}") from None
+            raise ValueError(
+                f"ram namespace of {size} bytes: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         self._view = memoryview(self._map)
 
     def read_into(self, offset: int, dest: memoryview) -> None:
