@@ -250,7 +250,10 @@ def test_mappable_doorbells_cost_no_messages(tmp_path: Path) -> None:
 
 def test_polling_controller_from_a_toml_file_with_a_trace_file(tmp_path: Path) -> None:
     config = tmp_path / "vnvme.toml"
-    config.write_text('namespace = ["ram,size=8M"]\npoll = true\npoll_passes = 500\n')
+    # A whole CPU of polling budget and passes enough never to sleep during the job: a server
+    # that sleeps (its budget spent, or its idle passes up while a loaded machine delays the
+    # host) asks the host to ring.
+    config.write_text('namespace = ["ram,size=8M"]\npoll = true\npoll_passes = 1000000\npoll_budget = 1.0\n')
     trace = tmp_path / "trace.jsonl"
     s = Server(
         tmp_path, "--config", str(config), "--trace", "pci_nvme_dbbuf_config", "--trace-file", str(trace)

@@ -38,6 +38,18 @@ DEFAULT_POLL_BUDGET = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``vnvme serve``, in groups (as ``--help`` shows them)."""
+    _device_arguments(parser.add_argument_group("the device", "socket, namespaces, faults and queues"))
+    _doorbell_arguments(parser.add_argument_group("doorbells", "shadow doorbells and the EventIdx policies"))
+    _polling_arguments(
+        parser.add_argument_group(
+            "polling", "a controller or a doorbell page polled instead of trapped doorbells"
+        )
+    )
+    _output_arguments(parser.add_argument_group("traces and statistics"))
+
+
+def _device_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--socket",
         default=DEFAULT_SOCKET,
@@ -67,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'nsid=2,op=flush,delay=0.05' (complete 50 ms late); 'after=N' and 'count=N' pick "
         "which matches; see vnvme.controller.faults",
     )
+    parser.add_argument("--max-io-queues", type=int, default=64, help="I/O queue pairs the controller offers")
+    parser.add_argument("--queue-entries", type=int, default=1024, help="CAP.MQES + 1 (1024)")
+
+
+def _doorbell_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--no-shadow-doorbells",
         action="store_true",
@@ -105,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --sq-eventidx adaptive: the longest wait, in seconds, for a predicted batch "
         f"({ControllerConfig.max_batch_wait})",
     )
+
+
+def _polling_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--poll",
         action="store_true",
@@ -138,8 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=100e-6,
         help="with --mappable-doorbells: seconds between looks at an idle doorbell page (0.0001)",
     )
-    parser.add_argument("--max-io-queues", type=int, default=64, help="I/O queue pairs the controller offers")
-    parser.add_argument("--queue-entries", type=int, default=1024, help="CAP.MQES + 1 (1024)")
+
+
+def _output_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--trace", action="append", default=[], metavar="PATTERN", help="trace events matching PATTERN (glob)"
     )

@@ -4,6 +4,7 @@ I/O, each error case judged by the status the NVMe 1.3 specification gives it.""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from vnvme.check.registry import Outcome, Skip, check, failed, info, passed, verdict
 from vnvme.check.target import Context
@@ -257,24 +258,7 @@ def queue_create_errors(ctx: Context) -> Outcome:
         )
         cases.expect("Create I/O CQ qid 1 again", Status.INVALID_QUEUE_IDENTIFIER, cq(1, 1))
         if free_qid is not None:
-            if mqes < 0xFFFF:
-                cases.expect(
-                    f"Create I/O CQ QSIZE {mqes + 1} > MQES {mqes}",
-                    Status.INVALID_QUEUE_SIZE,
-                    cq(free_qid, mqes + 1),
-                )
-            cases.expect("Create I/O CQ QSIZE 0", Status.INVALID_QUEUE_SIZE, cq(free_qid, 0))
-            if vectors < 2048:
-                cases.expect(
-                    f"Create I/O CQ IV {vectors} (MSI-X has {vectors})",
-                    Status.INVALID_INTERRUPT_VECTOR,
-                    cq(free_qid, 1, vectors),
-                )
-            cases.expect(
-                f"Create I/O SQ {free_qid} on CQ {free_qid} that does not exist",
-                Status.COMPLETION_QUEUE_INVALID,
-                sq(free_qid, free_qid),
-            )
+            _free_qid_cases(cases, cq, sq, free_qid, mqes, vectors)
         cases.expect("Create I/O SQ qid 0", Status.INVALID_QUEUE_IDENTIFIER, sq(0, 1))
         deletion = driver.admin_command(AdminOpcode.DELETE_IO_CQ, cdw10=1, check=False)
         cases.expect("Delete I/O CQ 1 while SQ 1 uses it", Status.INVALID_QUEUE_DELETION, deletion)
@@ -289,6 +273,33 @@ def queue_create_errors(ctx: Context) -> Outcome:
     if free_qid is None:
         cases.lines.append("size, vector and CQID cases not run: only one I/O queue pair granted")
     return cases.outcome()
+
+
+def _free_qid_cases(
+    cases: StatusCases,
+    cq: Callable[..., Cqe],
+    sq: Callable[..., Cqe],
+    free_qid: int,
+    mqes: int,
+    vectors: int,
+) -> None:
+    """The creation errors that need a queue identifier the host may use: size, vector, CQID."""
+    if mqes < 0xFFFF:
+        cases.expect(
+            f"Create I/O CQ QSIZE {mqes + 1} > MQES {mqes}", Status.INVALID_QUEUE_SIZE, cq(free_qid, mqes + 1)
+        )
+    cases.expect("Create I/O CQ QSIZE 0", Status.INVALID_QUEUE_SIZE, cq(free_qid, 0))
+    if vectors < 2048:
+        cases.expect(
+            f"Create I/O CQ IV {vectors} (MSI-X has {vectors})",
+            Status.INVALID_INTERRUPT_VECTOR,
+            cq(free_qid, 1, vectors),
+        )
+    cases.expect(
+        f"Create I/O SQ {free_qid} on CQ {free_qid} that does not exist",
+        Status.COMPLETION_QUEUE_INVALID,
+        sq(free_qid, free_qid),
+    )
 
 
 def _io(driver: NvmeDriver, opcode: int, nsid: int, slba: int, nlb: int, lba_size: int) -> Cqe:
