@@ -159,6 +159,8 @@ class FileBackend(Backend):
         self.created = False
         if read_only and grow:
             raise ValueError(f"{self.path}: 'readonly' and 'grow' contradict each other")
+        if size is not None and size <= 0:
+            raise ValueError("backend size must be positive")  # before a file is created
         try:
             fd = self._open(size, read_only)
         except OSError as exc:  # a parser of the user's spec answers with ValueError only
