@@ -23,6 +23,7 @@ input is shrunk and printed by pytest, and the exit status is pytest's.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -31,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = {
@@ -53,11 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--harness", choices=HARNESSES, help="atheris: the harness (fuzz/harness_NAME.py)")
     parser.add_argument("--minutes", type=float, help="atheris: how long to fuzz")
     parser.add_argument("--runs", type=int, help="atheris: how many inputs to run (instead of --minutes)")
+    parser.add_argument(
+        "--line-coverage",
+        action="store_true",
+        help="atheris: instead of fuzzing, replay the harness's corpus and print the lines of each "
+        "vnvme module it reached (no atheris needed)",
+    )
     args = parser.parse_args(argv)
+    if args.engine == "atheris" and args.line_coverage:
+        if not args.harness:
+            parser.error("--line-coverage needs --harness")
+        return _line_coverage(args.harness)
     if args.engine == "atheris":
         return _atheris(parser, args)
-    if args.harness or args.minutes is not None or args.runs is not None:
-        parser.error("--harness, --minutes and --runs go with --engine atheris")
+    if args.harness or args.minutes is not None or args.runs is not None or args.line_coverage:
+        parser.error("--harness, --minutes, --runs and --line-coverage go with --engine atheris")
     if args.examples < 1:
         parser.error("--examples must be at least 1")
     files = SUITES[args.only] if args.only else [f for group in SUITES.values() for f in group]
@@ -156,6 +169,65 @@ def _atheris(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     print(f"  findings        {len(found)}" + "".join(f"\n    {path}" for path in found))
     return returncode
+
+
+def _executable_lines(path: str) -> set[int]:
+    with open(path) as f:
+        code = compile(f.read(), path, "exec")
+    lines: set[int] = set()
+    stack = [code]
+    while stack:
+        co = stack.pop()
+        lines.update(line for _, _, line in co.co_lines() if line is not None)
+        stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+    return lines
+
+
+def _line_coverage(harness: str) -> int:
+    """Replay the seeds and the kept corpus through the harness, tracing vnvme's lines."""
+    package = str(ROOT / "src" / "vnvme")
+    reached: dict[str, set[int]] = {}
+
+    def local(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if event == "line":
+            reached[frame.f_code.co_filename].add(frame.f_lineno)
+        return local
+
+    def calls(frame: types.FrameType, event: str, arg: Any) -> Any:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(package):
+            return None
+        reached.setdefault(filename, set()).add(frame.f_lineno)
+        return local
+
+    sys.path.insert(0, str(ROOT / "fuzz"))
+    inputs = [
+        path
+        for directory in (ROOT / "fuzz" / "corpus" / harness, ROOT / ".fuzz" / "corpus" / harness)
+        if directory.is_dir()
+        for path in sorted(directory.iterdir())
+    ]
+    sys.settrace(calls)  # before the import: module-level lines count as reached
+    try:
+        one_input = importlib.import_module(f"harness_{harness}").one_input
+        for path in inputs:
+            one_input(path.read_bytes())
+    finally:
+        sys.settrace(None)
+    print(
+        f"line coverage of vnvme by the {len(inputs)} inputs of fuzz/corpus/{harness} and .fuzz/corpus/{harness}:"
+    )
+    total_hit = total_lines = 0
+    for filename in sorted(reached):
+        lines = _executable_lines(filename)
+        hit = len(reached[filename] & lines)
+        total_hit, total_lines = total_hit + hit, total_lines + len(lines)
+        name = os.path.relpath(filename, ROOT / "src")
+        print(f"  {name:<40} {hit:>5} / {len(lines):<5} {100 * hit / len(lines):5.1f} %")
+    print(
+        f"  {'modules reached, together':<40} {total_hit:>5} / {total_lines:<5} {100 * total_hit / total_lines:5.1f} %"
+    )
+    return 0
 
 
 if __name__ == "__main__":
