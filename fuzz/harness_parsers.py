@@ -84,11 +84,12 @@ def one_input(data: bytes) -> None:
         except ValueError:
             assert _snapshot(directory) == before, "a refused spec changed the directory"
             return
-        except OSError:
-            # Known (tests/test_fuzz_findings.py): parse_namespace_spec lets the system's OSError
-            # through (ENOMEM for a RAM size, EFBIG for a file size, ENAMETOOLONG for a path);
-            # vnvme serve prints it as one line. Still: nothing may have changed.
-            assert which == 0, "only the namespace parser is known to raise OSError"
+        except (OSError, RecursionError) as exc:
+            # Known, each an xfail in tests/test_fuzz_findings.py (drop it here once those pass):
+            # parse_namespace_spec lets the system's OSError through (ENOMEM for a RAM size,
+            # EFBIG for a file size, ENAMETOOLONG for a path); _load_config lets tomllib's
+            # RecursionError through for deeply nested TOML. Still: nothing may have changed.
+            assert (which, type(exc) is RecursionError) in ((0, False), (2, True)), exc
             assert _snapshot(directory) == before, "a refused spec changed the directory"
             return
         finally:

@@ -1,10 +1,13 @@
 """What the coverage-guided harnesses of fuzz/ found, each input as a named test.
 
 harness_parsers: a parser of the user's command line must refuse bad input with ValueError
-(``vnvme serve`` prints it as one line naming the option); these inputs let an OSError from the
-system through instead. ``vnvme serve`` still prints one line for them (it catches OSError) but
-without the spec it came from. The fix belongs in src/vnvme/controller/namespace.py (RamBackend,
-FileBackend), which another change owns: xfail until it lands.
+(``vnvme serve`` prints it as one line naming the option). The namespace inputs below let an
+OSError from the system through instead; ``vnvme serve`` still prints one line for them (it
+catches OSError) but without the spec it came from. The fix belongs in
+src/vnvme/controller/namespace.py (RamBackend, FileBackend). The TOML input makes tomllib
+recurse past Python's limit: ``vnvme serve --config FILE`` ends with a RecursionError traceback.
+The fix belongs in src/vnvme/serve.py (_load_config). Both files are another change's: xfail
+until it lands.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from vnvme.controller.namespace import parse_namespace_spec
+from vnvme.serve import _load_config
 
 _NAMESPACE_PY = "fix belongs in controller/namespace.py (owned by another change): OSError escapes the parser"
 
@@ -47,3 +51,16 @@ def test_parsers_file_namespace_name_too_long_is_a_value_error(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="aaaa"):
         parse_namespace_spec("file=" + "a" * 300 + ",size=1M", 1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RecursionError,
+    reason="fix belongs in serve.py _load_config (owned by another change)",
+)
+def test_parsers_toml_nested_deeper_than_the_decoder_recurses_is_a_value_error(tmp_path: Path) -> None:
+    # harness_parsers: a TOML value nested 5000 deep; tomllib recurses once per level.
+    config = tmp_path / "deep.toml"
+    config.write_text("namespace = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError, match="deep.toml"):
+        _load_config(str(config))
