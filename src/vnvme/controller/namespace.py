@@ -118,7 +118,7 @@ class RamBackend(Backend):
             self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (OSError, OverflowError) as exc:
             raise ValueError(
-                f"ram namespace of {size} bytes: {getattr(exc, 'strerror', None) or exc}"
+                f"ram namespace size={size} bytes cannot be mapped: {getattr(exc, 'strerror', None) or exc}"
             ) from None
         self._view = memoryview(self._map)
 

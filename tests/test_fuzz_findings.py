@@ -1,0 +1,87 @@
+"""What the coverage-guided harnesses of fuzz/ found, each input as a named test.
+
+harness_parsers: a parser of the user's command line must refuse bad input with ValueError
+(``vnvme serve`` prints it as one line naming the option). The namespace inputs below let an
+OSError from the system through (and one left an empty file behind); the TOML input made tomllib
+recurse past Python's limit, so ``vnvme serve --config FILE`` ended with a RecursionError
+traceback. All fixed in namespace.py and serve.py; these keep them fixed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+
+from vnvme.controller.namespace import parse_namespace_spec
+from vnvme.serve import _load_config
+
+
+def test_parsers_ram_namespace_larger_than_the_address_space_is_a_value_error() -> None:
+    # harness_parsers input b"\x00ram,size=1000000T": mmap fails with ENOMEM.
+    with pytest.raises(ValueError, match="size"):
+        parse_namespace_spec("ram,size=1000000T", 1)
+
+
+def test_parsers_file_namespace_larger_than_the_file_system_allows_is_a_value_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # harness_parsers input b"\x00file=x.img,size=1000000T": ftruncate fails with EFBIG.
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="x.img"):
+            parse_namespace_spec("file=x.img,size=1000000T", 1)
+    finally:
+        assert os.listdir(tmp_path) == []  # holds today: the file it created is removed
+
+
+def test_parsers_file_namespace_name_too_long_is_a_value_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # harness_parsers input b"\x00file=" + b"a" * 300 + b",size=1M": open fails with ENAMETOOLONG.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="aaaa"):
+        parse_namespace_spec("file=" + "a" * 300 + ",size=1M", 1)
+
+
+def test_parsers_toml_nested_deeper_than_the_decoder_recurses_is_a_value_error(tmp_path: Path) -> None:
+    # harness_parsers: a TOML value nested 5000 deep; tomllib recurses once per level.
+    config = tmp_path / "deep.toml"
+    config.write_text("namespace = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError, match="deep.toml"):
+        _load_config(str(config))
+
+
+def test_parsers_refused_file_namespace_of_size_zero_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # harness_parsers campaign, crash-893a3f1d: b"\x00file=neg,size=0M" is refused ("backend size
+    # must be positive") after FileBackend created the file, which stays behind (vnvme serve too).
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="size"):
+        parse_namespace_spec("file=neg,size=0M", 1)
+    assert os.listdir(tmp_path) == []
+
+
+# harness_vfio_user, found by CI's 300-input smoke run (-seed=1) after the merge of the session's
+# vfio-user changes (E2BIG and hang-up on an oversized header, buffered reads, reading an
+# already-arrived message inline): after an undersized DMA_MAP carrying a descriptor, a DMA_MAP
+# with flags 0xFFFFFF00 and a descriptor gets no reply, and the server next reads a header that
+# no message sent (DMA_UNMAP, 8465 bytes) and hangs up with E2BIG: the stream lost its framing.
+# Not understood yet; the smoke run leaves this harness out until it is (test_fuzz_harnesses).
+VFIO_USER_DESYNC = base64.b64decode(
+    "BgEnhQB4QaoBAAAAHADJAQHgjaYoljg+ZQHuGSk2APmnAW9Culg0lDQQAc5NMzcBjnCvASmAAc5NMzcBjnCvASmAY/XQ"
+    "AQFYBABh+QFA+ycONb8ukQGZB+CWpJABAQ=="
+)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="open: the server loses the stream's framing")
+def test_vfio_user_dma_map_with_odd_flags_after_an_undersized_one_keeps_the_framing() -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
+    import harness_vfio_user
+
+    harness_vfio_user.one_input(VFIO_USER_DESYNC)
