@@ -42,12 +42,6 @@ def test_seeds_replay_clean(name: str) -> None:
 @pytest.mark.parametrize("name", HARNESSES)
 def test_atheris_smoke(name: str, tmp_path: Path) -> None:
     pytest.importorskip("atheris")
-    if name == "vfio_user":
-        # Its 300 inputs meet the open finding in tests/test_fuzz_findings.py (the server loses
-        # the stream's framing); the seeds still replay above.
-        pytest.skip(
-            "open finding: test_vfio_user_dma_map_with_odd_flags_after_an_undersized_one_keeps_the_framing"
-        )
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     result = subprocess.run(
         [
