@@ -51,6 +51,7 @@ with instrumented():
         _exact,
         _internal_errors,
         _make_fd,
+        check_reply_errno,
     )
     from vnvme.vfio_user import protocol as vu
     from vnvme.vfio_user.protocol import Channel, Command
@@ -347,13 +348,7 @@ def one_input(data: bytes) -> None:
                 expected = errno.EINVAL
         if message.command == Command.VERSION and not reply.is_error:
             version_done = True
-        if reply.is_error:
-            assert reply.error in errno.errorcode and reply.error != 0, reply
-            assert reply.payload == b""
-            if expected is not None:
-                assert reply.error == expected, (reply, message)
-        else:
-            assert reply.error == 0 and expected is None, (reply, message)
+        check_reply_errno(reply, message, expected)
     if len(replies) < len(wanted):
         # The server may stop early only for a DMA request nobody answers, or after refusing
         # an oversized message (then it closes the connection).

@@ -4,6 +4,7 @@ other end a :class:`VfioUserServer` serves from a thread, with the server's devi
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import select
 import socket
@@ -148,6 +149,15 @@ class Peer:
         payload = vu.IRQ_SET.pack(vu.IRQ_SET.size + len(data), flags, index, start, count) + data
         reply = self.ok(Command.DEVICE_SET_IRQS, payload, fds)
         assert reply.payload == b""
+
+    def map_shared(self, base: int, size: int) -> mmap.mmap:
+        """DMA_MAP ``size`` bytes of a new memfd at ``base``; returns the host's view of them."""
+        fd = memfd(size)
+        try:
+            self.dma_map(base, size, fd)
+            return mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
 
     def enable_with_admin_queues(self, asq: int, acq: int) -> int:
         """Vector 0 on a new eventfd, 2-entry admin queues at ``asq`` / ``acq`` (memory the

@@ -13,7 +13,6 @@ serves BAR accesses whatever its Command register says; clients rely on one or t
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import select
 
@@ -80,12 +79,7 @@ def test_device_reset_keeps_config_space(ready: Peer) -> None:
 def test_a_client_reinitialises_the_controller_after_a_device_reset(ready: Peer) -> None:
     """The issue's scenario: bring-up, DEVICE_RESET, bring-up again with nothing else between;
     the admin command after it completes and signals the eventfd set before the reset."""
-    fd = memfd(16 * PAGE)
-    try:
-        ready.dma_map(BASE, 16 * PAGE, fd)
-        memory = mmap.mmap(fd, 16 * PAGE)
-    finally:
-        os.close(fd)
+    memory = ready.map_shared(BASE, 16 * PAGE)
     vector0 = ready.enable_with_admin_queues(ASQ, ACQ)
     try:
         ready.ok(Command.DEVICE_RESET)

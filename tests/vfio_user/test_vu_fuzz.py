@@ -463,6 +463,18 @@ def _make_fd(kind: str) -> int:
     return memfd(MEMFD_SIZE) if kind == "memfd" else eventfd()
 
 
+def check_reply_errno(reply: vu.Message, message: Raw, expected: int | None) -> None:
+    """An error reply carries a real errno and no payload (``expected``'s, if known); a
+    success reply carries none, and only where no error was expected."""
+    if reply.is_error:
+        assert reply.error in errno.errorcode and reply.error != 0, reply
+        assert reply.payload == b""
+        if expected is not None:
+            assert reply.error == expected, (reply, message)
+    else:
+        assert reply.error == 0 and expected is None, (reply, message)
+
+
 def _next_reply(peer: Peer, timeout: float = 5.0) -> vu.Message:
     """The next reply; DMA_READ / DMA_WRITE requests met on the way (the device reaching memory
     mapped without a descriptor) are refused, as a client without that memory would."""
@@ -560,14 +572,7 @@ def test_random_messages(messages: list[Raw], hangup: tuple[Raw, int] | None) ->
                 reply = _next_reply(peer)
                 assert (reply.msg_id, reply.command) == (message.msg_id, message.command), (reply, message)
                 assert reply.flags in (vu.TYPE_REPLY, vu.TYPE_REPLY | vu.FLAG_ERROR), reply
-                expected = message.framing_errno()
-                if reply.is_error:
-                    assert reply.error in errno.errorcode and reply.error != 0, reply
-                    assert reply.payload == b""
-                    if expected is not None:
-                        assert reply.error == expected, (reply, message)
-                else:
-                    assert reply.error == 0 and expected is None, (reply, message)
+                check_reply_errno(reply, message, message.framing_errno())
             if too_large is not None:
                 with pytest.raises((vu.Disconnected, ConnectionResetError)):
                     _next_reply(peer)

@@ -9,7 +9,7 @@ import select
 
 import pytest
 
-from vfio_user.peer import LE, PAGE, Peer, memfd, signalled
+from vfio_user.peer import LE, PAGE, Peer, signalled
 from vnvme.spec.commands import SQE, AdminOpcode, Cns
 from vnvme.spec.registers import sq_tail_doorbell
 from vnvme.vfio_user import server as server_module
@@ -21,12 +21,7 @@ ASQ, ACQ, DATA = BASE, BASE + PAGE, BASE + 2 * PAGE
 def _identify_placed(ready: Peer) -> tuple[int, mmap.mmap]:
     """Admin queues in mapped memory, controller enabled, an Identify in the SQ (not rung yet).
     Returns the vector 0 eventfd and the host's view of the memory."""
-    fd = memfd(16 * PAGE)
-    try:
-        ready.dma_map(BASE, 16 * PAGE, fd)
-        memory = mmap.mmap(fd, 16 * PAGE)
-    finally:
-        os.close(fd)
+    memory = ready.map_shared(BASE, 16 * PAGE)
     vector0 = ready.enable_with_admin_queues(ASQ, ACQ)
     SQE.pack_into(
         memory, 0, AdminOpcode.IDENTIFY, 0, 0x42, 0, 0, 0, 0, DATA, 0, Cns.CONTROLLER, 0, 0, 0, 0, 0
