@@ -98,6 +98,12 @@ class SqEventIdx:
         """Predictions ``sq``'s host met, missed, and larger batches offered to it."""
         return 0, 0, 0
 
+    def unreaped(self, cq: CompletionQueue) -> int:
+        """Completions posted to ``cq`` that its host has not consumed yet, as its shadow head
+        says now (a closed-loop host replaces each one it reaps with a new command)."""
+        self.refresh_cq_head(cq)
+        return cq.used()
+
 
 class EagerSqEventIdx(SqEventIdx):
     """EventIdx = the tail just consumed: one doorbell per batch the host submits while idle."""
@@ -153,8 +159,7 @@ class BatchSqEventIdx(SqEventIdx):
         expected = sq.entries - state.mark
         cq = sq.cq
         if cq.shadow_mode and expected < n:
-            self.refresh_cq_head(cq)
-            expected = max(expected, (cq.tail - cq.head) % cq.size)
+            expected = max(expected, self.unreaped(cq))
         ahead = max(0, min(expected, n - 1) - 1)
         if state.renewing:
             # Woken by an expired prediction: commands found means the host is still placing
@@ -288,8 +293,7 @@ class AdaptiveSqEventIdx(SqEventIdx):
         target = state.window
         cq = sq.cq
         if cq.shadow_mode:
-            self.refresh_cq_head(cq)
-            target = max(target, (cq.tail - cq.head) % cq.size)
+            target = max(target, self.unreaped(cq))
         if state.credit >= state.patience and target < n - 1:
             target *= 2
             state.probing = True
