@@ -42,6 +42,11 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).lower()]
 
 
+def _check_size(size: int) -> None:
+    if size <= 0:
+        raise ValueError("backend size must be positive")
+
+
 class Backend:
     """Storage behind a namespace. Offsets and lengths are in bytes and already range-checked."""
 
@@ -50,8 +55,7 @@ class Backend:
     volatile_cache = False
 
     def __init__(self, size: int, *, read_only: bool = False) -> None:
-        if size <= 0:
-            raise ValueError("backend size must be positive")
+        _check_size(size)
         self.size = size
         # Write protected: the command set refuses every command that would change the data.
         self.read_only = read_only
@@ -159,8 +163,8 @@ class FileBackend(Backend):
         self.created = False
         if read_only and grow:
             raise ValueError(f"{self.path}: 'readonly' and 'grow' contradict each other")
-        if size is not None and size <= 0:
-            raise ValueError("backend size must be positive")  # before a file is created
+        if size is not None:
+            _check_size(size)  # before a file is created
         try:
             fd = self._open(size, read_only)
         except OSError as exc:  # a parser of the user's spec answers with ValueError only
@@ -179,13 +183,11 @@ class FileBackend(Backend):
                     )
                 os.ftruncate(fd, size)
                 self.file_size = size
-        except OSError as exc:
+        except BaseException as exc:
             os.close(fd)
             self._unlink_created()
-            raise ValueError(f"{self.path}: {exc.strerror or exc}") from None
-        except BaseException:
-            os.close(fd)
-            self._unlink_created()
+            if isinstance(exc, OSError):
+                raise ValueError(f"{self.path}: {exc.strerror or exc}") from None
             raise
         super().__init__(size, read_only=read_only)
         self.fd = fd
