@@ -398,12 +398,14 @@ def _controller_config(args: argparse.Namespace, file_options: dict[str, Any]) -
     """The controller's configuration: the --config file's values, else the options'."""
 
     def option(key: str) -> Any:
-        return file_options.get(key, getattr(args, key))
+        return _option(args, file_options, key)
 
-    where = f"{args.config}: sq_eventidx" if "sq_eventidx" in file_options else "--sq-eventidx"
-    sq_policy = _choice(SqEventIdxPolicy, option("sq_eventidx"), where)
-    where = f"{args.config}: cq_eventidx" if "cq_eventidx" in file_options else "--cq-eventidx"
-    cq_policy = _choice(CqEventIdxPolicy, option("cq_eventidx"), where)
+    def policy(kind: type[E], key: str) -> E:
+        where = f"{args.config}: {key}" if key in file_options else "--" + key.replace("_", "-")
+        return _choice(kind, option(key), where)
+
+    sq_policy = policy(SqEventIdxPolicy, "sq_eventidx")
+    cq_policy = policy(CqEventIdxPolicy, "cq_eventidx")
     return ControllerConfig(
         shadow_doorbells=file_options.get("shadow_doorbells", True) and not args.no_shadow_doorbells,
         sq_eventidx=SqEventIdxPolicy.POLL if _polls(args, file_options) else sq_policy,
@@ -412,8 +414,13 @@ def _controller_config(args: argparse.Namespace, file_options: dict[str, Any]) -
         cq_eventidx=cq_policy,
         max_io_queues=int(option("max_io_queues")),
         interrupt_vectors=int(option("max_io_queues")) + 1,
-        max_queue_entries=int(file_options.get("queue_entries", args.queue_entries)),
+        max_queue_entries=int(option("queue_entries")),
     )
+
+
+def _option(args: argparse.Namespace, file_options: dict[str, Any], key: str) -> Any:
+    """A setting from the --config file if it has it, else from the command line."""
+    return file_options.get(key, getattr(args, key))
 
 
 def _polls(args: argparse.Namespace, file_options: dict[str, Any]) -> bool:
@@ -499,15 +506,13 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             trace=args.trace,
             trace_sink=sink,
             mappable_doorbells=mappable,
-            idle_sleep=float(file_options.get("idle_sleep", args.idle_sleep)),
+            idle_sleep=float(_option(args, file_options, "idle_sleep")),
         )
     except BaseException:
         discard_namespaces(namespaces)
         raise
-    passes = int(file_options.get("poll_passes", args.poll_passes)) if poll or mappable else 0
-    options = ServerOptions(
-        poll_passes=passes, poll_budget=float(file_options.get("poll_budget", args.poll_budget))
-    )
+    passes = int(_option(args, file_options, "poll_passes")) if poll or mappable else 0
+    options = ServerOptions(poll_passes=passes, poll_budget=float(_option(args, file_options, "poll_budget")))
     server = VfioUserServer(function, options, trace=args.trace, trace_sink=sink)
     try:
         with _signals(server, function, out) as wake_r:
