@@ -316,21 +316,21 @@ def _counters_page(ctrl: AdminContext) -> bytes:
     values["queue_rows"] = len(rows)
     page = VNVME_COUNTERS.pack(values)
     for i, sq in enumerate(rows):
-        sq_obj = ctrl.sqs[sq.qid]
-        cq = cqs.get(sq_obj.cq.cqid) if sq_obj is not None else None
+        cq = ctrl.sqs[sq.qid].cq  # type: ignore[union-attr]  # rows are of live SQs
         row = {
             "sqid": sq.qid,
-            "cq_vector": sq_obj.cq.vector if sq_obj is not None else 0,
+            "cq_vector": cq.vector,
             "sq_doorbells": sq.mmio_doorbell_writes,
             "commands": sq.entries,
             "predictions_met": sq.predictions_met,
             "predictions_missed": sq.predictions_missed,
             "batch_offers": sq.batch_offers,
-            "interrupts": cq.interrupts if cq is not None else 0,
+            "interrupts": cqs[cq.cqid].interrupts,
         }
         offset = VNVME_QUEUE_ROWS_OFFSET + i * VNVME_QUEUE_ROW.size
+        # Counters modulo 2^32 (the row's fields are u32; SQID and vector fit in theirs).
         page[offset : offset + VNVME_QUEUE_ROW.size] = VNVME_QUEUE_ROW.pack(
-            {k: v & 0xFFFFFFFF if k not in ("sqid", "cq_vector") else v for k, v in row.items()}
+            {k: v & 0xFFFFFFFF for k, v in row.items()}
         )
     return bytes(page)
 
