@@ -142,7 +142,10 @@ def delete_io_sq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
     target = ctrl.sqs[qid] if 0 < qid < len(ctrl.sqs) else None
     if target is None:
         raise refused(Status.INVALID_QUEUE_IDENTIFIER, f"sqid {qid} does not exist")
-    # Commands are executed as they are fetched, so none are left to abort with SQ Deletion.
+    # §5.6: the queue's commands not yet completed are aborted, and their completions posted
+    # to its CQ before this command's. Commands run as they are fetched; only those whose
+    # completion a Delay fault holds are left (faults.py).
+    ctrl.delayed.abort(ctrl, target, None, Status.SQ_DELETION)
     ctrl.remove_sq(target)
     return _SUCCESS
 

@@ -27,9 +27,11 @@ From Python::
     set_fault_hook(controller, 1, hook)
 
 From ``vnvme serve``: ``--fault SPEC`` (repeatable) or ``fault = [SPEC, ...]`` in the TOML file;
-see :func:`parse_fault_rule` for SPEC. Held (delayed) completions of a queue deleted or reset
-meanwhile are dropped, as the commands of a deleted queue are (§5.6, §7.3.2). A hook that raises
-fails its command with Internal Error (the exception is logged), like any emulator bug.
+see :func:`parse_fault_rule` for SPEC. A held (delayed) command is still owed a completion:
+deleting its SQ aborts it with Command Aborted due to SQ Deletion, posted to its CQ before the
+Delete I/O Submission Queue command completes (§5.6); a controller reset drops it, as nothing is
+posted after one (§7.3.2). A hook that raises fails its command with Internal Error (the
+exception is logged), like any emulator bug.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ class DelayedCompletions:
     def __init__(self) -> None:
         self._heap: list[_Held] = []
         self._seq = 0
-        #: Held completions dropped because their queue went away (reset, deletion).
+        #: Held completions dropped by a controller reset (nothing is posted after one).
         self.dropped = 0
 
     def __bool__(self) -> bool:
@@ -166,14 +168,28 @@ class DelayedCompletions:
         return self._heap[0].deadline if self._heap else None
 
     def post_due(self, ctrl: IoContext, now: float) -> None:
-        """Post every held completion whose deadline ``now`` has reached."""
+        """Post every held completion whose deadline ``now`` has reached (their queues are
+        live: a deleted queue's are aborted, a reset drops them all)."""
         heap = self._heap
         while heap and heap[0].deadline <= now and not ctrl.fatal:
             held = heapq.heappop(heap)
-            if ctrl.sqs[held.sq.sqid] is not held.sq:
-                self.dropped += 1
-                continue
             _complete(ctrl, held.sq, held.cid, held.status, held.dw0, held.nsid, held.lba)
+
+    def abort(self, ctrl: IoContext, sq: SubmissionQueue, cid: int | None, status: int) -> int:
+        """Complete the held completions of ``sq`` (only ``cid``'s if given) now, with
+        ``status`` instead of their own, in the order they were due; returns how many. An
+        aborted command is not in error, so no Error Information entry (as for an aborted AER)."""
+        taken: list[_Held] = []
+        kept: list[_Held] = []
+        for held in self._heap:
+            (taken if held.sq is sq and cid in (None, held.cid) else kept).append(held)
+        if not taken:
+            return 0
+        heapq.heapify(kept)
+        self._heap = kept
+        for held in sorted(taken):
+            ctrl.post_completion(sq, held.cid, status, 0)
+        return len(taken)
 
     def clear(self) -> None:
         self.dropped += len(self._heap)

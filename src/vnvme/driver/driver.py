@@ -618,7 +618,11 @@ class NvmeDriver:
         return qp
 
     def delete_io_queue_pair(self, qp: QueuePair) -> None:
+        """Delete the SQ, reap what it left on the CQ (commands aborted with SQ Deletion, posted
+        before the Delete's completion, §5.6: Linux polls the queue too), delete the CQ."""
         self.admin_command(AdminOpcode.DELETE_IO_SQ, cdw10=qp.qid)
+        for cqe in qp.reap():
+            qp.results[cqe.cid] = cqe
         self.admin_command(AdminOpcode.DELETE_IO_CQ, cdw10=qp.qid)
         self.io.remove(qp)
         qp.close()
