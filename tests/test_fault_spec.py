@@ -101,3 +101,34 @@ def test_driver_reaps_the_aborted_completions_when_it_deletes_a_queue_pair() -> 
         assert qp.results[cid].status == Status.SQ_DELETION and qp.outstanding == 0
     finally:
         r.close()
+
+
+# Section: Abort (§5.1)
+
+
+def _abort(r: Rig, sqid: int, cid: int) -> int:
+    """Abort's completion DW0 bit 0: 0 = aborted, 1 = not aborted."""
+    cqe = r.driver.admin_command(AdminOpcode.ABORT, cdw10=sqid | (cid << 16))
+    assert cqe.status == 0
+    return cqe.dw0 & 1
+
+
+def test_abort_completes_a_held_command_with_abort_requested_at_once() -> None:
+    r = _rig()
+    ctrl = r.controller
+    try:
+        set_fault_hook(ctrl, 1, _delay_reads)
+        qp, first = _submit_read(r)
+        _, second = _submit_read(r)
+        interrupts = r.transport.fired.get(qp.vector, 0)
+        assert _abort(r, qp.qid, second) == 0
+        assert [(c.cid, c.status) for c in qp.reap()] == [(second, Status.ABORT_REQUESTED)]
+        assert r.transport.fired.get(qp.vector, 0) == interrupts + 1
+        assert len(ctrl.delayed) == 1  # the other one is still held
+        # Gone now: a second Abort of it, or of a CID on another queue, finds nothing.
+        assert _abort(r, qp.qid, second) == 1
+        assert _abort(r, 2, first) == 1
+        assert _abort(r, 0xFFFF, first) == 1  # no such queue
+        assert len(ctrl.delayed) == 1 and qp.reap() == []
+    finally:
+        r.close()

@@ -386,12 +386,21 @@ def async_event_request(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, .
 
 
 def abort(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result:
+    """§5.1: the command named by SQID / CID completes with Command Abort Requested, if it is
+    still waiting: an AER (admin queue), or an I/O command whose completion a Delay fault holds;
+    every other command completes as it is fetched. Abort itself completes at once, so no more
+    than one is ever outstanding and the Abort Command Limit (Identify ACL) is never reached."""
     target_sqid = AbortFields.SQID.get(f[CDW10])
     target_cid = AbortFields.CID.get(f[CDW10])
     if ctrl.tracing:
         ctrl.trace("pci_nvme_abort", f[CID], target_sqid, target_cid)
-    # Every other command completes as it is fetched; only AERs wait, on the admin queue.
-    aborted = target_sqid == 0 and ctrl.async_events.abort(target_cid)
+    if target_sqid == 0:
+        aborted = ctrl.async_events.abort(target_cid)
+    else:
+        target = ctrl.sqs[target_sqid] if target_sqid < len(ctrl.sqs) else None
+        aborted = (
+            target is not None and ctrl.delayed.abort(ctrl, target, target_cid, Status.ABORT_REQUESTED) > 0
+        )
     return 0, 0 if aborted else 1  # DW0 bit 0: 1 = command not aborted
 
 
