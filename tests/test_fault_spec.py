@@ -3,19 +3,37 @@ events (NVMe 1.3 §5.1, §5.2, §5.6, §5.14.1.2, §5.21.1.11, §6.8)."""
 
 from __future__ import annotations
 
+import pytest
+
 from host import Rig, make_rig
-from vnvme.controller.faults import Delay, IoCommand, set_fault_hook
+from vnvme.controller.faults import Delay, Fail, IoCommand, MediaError, set_fault_hook
 from vnvme.controller.namespace import Namespace, RamBackend
+from vnvme.driver import NvmeError
 from vnvme.driver.driver import QueuePair
-from vnvme.spec.commands import AdminOpcode, NvmOpcode
-from vnvme.spec.status import Status
+from vnvme.spec.commands import NSID_BROADCAST, AdminOpcode, LogPageId, NvmOpcode
+from vnvme.spec.log_pages import ERROR_INFORMATION_ENTRY
+from vnvme.spec.status import DNR, Status
 
 _LATER = 1000.0  # seconds: far past any test's end, so only an abort can complete the command
 
 
-def _rig(namespaces: int = 1) -> Rig:
+class _Flushes(RamBackend):
+    """Counts flushes; with ``fail``, each one fails as a backing file's fsync can."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__(1 << 20)
+        self.fail = fail
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        if self.fail:
+            raise OSError(5, "Input/output error")
+
+
+def _rig(namespaces: int = 1, *, failing: tuple[int, ...] = ()) -> Rig:
     return make_rig(
-        namespaces=[Namespace(nsid, RamBackend(1 << 20), 512) for nsid in range(1, namespaces + 1)],
+        namespaces=[Namespace(nsid, _Flushes(nsid in failing), 512) for nsid in range(1, namespaces + 1)],
         trace=("pci_nvme_enqueue_req_completion",),
         io_queues=2,
         io_queue_depth=16,
@@ -131,4 +149,95 @@ def test_abort_completes_a_held_command_with_abort_requested_at_once() -> None:
         assert _abort(r, 0xFFFF, first) == 1  # no such queue
         assert len(ctrl.delayed) == 1 and qp.reap() == []
     finally:
+        r.close()
+
+
+# Section: Flush of every namespace (NSID FFFFFFFFh, §6.8)
+
+
+def _flushes(r: Rig) -> list[int]:
+    return [ns.backend.flushes for ns in r.controller.namespaces.values()]  # type: ignore[attr-defined]
+
+
+def _newest_error(r: Rig) -> dict[str, int]:
+    raw = r.driver.get_log_page(LogPageId.ERROR_INFORMATION, ERROR_INFORMATION_ENTRY.size)
+    entry: dict[str, int] = ERROR_INFORMATION_ENTRY.unpack(raw)
+    return entry
+
+
+def test_broadcast_flush_meets_each_namespaces_hook() -> None:
+    """A media error on namespace 2's part: the command fails as a Flush of namespace 2 would,
+    the Error Information entry names namespace 2, and namespaces 1 and 3 are flushed."""
+    r = _rig(3)
+    try:
+        seen: list[IoCommand] = []
+
+        def media_error(command: IoCommand) -> MediaError:
+            seen.append(command)
+            return MediaError()
+
+        set_fault_hook(r.controller, 2, media_error)
+        errors = r.controller.error_log.error_count
+        with pytest.raises(NvmeError) as failure:
+            r.driver.flush(NSID_BROADCAST)
+        assert failure.value.status == Status.WRITE_FAULT
+        assert [(c.opcode, c.nsid, c.slba, c.nlb) for c in seen] == [(NvmOpcode.FLUSH, 2, 0, 0)]
+        assert _flushes(r) == [1, 0, 1]
+        assert r.controller.error_log.error_count == errors + 1  # one command, one entry
+        entry = _newest_error(r)
+        assert (entry["nsid"], entry["status_field"] >> 1) == (2, Status.WRITE_FAULT)
+        assert r.controller.smart.media_errors == 1
+    finally:
+        r.close()
+
+
+def test_broadcast_flush_reports_the_first_failing_namespace() -> None:
+    r = _rig(3)
+    try:
+        set_fault_hook(r.controller, 3, lambda c: Fail(Status.INTERNAL_ERROR))
+        set_fault_hook(r.controller, 2, lambda c: Fail(Status.NAMESPACE_NOT_READY | DNR))
+        with pytest.raises(NvmeError) as failure:
+            r.driver.flush(NSID_BROADCAST)
+        assert failure.value.status == Status.NAMESPACE_NOT_READY | DNR
+        assert _newest_error(r)["nsid"] == 2
+        assert _flushes(r) == [1, 0, 0]
+    finally:
+        r.close()
+
+
+def test_a_delayed_part_holds_the_broadcast_flush_completion() -> None:
+    """The one completion waits for the longest Delay of a part, and carries the failure of
+    another part (its Error Information entry too, recorded when it is posted)."""
+    r = _rig(2)
+    ctrl = r.controller
+    try:
+        set_fault_hook(ctrl, 1, lambda c: Delay(_LATER))
+        set_fault_hook(ctrl, 2, lambda c: Delay(_LATER / 2, Fail(Status.DATA_TRANSFER_ERROR)))
+        qp = r.driver.queue(1)
+        cid = qp.submit(r.driver.io_sqe(qp, NvmOpcode.FLUSH, NSID_BROADCAST))
+        qp.ring_sq()
+        assert qp.reap() == [] and len(ctrl.delayed) == 1
+        assert _flushes(r) == [1, 0]  # namespace 1's part ran when fetched; 2's never runs
+        deadline = ctrl.next_deadline()
+        assert deadline is not None
+        r.transport._handle(ctrl.process(now=deadline - _LATER / 2))
+        assert qp.reap() == []  # namespace 2's delay has passed, namespace 1's has not
+        r.transport._handle(ctrl.process(now=deadline))
+        assert [(c.cid, c.status) for c in qp.reap()] == [(cid, Status.DATA_TRANSFER_ERROR)]
+        assert _newest_error(r)["nsid"] == 2
+    finally:
+        r.close()
+
+
+def test_broadcast_flush_without_hooks_flushes_every_namespace_after_a_failure() -> None:
+    """The same rule without any hook: a backend's failed flush does not stop the others."""
+    r = _rig(3, failing=(1,))
+    try:
+        with pytest.raises(NvmeError) as failure:
+            r.driver.flush(NSID_BROADCAST)
+        assert failure.value.status == Status.WRITE_FAULT
+        assert _flushes(r) == [1, 1, 1]
+        assert _newest_error(r)["nsid"] == 1
+    finally:
+        r.controller.namespaces[1].backend.fail = False  # type: ignore[attr-defined]
         r.close()

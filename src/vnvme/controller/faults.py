@@ -16,6 +16,11 @@ and returns ``None`` (run it normally) or a fault:
   has it, a media error of one command is reported in its completion and the error log, not as
   an Asynchronous Event (§5.2: Error status events are errors not tied to a command).
 
+A Flush of every namespace (NSID FFFFFFFFh, §6.8) meets each namespace's hook for its part,
+shown an :class:`IoCommand` of that namespace; every part runs, the first failing one (in NSID
+order) gives the command's status and Error Information entry (naming its namespace), and a
+part's Delay holds the one completion (the longest delay wins).
+
 From Python::
 
     from vnvme.controller.faults import Fail, MediaError, IoCommand, set_fault_hook
@@ -46,7 +51,7 @@ from vnvme.controller import nvm
 from vnvme.controller.errors import CommandFailed
 from vnvme.controller.transfer import CDW10, CDW11, CDW12, CID, NSID, OPC
 from vnvme.memory import GuestMemoryError
-from vnvme.spec.commands import NvmOpcode
+from vnvme.spec.commands import NSID_BROADCAST, NvmOpcode
 from vnvme.spec.status import DNR, Status
 
 if TYPE_CHECKING:
@@ -227,38 +232,102 @@ def _run_now(handler: Handler, ctrl: IoContext, sq: SubmissionQueue, fields: tup
     return 0 if result is None else result[0]
 
 
+def _io_command(sq: SubmissionQueue, fields: tuple[int, ...]) -> IoCommand:
+    opcode = fields[OPC]
+    ranged = opcode in _RANGED
+    return IoCommand(
+        opcode,
+        fields[NSID],
+        fields[CDW10] | (fields[CDW11] << 32) if ranged else 0,
+        (fields[CDW12] & 0xFFFF) + 1 if ranged else 0,
+        sq.sqid,
+        fields[CID],
+    )
+
+
+def _apply(
+    handler: Handler,
+    ctrl: IoContext,
+    sq: SubmissionQueue,
+    fields: tuple[int, ...],
+    command: IoCommand,
+    fault: Fault,
+) -> tuple[int, int, float | None]:
+    """Status, Error Information LBA and delay (None: none) of a command given ``fault``."""
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_fault_injected", command.cid, sq.sqid, command.nsid, repr(fault))
+    if isinstance(fault, Delay):
+        if fault.then is None:
+            return _run_now(handler, ctrl, sq, fields), 0, fault.seconds
+        status, lba = _outcome(ctrl, command, fault.then)
+        return status, lba, fault.seconds
+    status, lba = _outcome(ctrl, command, fault)
+    return status, lba, None
+
+
 def _with_faults(handler: Handler) -> Handler:
     def run(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> nvm.Result:
         ns = ctrl.namespaces.get(fields[NSID])
         hook = None if ns is None else ns.fault_hook
         if hook is None:
             return handler(ctrl, sq, fields)
-        opcode = fields[OPC]
-        ranged = opcode in _RANGED
-        command = IoCommand(
-            opcode,
-            fields[NSID],
-            fields[CDW10] | (fields[CDW11] << 32) if ranged else 0,
-            (fields[CDW12] & 0xFFFF) + 1 if ranged else 0,
-            sq.sqid,
-            fields[CID],
-        )
+        command = _io_command(sq, fields)
         fault = hook(command)
         if fault is None:
             return handler(ctrl, sq, fields)
-        if ctrl.tracing:
-            ctrl.trace("pci_nvme_fault_injected", command.cid, sq.sqid, command.nsid, repr(fault))
-        if isinstance(fault, Delay):
-            if fault.then is None:
-                status, lba = _run_now(handler, ctrl, sq, fields), 0
-            else:
-                status, lba = _outcome(ctrl, command, fault.then)
-            deadline = ctrl.now + fault.seconds  # the `now` of the pass that fetched it
-            ctrl.delayed.hold(deadline, sq, command.cid, status, 0, command.nsid, lba)
-            return None
-        status, lba = _outcome(ctrl, command, fault)
-        _complete(ctrl, sq, command.cid, status, 0, command.nsid, lba)
+        status, lba, delay = _apply(handler, ctrl, sq, fields, command, fault)
+        if delay is None:
+            _complete(ctrl, sq, command.cid, status, 0, command.nsid, lba)
+        else:  # the deadline counts from the `now` of the pass that fetched the command
+            ctrl.delayed.hold(ctrl.now + delay, sq, command.cid, status, 0, command.nsid, lba)
         return None
+
+    return run
+
+
+def _broadcast_flush(
+    handler: Handler, ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]
+) -> nvm.Result:
+    """Flush of every namespace (NSID FFFFFFFFh, §6.8): each namespace's part meets its own
+    hook, as a Flush of that namespace alone would. The parts fold into the one completion as
+    :func:`nvm.flush_each` says (every part runs; the first failing one, in NSID order, gives
+    the status and the Error Information entry, naming its namespace); a part's Delay holds
+    the completion, which is posted once the longest of them has passed."""
+    delays: list[float] = []
+
+    def part(ns: Namespace) -> None:
+        part_fields = (*fields[:NSID], ns.nsid, *fields[NSID + 1 :])
+        command = _io_command(sq, part_fields)
+        fault = None if ns.fault_hook is None else ns.fault_hook(command)
+        if fault is None:
+            handler(ctrl, sq, part_fields)
+            return
+        status, lba, delay = _apply(handler, ctrl, sq, part_fields, command, fault)
+        if delay is not None:
+            delays.append(delay)
+        if status:
+            raise CommandFailed(status, f"namespace {ns.nsid}: {fault!r}", nsid=ns.nsid, lba=lba)
+
+    status = nsid = lba = 0
+    try:
+        nvm.flush_each(ctrl, part)
+    except CommandFailed as failure:
+        if not delays:
+            raise
+        status, nsid, lba = failure.status, failure.nsid or 0, failure.lba
+    if not delays:
+        return 0, 0
+    ctrl.delayed.hold(ctrl.now + max(delays), sq, fields[CID], status, 0, nsid, lba)
+    return None
+
+
+def _flush_with_faults(handler: Handler) -> Handler:
+    single = _with_faults(handler)
+
+    def run(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> nvm.Result:
+        if fields[NSID] == NSID_BROADCAST:
+            return _broadcast_flush(handler, ctrl, sq, fields)
+        return single(ctrl, sq, fields)
 
     return run
 
@@ -268,7 +337,10 @@ def io_handlers(namespaces: Iterable[Namespace]) -> Mapping[int, Handler]:
     controller whose namespaces have none pays nothing for this module)."""
     if not any(ns.fault_hook is not None for ns in namespaces):
         return nvm.IO_HANDLERS
-    return {opcode: _with_faults(handler) for opcode, handler in nvm.IO_HANDLERS.items()}
+    return {
+        opcode: (_flush_with_faults if opcode == NvmOpcode.FLUSH else _with_faults)(handler)
+        for opcode, handler in nvm.IO_HANDLERS.items()
+    }
 
 
 def set_fault_hook(ctrl: Controller, nsid: int, hook: FaultHook | None) -> None:

@@ -154,16 +154,37 @@ def write(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Resu
     return _SUCCESS
 
 
-def flush(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
-    nsid = fields[NSID]
-    targets = list(ctrl.namespaces.values()) if nsid == NSID_BROADCAST else [_namespace(ctrl, nsid)]
-    if ctrl.tracing:
-        ctrl.trace("pci_nvme_flush", fields[2], nsid)
+def flush_each(ctrl: IoContext, part: Callable[[Namespace], object]) -> None:
+    """Flush with NSID FFFFFFFFh (§6.8) is a part per namespace: ``part`` runs for every one,
+    in NSID order, even after one fails; the first failure is the command's, raised naming its
+    namespace (the Error Information entry's NSID is the namespace in error, §5.14.1.1)."""
+    first: CommandFailed | None = None
+    for nsid in sorted(ctrl.namespaces):
+        try:
+            part(ctrl.namespaces[nsid])
+        except CommandFailed as failure:
+            if failure.nsid is None:
+                failure.nsid = nsid
+            first = first or failure
+    if first is not None:
+        raise first
+
+
+def _flush_namespace(ctrl: IoContext, ns: Namespace) -> None:
     try:
-        for ns in targets:
-            ns.backend.flush()
+        ns.backend.flush()
     except OSError as exc:
         raise _media_error(ctrl, exc, write=True) from None
+
+
+def flush(ctrl: IoContext, sq: SubmissionQueue, fields: tuple[int, ...]) -> Result:
+    nsid = fields[NSID]
+    if ctrl.tracing:
+        ctrl.trace("pci_nvme_flush", fields[2], nsid)
+    if nsid == NSID_BROADCAST:
+        flush_each(ctrl, lambda ns: _flush_namespace(ctrl, ns))
+    else:
+        _flush_namespace(ctrl, _namespace(ctrl, nsid))
     return _SUCCESS
 
 

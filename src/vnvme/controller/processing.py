@@ -154,6 +154,7 @@ class CommandProcessing:
         cid = fields[2]
         status = 0  # Status.SUCCESS
         dw0 = 0
+        located: CommandFailed | None = None  # a failure naming its own namespace / LBA
         try:
             if sq.sqid == 0:
                 self._admin_counts[opcode] += 1
@@ -175,6 +176,7 @@ class CommandProcessing:
             status, dw0 = result
         except CommandFailed as failure:
             status = failure.status
+            located = failure
             if self.tracing:
                 self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, failure.reason)
         except GuestMemoryError as exc:
@@ -188,7 +190,10 @@ class CommandProcessing:
             if self.tracing:
                 self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, repr(exc))
         if status:
-            self.record_error(sq.sqid, cid, status, fields[3])
+            if located is None or located.nsid is None:
+                self.record_error(sq.sqid, cid, status, fields[3])
+            else:
+                self.record_error(sq.sqid, cid, status, located.nsid, lba=located.lba)
         cq = sq.cq
         room = cq.tail + 1  # post_completion, inlined
         if room == cq.size:
