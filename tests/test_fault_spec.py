@@ -3,6 +3,9 @@ events (NVMe 1.3 §5.1, §5.2, §5.6, §5.14.1.2, §5.21.1.11, §6.8)."""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from host import Rig, make_rig
@@ -10,17 +13,27 @@ from vnvme.controller.faults import Delay, Fail, IoCommand, MediaError, set_faul
 from vnvme.controller.namespace import Namespace, RamBackend
 from vnvme.driver import NvmeError
 from vnvme.driver.driver import QueuePair
-from vnvme.spec.commands import NSID_BROADCAST, AdminOpcode, LogPageId, NvmOpcode
-from vnvme.spec.log_pages import ERROR_INFORMATION_ENTRY
+from vnvme.spec.commands import (
+    NSID_BROADCAST,
+    AdminOpcode,
+    AsyncEventSmartInfo,
+    AsyncEventType,
+    FeatureId,
+    LogPageId,
+    NvmOpcode,
+    Sqe,
+    async_event_dw0,
+)
+from vnvme.spec.log_pages import ERROR_INFORMATION_ENTRY, SMART_HEALTH, CriticalWarning
 from vnvme.spec.status import DNR, Status
 
 _LATER = 1000.0  # seconds: far past any test's end, so only an abort can complete the command
 
 
 class _Flushes(RamBackend):
-    """Counts flushes; with ``fail``, each one fails as a backing file's fsync can."""
+    """Counts flushes; with ``fail`` (an errno), each one fails as a backing file's fsync can."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: int = 0) -> None:
         super().__init__(1 << 20)
         self.fail = fail
         self.flushes = 0
@@ -28,12 +41,15 @@ class _Flushes(RamBackend):
     def flush(self) -> None:
         self.flushes += 1
         if self.fail:
-            raise OSError(5, "Input/output error")
+            raise OSError(self.fail, os.strerror(self.fail))
 
 
-def _rig(namespaces: int = 1, *, failing: tuple[int, ...] = ()) -> Rig:
+def _rig(namespaces: int = 1, *, failing: tuple[int, ...] = (), errno_: int = errno.EIO) -> Rig:
     return make_rig(
-        namespaces=[Namespace(nsid, _Flushes(nsid in failing), 512) for nsid in range(1, namespaces + 1)],
+        namespaces=[
+            Namespace(nsid, _Flushes(errno_ if nsid in failing else 0), 512)
+            for nsid in range(1, namespaces + 1)
+        ],
         trace=("pci_nvme_enqueue_req_completion",),
         io_queues=2,
         io_queue_depth=16,
@@ -239,5 +255,110 @@ def test_broadcast_flush_without_hooks_flushes_every_namespace_after_a_failure()
         assert _flushes(r) == [1, 1, 1]
         assert _newest_error(r)["nsid"] == 1
     finally:
-        r.controller.namespaces[1].backend.fail = False  # type: ignore[attr-defined]
+        r.controller.namespaces[1].backend.fail = 0  # type: ignore[attr-defined]
         r.close()
+
+
+# Section: media errors and Asynchronous Events (§5.2, §5.14.1.2, §5.21.1.11)
+
+_RELIABILITY_EVENT = async_event_dw0(
+    AsyncEventType.SMART_HEALTH_STATUS, AsyncEventSmartInfo.RELIABILITY, LogPageId.SMART_HEALTH
+)
+_TEMPERATURE_EVENT = async_event_dw0(
+    AsyncEventType.SMART_HEALTH_STATUS, AsyncEventSmartInfo.TEMPERATURE_THRESHOLD, LogPageId.SMART_HEALTH
+)
+
+
+def _critical_warning(r: Rig, *, rae: bool = False) -> int:
+    smart: dict[str, int] = SMART_HEALTH.unpack(r.driver.get_log_page(LogPageId.SMART_HEALTH, 512, rae=rae))
+    return smart["critical_warning"]
+
+
+def _enable_events(r: Rig, warnings: int) -> None:
+    r.driver.set_features(FeatureId.ASYNC_EVENT_CONFIGURATION, warnings)
+
+
+def _events(r: Rig) -> list[int]:
+    r.driver.identify_controller()  # an admin pass: the driver takes any AER completion
+    return r.driver.async_event_log
+
+
+def _read_media_error(r: Rig) -> None:
+    set_fault_hook(r.controller, 1, lambda c: MediaError() if c.is_read else None)
+    with pytest.raises(NvmeError) as failure:
+        r.driver.read(1, 0, 1)
+    assert failure.value.status == Status.UNRECOVERED_READ_ERROR
+
+
+def test_a_media_error_degrades_reliability_and_raises_an_enabled_smart_event() -> None:
+    r = _rig()
+    try:
+        _enable_events(r, CriticalWarning.RELIABILITY_DEGRADED)
+        assert _events(r) == []
+        _read_media_error(r)
+        # SMART / Health, NVM subsystem reliability, log page 02h; no Error status event.
+        assert _events(r) == [_RELIABILITY_EVENT]
+        assert _critical_warning(r) == CriticalWarning.RELIABILITY_DEGRADED
+        _read_media_error(r)
+        assert r.controller.smart.media_errors == 2 and _events(r) == [_RELIABILITY_EVENT]
+    finally:
+        r.close()
+
+
+def test_the_reliability_event_waits_for_the_host_to_enable_it() -> None:
+    """Not enabled in Asynchronous Event Configuration: the warning, but no event; enabling it
+    reports the warning that holds then (as for temperature)."""
+    r = _rig()
+    try:
+        _read_media_error(r)
+        assert _events(r) == []
+        assert _critical_warning(r) == CriticalWarning.RELIABILITY_DEGRADED
+        _enable_events(r, CriticalWarning.TEMPERATURE)
+        assert _events(r) == []
+        _enable_events(r, CriticalWarning.RELIABILITY_DEGRADED)
+        assert _events(r) == [_RELIABILITY_EVENT]
+    finally:
+        r.close()
+
+
+def test_smart_events_are_masked_until_the_smart_log_is_read() -> None:
+    """§5.2: after the reliability event, a temperature event (same type) is not reported until
+    the host reads log page 02h with RAE cleared."""
+    r = _rig()
+    admin = r.driver.admin
+    assert admin is not None
+    try:
+        _enable_events(r, CriticalWarning.RELIABILITY_DEGRADED | CriticalWarning.TEMPERATURE)
+        _read_media_error(r)
+        assert _events(r) == [_RELIABILITY_EVENT]
+        aer = admin.submit(Sqe(AdminOpcode.ASYNC_EVENT_REQUEST, 0, 0, 0, 0, 0, 0, 0, 0))
+        admin.ring_sq()
+        too_hot = CriticalWarning.RELIABILITY_DEGRADED | CriticalWarning.TEMPERATURE
+        for rae in (True, False):
+            r.driver.set_features(FeatureId.TEMPERATURE_THRESHOLD, 200)  # below the temperature
+            r.driver.identify_controller()
+            assert aer not in admin.results  # masked (and Retain Asynchronous Event kept it so)
+            assert _critical_warning(r, rae=rae) == too_hot
+        r.driver.set_features(FeatureId.TEMPERATURE_THRESHOLD, 200)
+        r.driver.identify_controller()
+        assert admin.results.pop(aer).dw0 == _TEMPERATURE_EVENT
+    finally:
+        r.close()
+
+
+def test_backend_media_errors_raise_it_and_a_full_backing_store_does_not() -> None:
+    for code, status, warning in (
+        (errno.ENOSPC, Status.CAPACITY_EXCEEDED | DNR, 0),
+        (errno.EIO, Status.WRITE_FAULT, CriticalWarning.RELIABILITY_DEGRADED),
+    ):
+        r = _rig(failing=(1,), errno_=code)
+        try:
+            _enable_events(r, CriticalWarning.RELIABILITY_DEGRADED)
+            with pytest.raises(NvmeError) as failure:
+                r.driver.flush(1)
+            assert failure.value.status == status
+            assert _critical_warning(r) == warning
+            assert _events(r) == ([_RELIABILITY_EVENT] if warning else [])
+        finally:
+            r.controller.namespaces[1].backend.fail = 0  # type: ignore[attr-defined]
+            r.close()

@@ -13,6 +13,7 @@ from vnvme.controller.queues import SubmissionQueue
 from vnvme.controller.transfer import CDW10, CDW11, CID, NSID
 from vnvme.spec import features as feat
 from vnvme.spec.commands import NSID_BROADCAST, FeatureFields, FeatureId, FeatureSelect
+from vnvme.spec.log_pages import CriticalWarning
 from vnvme.spec.status import Status
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ def _set_temperature_threshold(ctrl: AdminContext, state: FeatureState, cdw11: i
         state.over_temperature = threshold
     else:
         state.under_temperature = threshold
-    ctrl.check_temperature()
+    ctrl.report_critical_warnings(CriticalWarning.TEMPERATURE)
     return 0
 
 
@@ -199,7 +200,7 @@ def _set_write_atomicity(ctrl: AdminContext, state: FeatureState, cdw11: int) ->
 
 def _set_async_event_configuration(ctrl: AdminContext, state: FeatureState, cdw11: int) -> int:
     state.async_event_configuration = cdw11 & 0x3FF
-    ctrl.check_temperature()
+    ctrl.report_critical_warnings(0xFF)  # a warning that holds when its event is enabled
     return 0
 
 

@@ -54,6 +54,11 @@ from vnvme.trace import TRACE_EVENTS, matching_events
 log = logging.getLogger("vnvme.controller")
 
 _DEFAULT_BUDGET: Final = 4096
+# The Critical Warning bits this controller can raise, and their SMART / Health event info (§5.2).
+_WARNING_EVENTS: Final = {
+    CriticalWarning.TEMPERATURE: AsyncEventSmartInfo.TEMPERATURE_THRESHOLD,
+    CriticalWarning.RELIABILITY_DEGRADED: AsyncEventSmartInfo.RELIABILITY,
+}
 
 
 class Controller(DoorbellWrites, CommandProcessing):
@@ -394,24 +399,38 @@ class Controller(DoorbellWrites, CommandProcessing):
         return sqs + cqs
 
     def critical_warning(self) -> int:
-        """SMART Critical Warning bits (temperature against the thresholds)."""
+        """SMART Critical Warning bits (§5.14.1.2): temperature against the thresholds, and NVM
+        subsystem reliability degraded (bit 2) once a media error has occurred: an emulated
+        medium has no wear to weigh them against, so every injected or backend media error
+        counts as significant. It stays set, as the SMART counters do, across resets."""
         temperature = self.config.temperature_kelvin
         features = self.features
         too_hot = temperature >= features.over_temperature
         too_cold = features.under_temperature and temperature <= features.under_temperature
-        return int(CriticalWarning.TEMPERATURE) if too_hot or too_cold else 0
+        warning = CriticalWarning.TEMPERATURE if too_hot or too_cold else CriticalWarning(0)
+        if self.smart.media_errors:
+            warning |= CriticalWarning.RELIABILITY_DEGRADED
+        return int(warning)
 
-    def check_temperature(self) -> None:
-        """Report a temperature threshold crossing if Asynchronous Event Configuration asks."""
-        if (
-            self.critical_warning() & CriticalWarning.TEMPERATURE
-            and self.features.async_event_configuration & CriticalWarning.TEMPERATURE
-        ):
-            self.async_events.enqueue(
-                AsyncEventType.SMART_HEALTH_STATUS,
-                AsyncEventSmartInfo.TEMPERATURE_THRESHOLD,
-                LogPageId.SMART_HEALTH,
-            )
+    def report_critical_warnings(self, bits: int) -> None:
+        """Raise a SMART / Health Status event for each warning of ``bits`` that holds now and
+        that Asynchronous Event Configuration enables (bits 7:0 match the Critical Warning bits,
+        §5.21.1.11); the event's log page is SMART / Health, and AsyncEvents masks the type
+        until the host reads it (§5.2)."""
+        enabled = self.critical_warning() & bits & self.features.async_event_configuration
+        for warning, info in _WARNING_EVENTS.items():
+            if enabled & warning:
+                self.async_events.enqueue(AsyncEventType.SMART_HEALTH_STATUS, info, LogPageId.SMART_HEALTH)
+
+    def count_media_error(self) -> None:
+        """A command met a media error (SMART Media and Data Integrity Errors, §5.14.1.2). The
+        first one degrades reliability: a SMART / Health event, info NVM subsystem reliability
+        (§5.2), if enabled. Not an Error status event: those are for errors not tied to a command
+        (invalid doorbells, internal errors, §5.2), and the command's completion and Error
+        Information entry already report this one (§5.14.1.1)."""
+        self.smart.media_errors += 1
+        if self.smart.media_errors == 1:
+            self.report_critical_warnings(CriticalWarning.RELIABILITY_DEGRADED)
 
     @property
     def aqa(self) -> int:

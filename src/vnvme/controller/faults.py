@@ -12,9 +12,13 @@ and returns ``None`` (run it normally) or a fault:
 - :class:`MediaError`: the command does not run, so no data moves and the medium is not
   touched; it completes with Unrecovered Read Error (02h/81h, Read and Compare) or Write Fault
   (02h/80h, every command that writes), with an Error Information log entry naming the LBA
-  (NVMe 1.3 §5.14.1.1) and the SMART Media and Data Integrity Errors count raised. As the spec
-  has it, a media error of one command is reported in its completion and the error log, not as
-  an Asynchronous Event (§5.2: Error status events are errors not tied to a command).
+  (NVMe 1.3 §5.14.1.1) and the SMART Media and Data Integrity Errors count raised. Media errors
+  degrade NVM subsystem reliability (SMART Critical Warning bit 2, §5.14.1.2): the first one
+  raises a SMART / Health Status Asynchronous Event, info NVM subsystem reliability (00h), log
+  page 02h (§5.2), if the host enabled bit 2 in Asynchronous Event Configuration (§5.21.1.11);
+  see :meth:`Controller.count_media_error`, which backend media errors go through too. Not an
+  Error status event: its Persistent / Transient Internal Error infos are the controller's own
+  failures, not a command's media error, which its completion and Error Information entry report.
 
 A Flush of every namespace (NSID FFFFFFFFh, §6.8) meets each namespace's hook for its part,
 shown an :class:`IoCommand` of that namespace; every part runs, the first failing one (in NSID
@@ -216,7 +220,7 @@ def _outcome(ctrl: IoContext, command: IoCommand, fault: Fail | MediaError) -> t
     """Status and Error Information LBA of a command that does not run."""
     if isinstance(fault, Fail):
         return fault.status, 0
-    ctrl.smart.media_errors += 1
+    ctrl.count_media_error()
     status = Status.UNRECOVERED_READ_ERROR if command.is_read else Status.WRITE_FAULT
     return status | (DNR if fault.dnr else 0), command.slba if fault.lba is None else fault.lba
 

@@ -68,9 +68,9 @@ def _check_writable(ns: Namespace) -> None:
 
 
 def _media_error(ctrl: IoContext, exc: OSError, *, write: bool) -> CommandFailed:
-    ctrl.smart.media_errors += 1
-    if exc.errno == errno.ENOSPC:
+    if exc.errno == errno.ENOSPC:  # a full backing store: no data integrity error
         return CommandFailed(Status.CAPACITY_EXCEEDED | DNR, f"backend: {exc}")
+    ctrl.count_media_error()
     status = Status.WRITE_FAULT if write else Status.UNRECOVERED_READ_ERROR
     return CommandFailed(status, f"backend: {exc}")
 
