@@ -25,6 +25,7 @@ from vnvme.spec.commands import (
     async_event_dw0,
 )
 from vnvme.spec.log_pages import ERROR_INFORMATION_ENTRY, SMART_HEALTH, CriticalWarning
+from vnvme.spec.registers import CC, Reg, ShutdownNotification
 from vnvme.spec.status import DNR, Status
 
 _LATER = 1000.0  # seconds: far past any test's end, so only an abort can complete the command
@@ -134,6 +135,25 @@ def test_driver_reaps_the_aborted_completions_when_it_deletes_a_queue_pair() -> 
         r.driver.delete_io_queue_pair(qp)
         assert qp.results[cid].status == Status.SQ_DELETION and qp.outstanding == 0
     finally:
+        r.close()
+
+
+def test_controller_fatal_status_drops_held_completions() -> None:
+    """After CFS nothing is posted until a reset (§9.5), so no held deadline may stay due: an
+    edge would be told to run the controller again at once, forever."""
+    r = _rig(failing=(1,))
+    ctrl = r.controller
+    try:
+        set_fault_hook(ctrl, 1, _delay_reads)
+        _submit_read(r)
+        assert ctrl.next_deadline() is not None
+        # A shutdown whose flush fails: controller fatal status.
+        cc = r.driver.read_reg(Reg.CC)
+        r.driver.write_reg(Reg.CC, CC.SHN.put(cc, ShutdownNotification.NORMAL))
+        assert ctrl.fatal
+        assert ctrl.next_deadline() is None and not ctrl.delayed and ctrl.delayed.dropped == 1
+    finally:
+        r.controller.namespaces[1].backend.fail = 0  # type: ignore[attr-defined]
         r.close()
 
 

@@ -560,9 +560,11 @@ class Controller(DoorbellWrites, CommandProcessing):
         return None
 
     def _halt(self, reason: str) -> None:
-        """Step HALT (controller fatal status): nothing more is processed until a reset."""
+        """Step HALT (controller fatal status): nothing more is processed or posted until a
+        reset, so held completions go now (their deadlines would be due forever)."""
         self._fatal = True
         self._pending.clear()
+        self.delayed.clear()
 
     def _ready(self) -> bool:
         return bool(self.csts & 1) and not self._fatal

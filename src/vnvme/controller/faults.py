@@ -38,8 +38,8 @@ From Python::
 From ``vnvme serve``: ``--fault SPEC`` (repeatable) or ``fault = [SPEC, ...]`` in the TOML file;
 see :func:`parse_fault_rule` for SPEC. A held (delayed) command is still owed a completion:
 deleting its SQ aborts it with Command Aborted due to SQ Deletion, posted to its CQ before the
-Delete I/O Submission Queue command completes (§5.6); a controller reset drops it, as nothing is
-posted after one (§7.3.2). A hook that raises fails its command with Internal Error (the
+Delete I/O Submission Queue command completes (§5.6); a controller reset or fatal status drops
+it, as nothing is posted after either (§7.3.2, §9.5). A hook that raises fails its command with Internal Error (the
 exception is logged), like any emulator bug.
 """
 
