@@ -39,8 +39,8 @@ From ``vnvme serve``: ``--fault SPEC`` (repeatable) or ``fault = [SPEC, ...]`` i
 see :func:`parse_fault_rule` for SPEC. A held (delayed) command is still owed a completion:
 deleting its SQ aborts it with Command Aborted due to SQ Deletion, posted to its CQ before the
 Delete I/O Submission Queue command completes (§5.6); a controller reset or fatal status drops
-it, as nothing is posted after either (§7.3.2, §9.5). A hook that raises fails its command with Internal Error (the
-exception is logged), like any emulator bug.
+it, as nothing is posted after either (§7.3.2, §9.5). A hook that raises fails its command with
+Internal Error (the exception is logged), like any emulator bug.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ class DelayedCompletions:
     def __init__(self) -> None:
         self._heap: list[_Held] = []
         self._seq = 0
-        #: Held completions dropped by a controller reset (nothing is posted after one).
+        #: Held completions dropped by a controller reset or fatal status (nothing is posted
+        #: after either).
         self.dropped = 0
 
     def __bool__(self) -> bool:
