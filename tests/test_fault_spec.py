@@ -85,6 +85,7 @@ def test_deleting_an_sq_aborts_its_held_completions_before_its_own_completion() 
         qp, first = _submit_read(r)
         _, second = _submit_read(r)
         assert len(ctrl.delayed) == 2 and qp.reap() == []
+        assert qp.shadow is not None  # the queue is on shadow doorbells: CQ EventIdx as usual
         interrupts = r.transport.fired.get(qp.vector, 0)
         r.trace.events.clear()
         delete = r.driver.admin_command(AdminOpcode.DELETE_IO_SQ, cdw10=qp.qid)
