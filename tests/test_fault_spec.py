@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import pytest
 
@@ -24,6 +25,7 @@ from vnvme.spec.commands import (
     Sqe,
     async_event_dw0,
 )
+from vnvme.spec.dbbuf import sq_slot
 from vnvme.spec.log_pages import ERROR_INFORMATION_ENTRY, SMART_HEALTH, CriticalWarning
 from vnvme.spec.registers import CC, Reg, ShutdownNotification
 from vnvme.spec.status import DNR, Status
@@ -383,3 +385,50 @@ def test_backend_media_errors_raise_it_and_a_full_backing_store_does_not() -> No
         finally:
             r.controller.namespaces[1].backend.fail = 0  # type: ignore[attr-defined]
             r.close()
+
+
+# Section: a held completion that finds the CQ full (§4.1, shadow doorbells)
+
+
+def test_held_completions_that_find_a_shadow_cq_full_ask_for_the_next_head_move() -> None:
+    """Held completions come due while their CQ is full: the ones without room wait in the
+    CQ's backlog. On shadow doorbells the controller must then publish CQ EventIdx = head, or a
+    host that obeys need_event (CQ policy NEVER asks for no head doorbell) never rings and the
+    rest are never posted. Two SQs on one 4-entry CQ make the overflow possible."""
+    clock = [0.0]
+    r = make_rig(
+        namespaces=[Namespace(1, RamBackend(1 << 20), 512)],
+        clock=lambda: clock[0],
+        io_queues=2,
+        io_queue_depth=16,
+    )
+    ctrl = r.controller
+    try:
+        for qp in list(r.driver.io):
+            r.driver.delete_io_queue_pair(qp)
+        qp = r.driver.create_io_queue_pair(1, 4)  # CQ 1: room for 3
+        assert qp.shadow is not None and r.driver.dbbuf_pages is not None
+        sq_mem, buf = r.host_memory.alloc(16 * 64), r.host_memory.alloc(4096)
+        for index in range(6):
+            sqe = Sqe(NvmOpcode.READ, 0, 900 + index, 1, 0, 0, 0, buf.addr, 0, 0, 0, 0)
+            sq_mem.view[index * 64 : (index + 1) * 64] = sqe.pack()
+        assert (
+            r.driver.admin_command(
+                AdminOpcode.CREATE_IO_SQ, prp1=sq_mem.addr, cdw10=(15 << 16) | 2, cdw11=(1 << 16) | 1
+            ).status
+            == 0
+        )
+        set_fault_hook(ctrl, 1, lambda command: Delay(1.0) if command.is_read else None)
+        shadow = r.driver.dbbuf_pages[0].view
+        shadow[4 * sq_slot(2, 0) : 4 * sq_slot(2, 0) + 4] = struct.pack("<I", 6)
+        ctrl.poll(now=clock[0])
+        assert len(ctrl.delayed) == 6  # all fetched: held completions take no CQ room yet
+        clock[0] = 2.0
+        ctrl.process(now=clock[0])
+        first = qp.reap()  # three fit; the host moves its shadow head and rings if asked
+        ctrl.process(now=clock[0])
+        second = qp.reap()
+        assert [c.cid for c in first + second] == list(range(900, 906))
+        assert all(c.status == 0 and c.sqid == 2 for c in first + second)
+    finally:
+        r.close()

@@ -212,8 +212,11 @@ class CommandProcessing:
         """Post a CQE for a command of ``sq`` (the CQ has room: checked before fetching)."""
         cq = sq.cq
         if cq.is_full() or cq.backlog:
-            # Only completions made later (AER, Abort) can find the CQ full; keep them in order.
+            # Only completions made later (AER, Abort, a Delay's) can find the CQ full; keep
+            # them in order and ask for the next head move: a shadow host rings only if asked.
             cq.backlog.append((sq, cid, status, dw0))
+            if self._make_room(cq):
+                self._drain_backlog(cq)
             return
         self._write_cqe(cq, sq, cid, status, dw0)
 
