@@ -93,13 +93,12 @@ class Controller(DoorbellWrites, CommandProcessing):
         self._memory_missing: str | None = None
         self._dbbuf_wanted: tuple[bool, int, int, int] = (False, 0, 0, 0)
         self._fatal = False
-        self._arbitration_burst = cfg.arbitration_burst
         self._set_policies(sq_policy or SQ_POLICIES[cfg.sq_eventidx], CQ_POLICIES[cfg.cq_eventidx])
         # SQs whose policy asked for a deadline (sq.deadline), by sqid.
         self._deadlines: dict[int, SubmissionQueue] = {}
         self.now = 0.0
         self._reset_counters()
-        self.features = FeatureState(self)
+        self.features: FeatureState = FeatureState(self)
         self.async_events = AsyncEvents(self)
         self.interrupts = Interrupts(self.features, self._effects, self)
         self.registers = self._register_file()

@@ -49,7 +49,7 @@ class CommandProcessing:
             if self._fatal:
                 return
         pending = self._pending
-        burst = self._arbitration_burst
+        burst = self.features.arbitration_burst  # Set Features may change it: read per pass
         while pending and budget > 0 and not self._fatal:
             sqid = next(iter(pending))
             sq = pending.pop(sqid)
