@@ -83,6 +83,7 @@ class Controller(DoorbellWrites, CommandProcessing):
         self.cqs: list[CompletionQueue | None] = [None] * (cfg.max_io_queues + 1)
         self.doorbells = Doorbells()
         self._pending: dict[int, SubmissionQueue] = {}
+        self._cut_turn = None
         self._touched_cqs: dict[int, CompletionQueue] = {}
         self._effects: list[Effect] = []
         self.tracing = False
