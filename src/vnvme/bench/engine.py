@@ -276,6 +276,9 @@ class JobResult:
     context_switches: int
     major_faults: int
     minor_faults: int
+    #: Measured I/Os completed per job, in job order (job ``j`` ran on ``driver.io[j]``): with
+    #: ``runtime``, each queue's share of the window (its IOPS: ios / elapsed).
+    job_ios: tuple[int, ...] = ()
 
     @property
     def elapsed(self) -> float:
@@ -384,6 +387,7 @@ class _Job:
         self.rng_offset = random.Random(f"vnvme-offset:{seed}:{index}")
         self.cursor = 0
         self.measured_issued = 0
+        self.measured_completed = 0
 
 
 #: fio counts its own thread; so does the engine where Linux can (RUSAGE_THREAD).
@@ -592,6 +596,7 @@ class _Run:
                     self.verify_errors += 1
         if job.op_measured[slot]:
             (self.write_lat if write else self.read_lat).append(now - job.op_start[slot])
+            job.measured_completed += 1
         job.free_slots.append(slot)
 
     def next_op(self, job: _Job) -> tuple[bool, int]:
@@ -770,4 +775,5 @@ def run_job(
         - (before.usage.ru_nvcsw + before.usage.ru_nivcsw),
         major_faults=after.usage.ru_majflt - before.usage.ru_majflt,
         minor_faults=after.usage.ru_minflt - before.usage.ru_minflt,
+        job_ios=tuple(job.measured_completed for job in run.jobs),
     )
