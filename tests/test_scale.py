@@ -4,12 +4,19 @@ queues, and 4 ``vnvme serve`` processes with 4 clients at once."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+
+import pytest
 
 from host import make_rig
 from vnvme.bench import scale
+from vnvme.bench.engine import JobSpec, run_job
 from vnvme.controller.config import ControllerConfig
-from vnvme.controller.namespace import Namespace, RamBackend
+from vnvme.controller.controller import Controller
+from vnvme.controller.namespace import Namespace, NullBackend, RamBackend
+from vnvme.driver import HostMemory, InProcessTransport, NvmeDriver
+from vnvme.memory import GuestMemory
 
 
 def test_fewer_vectors_than_queues_the_queues_share_them() -> None:
@@ -37,6 +44,45 @@ def test_fewer_vectors_than_queues_the_queues_share_them() -> None:
         assert one.driver.read(1, 0, 1, qid=3) == bytes(512)
     finally:
         one.close()
+
+
+class _BehindTransport(InProcessTransport):
+    """A device behind its host, as one in another process can be: it runs only while the host
+    waits, ``budget`` commands at a time, taking the SQs in the order they were rung."""
+
+    budget = 0
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        self._handle(self.controller.mmio_write(offset, size, value))
+
+    def device_idle(self) -> None:
+        self._handle(self.controller.process(self.clock(), budget=self.budget))
+
+
+@pytest.mark.parametrize("budget", [10, 25, 50])
+def test_engine_rounds_starve_no_queue_of_a_device_behind_the_host(budget: int) -> None:
+    """8 jobs for 0.05 s of a clock that ticks 1 us per reading: every queue completes at least
+    90% of the mean. With the same job always rung last in a round, its completions came after
+    that round's reap had passed it and it ran 20-35% below the mean (vfio-user, 64 queues:
+    the last two got 2,048 and 2,496 commands to the others' 3,936)."""
+    controller = Controller(GuestMemory(), [Namespace(1, NullBackend(1 << 30), 4096)])
+    memory = HostMemory(16 << 20)
+    transport = _BehindTransport.attach(controller, memory)
+    assert isinstance(transport, _BehindTransport)
+    transport.budget = budget
+    driver = NvmeDriver(transport, io_queues=8, io_queue_depth=9, shadow_doorbells=False)
+    try:
+        driver.probe()
+        ticks = itertools.count(0, 1000)
+        result = run_job(driver, JobSpec(iodepth=8, numjobs=8, runtime=0.05), clock=lambda: next(ticks))
+        mean = result.ios / 8
+        assert sum(result.job_ios) == result.ios
+        assert min(result.job_ios) >= 0.9 * mean, result.job_ios
+    finally:
+        driver.close()
+        transport.close()
+        memory.close()
+        controller.close()
 
 
 def test_64_queues_at_depth_32_in_process_every_command_completes() -> None:
