@@ -145,3 +145,24 @@ def test_64_full_queues_share_the_commands_fetched_evenly(
         assert sum(fetched) == (64_000 // budget) * budget
         assert min(fetched) > 0
         assert max(fetched) / min(fetched) <= 1.1, fetched
+
+
+def test_each_polling_scan_begins_one_sqid_later() -> None:
+    """A polling pass marks every SQ pending: the SQ served first moves on by one each pass, as a
+    round robin pointer would, so no SQ always waits for all the others within a pass."""
+    for driver in _held_driver(ControllerConfig(), 8, 4, shadow=True):
+        controller = driver.transport.controller  # type: ignore[attr-defined]
+        controller.enable_trace(("pci_nvme_io_cmd",))
+        firsts = []
+        for _ in range(8):
+            for qp in driver.io:  # one command each, in the shadow slot only: no doorbell
+                qp.submit(driver.io_sqe(qp, _FLUSH, 1))
+                assert qp.shadow is not None
+                qp.shadow.store(qp.sq_slot, qp.sq_tail)
+                qp.last_sq_tail = qp.sq_tail
+            order = [int(e.args[2]) for e in controller.poll() if getattr(e, "name", "") == "pci_nvme_io_cmd"]
+            assert sorted(order) == list(range(1, 9))
+            firsts.append(order[0])
+            for qp in driver.io:
+                assert len(qp.reap()) == 1
+        assert sorted(firsts) == list(range(1, 9))

@@ -84,6 +84,7 @@ class Controller(DoorbellWrites, CommandProcessing):
         self.doorbells = Doorbells()
         self._pending: dict[int, SubmissionQueue] = {}
         self._cut_turn = None
+        self._scan_from: int = 0  # the sqid the last scan of every SQ began at (_scan_order)
         self._touched_cqs: dict[int, CompletionQueue] = {}
         self._effects: list[Effect] = []
         self.tracing = False
@@ -256,7 +257,7 @@ class Controller(DoorbellWrites, CommandProcessing):
     def poll(self, now: float | None = None, budget: int | None = None) -> list[Effect]:
         """Polling mode: look at every shadow SQ tail, as if each had been rung, then process."""
         if self.doorbells.active and self._ready():
-            for sq in self.sqs:
+            for sq in self._scan_order():
                 if sq is not None and sq.shadow_mode and not sq.blocked:
                     self._pending[sq.sqid] = sq
         return self.process(now, budget)
