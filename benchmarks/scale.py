@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/scale.py queues --transport both --queues 64 --iodepth 32 --runtime 5
     PYTHONPATH=src python benchmarks/scale.py queues --transport vfio-user --vectors 9 --runtime 5
+    PYTHONPATH=src python benchmarks/scale.py queues --transport vfio-user --serve-arg=--poll --runtime 5
     PYTHONPATH=src python benchmarks/scale.py servers --servers 4 --runtime 10
 
 ``queues``: one job per I/O queue (the workload engine of ``vnvme bench``), all against one
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--verify", choices=["crc32c"])
     q.add_argument("--namespace", default="null,size=1G")
     q.add_argument("--vectors", type=int, help="MSI-X vectors the host takes (default: all offered)")
+    q.add_argument(
+        "--serve-arg", action="append", default=[], help="pass to vnvme serve, repeatable: --serve-arg=--poll"
+    )
     s = sub.add_parser("servers", help="many vnvme serve processes, one client each, at once")
     s.add_argument("--servers", type=int, default=4)
     s.add_argument("--runtime", type=float, help="seconds of each client's job (instead of --number_ios)")
@@ -70,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             transports = ["in-process", "vfio-user"] if args.transport == "both" else [args.transport]
             for name in transports:
-                run_queues = (
-                    scale.run_queues_in_process if name == "in-process" else scale.run_queues_vfio_user
-                )
-                run = run_queues(spec, namespace=args.namespace, vectors=args.vectors)
+                if name == "in-process":
+                    run = scale.run_queues_in_process(spec, namespace=args.namespace, vectors=args.vectors)
+                else:
+                    run = scale.run_queues_vfio_user(
+                        spec, namespace=args.namespace, vectors=args.vectors, serve_args=args.serve_arg
+                    )
                 scale.format_queue_run(run, sys.stdout)
                 failed |= run.result.verify_errors > 0
         else:

@@ -146,22 +146,36 @@ def run_queues_in_process(
 
 
 def run_queues_vfio_user(
-    spec: JobSpec, *, namespace: str = "null,size=1G", vectors: int | None = None, socket: str | None = None
+    spec: JobSpec,
+    *,
+    namespace: str = "null,size=1G",
+    vectors: int | None = None,
+    socket: str | None = None,
+    serve_args: Sequence[str] = (),
 ) -> QueueRun:
-    """``spec`` against ``vnvme serve`` in its own process (started here unless ``socket``
-    names one listening); ``vectors``: MSI-X vectors the client takes (default: all offered)."""
+    """``spec`` against ``vnvme serve`` in its own process (started here, with ``serve_args``,
+    unless ``socket`` names one listening); ``vectors``: MSI-X vectors the client takes
+    (default: all offered)."""
+    name = f"vfio-user ({socket})"
     with contextlib.ExitStack() as stack:
         if socket is None:
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="vnvme-scale-"))
             socket = os.path.join(workdir, "vnvme.sock")
+            name = " ".join(["vfio-user", *serve_args])
             command = [sys.executable, "-m", "vnvme", "serve", "--socket", socket, "--quiet"]
-            command += ["--namespace", namespace, "--max-io-queues", str(max(spec.numjobs, QUEUES))]
+            command += [
+                "--namespace",
+                namespace,
+                "--max-io-queues",
+                str(max(spec.numjobs, QUEUES)),
+                *serve_args,
+            ]
             server = ServerProcess(command, socket, None, ours=True)
             stack.callback(server.stop)
         memory = spec.numjobs * (spec.iodepth * spec.bs + 4 * 4096) + (16 << 20)
         transport = VfioUserTransport(socket, vectors=vectors, memory_size=-(-memory // 4096) * 4096)
         stack.callback(transport.close)
-        driver, run = _drive(transport, spec, "vfio-user")
+        driver, run = _drive(transport, spec, name)
         stack.callback(driver.close)  # its queues hold views of host memory: before the memory goes
         return run
 
