@@ -546,7 +546,7 @@ def test_number_of_queues_counts_sqs_and_cqs_separately(monkeypatch: pytest.Monk
 
 # (FID, a non-default value, its default) for the simple read-back features.
 _SIMPLE_FEATURES = [
-    (FeatureId.ARBITRATION, 0x0403_0201, 0),
+    (FeatureId.ARBITRATION, 0x0403_0201, 6),  # AB 6: the configured burst of 64
     (FeatureId.POWER_MANAGEMENT, 2 << 5, 0),  # PS 0, workload hint 2
     (FeatureId.ERROR_RECOVERY, 100, 0),  # TLER 10 s
     (FeatureId.INTERRUPT_COALESCING, (2 << 8) | 3, 0),
@@ -608,13 +608,13 @@ def test_unsupported_feature_is_invalid_field(rig: Rig, fid: int) -> None:
 def test_save_is_feature_not_saveable(rig: Rig) -> None:
     cqe = _set_feature(rig, FeatureId.ARBITRATION, 3, save=True)
     assert cqe.status == Status.FEATURE_NOT_SAVEABLE | DNR
-    assert _get_feature(rig, FeatureId.ARBITRATION).dw0 == 0
+    assert _get_feature(rig, FeatureId.ARBITRATION).dw0 == 6
 
 
 def test_controller_feature_addressed_to_a_namespace(rig: Rig) -> None:
     cqe = _set_feature(rig, FeatureId.ARBITRATION, 3, nsid=1)
     assert cqe.status == Status.FEATURE_NOT_NAMESPACE_SPECIFIC | DNR
-    assert _get_feature(rig, FeatureId.ARBITRATION).dw0 == 0
+    assert _get_feature(rig, FeatureId.ARBITRATION).dw0 == 6
     assert _set_feature(rig, FeatureId.ARBITRATION, 3, nsid=NSID_BROADCAST).status == Status.SUCCESS
     # Error Recovery is namespace specific: an NSID is fine there.
     assert _set_feature(rig, FeatureId.ERROR_RECOVERY, 5, nsid=1).status == Status.SUCCESS

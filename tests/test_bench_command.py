@@ -58,6 +58,7 @@ def test_bench_json_counts_doorbells_at_the_controller(tmp_path: Path) -> None:
     # fence takes the command (a lost rearm): a little under one doorbell per I/O, never more.
     assert 0.9 <= shadow["sq"] <= 1.0
     assert all(p["counted_by"] == "controller" for p in points.values())
+    assert all(p["queue_ios"] == [200] for p in points.values())  # one job, its one queue
     assert points["dbbuf/qd2/any"]["doorbells_per_io"]["sq"] <= 1.0
     assert "depth   2" in proc.stderr  # progress lines
 

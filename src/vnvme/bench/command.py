@@ -373,6 +373,8 @@ def json_report(
                     "mapped": p.mapped_doorbells,
                 },
                 "counted_by": p.counted_by,
+                # Measured I/Os per job (its own I/O queue), in queue order: the fairness across them.
+                "queue_ios": list(p.result.job_ios),
                 "server_cpu_us_per_io": p.server_cpu_us,
                 "client_cpu_us_per_io": p.client_cpu_us,
             }

@@ -4,7 +4,8 @@ The one workload engine (``vnvme bench``, ``vnvme demo``, tests): ``numjobs`` jo
 queue pair (``driver.io[j]``), keep ``iodepth`` commands in flight. A round submits on every job
 (as many commands as its free slots allow) and rings each SQ once (blk-mq ``commit_rqs``), then
 reaps whatever every queue has ready (one CQ head update per reap); when nothing is ready
-anywhere it blocks on the first queue with I/O outstanding (:meth:`QueuePair.wait`).
+anywhere it blocks on the first queue with I/O outstanding (:meth:`QueuePair.wait`). Each
+measured round starts one job later than the one before, so no queue is always rung last.
 
 Clock: ``clock()`` (nanoseconds) is read once when the run starts, once per submitted command
 (after its buffer is prepared, just before it is placed in the SQ) and once per reaped batch
@@ -276,6 +277,9 @@ class JobResult:
     context_switches: int
     major_faults: int
     minor_faults: int
+    #: Measured I/Os completed per job, in job order (job ``j`` ran on ``driver.io[j]``): with
+    #: ``runtime``, each queue's share of the window (its IOPS: ios / elapsed).
+    job_ios: tuple[int, ...] = ()
 
     @property
     def elapsed(self) -> float:
@@ -384,6 +388,7 @@ class _Job:
         self.rng_offset = random.Random(f"vnvme-offset:{seed}:{index}")
         self.cursor = 0
         self.measured_issued = 0
+        self.measured_completed = 0
 
 
 #: fio counts its own thread; so does the engine where Linux can (RUSAGE_THREAD).
@@ -418,6 +423,7 @@ class _Run:
         self.write_only = spec.rw in ("write", "randwrite")
         self.random = spec.is_random
         self.jobs: list[_Job] = []
+        self.order = self.jobs  # this round's order of the jobs (see measured)
         self.busy: set[int] = set()
         self.written: dict[int, int] = {}  # block -> generation of its last completed write
         self.written_list: list[int] = []
@@ -592,6 +598,7 @@ class _Run:
                     self.verify_errors += 1
         if job.op_measured[slot]:
             (self.write_lat if write else self.read_lat).append(now - job.op_start[slot])
+            job.measured_completed += 1
         job.free_slots.append(slot)
 
     def next_op(self, job: _Job) -> tuple[bool, int]:
@@ -631,7 +638,7 @@ class _Run:
         Returns (clock reading, completions)."""
         batches: list[tuple[_Job, list[Cqe]]] = []
         first: _Job | None = None
-        for job in self.jobs:
+        for job in self.order:
             if job.slot_of:
                 if first is None:
                     first = job
@@ -695,7 +702,13 @@ class _Run:
         stopping = False
         batch = spec.iodepth_batch_submit or iodepth
         jobs = self.jobs
+        rotate = len(jobs) > 1
         while True:
+            if rotate:
+                # Each round starts one job later: the queue rung last in a round has its
+                # completions last, often after that round's reap has passed it, and would miss
+                # every other round if it were always the same one.
+                jobs = self.order = jobs[1:] + jobs[:1]
             if not stopping:
                 for job in jobs:
                     submitted = 0
@@ -770,4 +783,5 @@ def run_job(
         - (before.usage.ru_nvcsw + before.usage.ru_nivcsw),
         major_faults=after.usage.ru_majflt - before.usage.ru_majflt,
         minor_faults=after.usage.ru_minflt - before.usage.ru_minflt,
+        job_ios=tuple(job.measured_completed for job in run.jobs),
     )

@@ -177,7 +177,7 @@ def identify_controller_data(ctrl: AdminContext) -> bytes:
             "sn": ascii_field(cfg.serial, 20),
             "mn": ascii_field(cfg.model, 40),
             "fr": ascii_field(cfg.firmware, 8),
-            "rab": 6,
+            "rab": cfg.arbitration_burst.bit_length() - 1,  # 2^RAB, the default AB
             "mdts": cfg.mdts,
             "cntlid": 0,
             "ver": 0x00010300,

@@ -4,7 +4,7 @@ Requests and the events waiting for one, the Error Information log, SMART counte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from vnvme.controller.errors import refused
 from vnvme.controller.queues import SubmissionQueue
@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from vnvme.controller.context import AdminContext
 
 __all__ = ["AsyncEvents", "ErrorLog", "FeatureState", "SmartCounters"]
+
+#: A burst no SQ can exceed: the largest queue (65536 entries) holds 65535 commands.
+_NO_LIMIT: Final = 65535
 
 
 class FeatureState:
@@ -31,7 +34,8 @@ class FeatureState:
         self.nsqa = max_queues - 1  # zero-based, as in the feature value
         self.ncqa = max_queues - 1
         self.queues_set = False
-        self.arbitration = 0
+        # AB from the configured burst (a power of two); the priority weights are unused.
+        self.arbitration = self._ctrl.config.arbitration_burst.bit_length() - 1
         self.power_management = 0
         self.over_temperature = feat.DEFAULT_OVER_TEMPERATURE_THRESHOLD
         self.under_temperature = feat.DEFAULT_UNDER_TEMPERATURE_THRESHOLD
@@ -42,6 +46,13 @@ class FeatureState:
         self.vector_coalescing_disabled: set[int] = set()
         self.write_atomicity = 0
         self.async_event_configuration = 0
+
+    @property
+    def arbitration_burst(self) -> int:
+        """Commands the controller takes from one SQ before it moves to the next (§4.11: AB of
+        the Arbitration feature, 2^AB, 111b no limit: at most an SQ's size minus one)."""
+        ab = feat.Arbitration.AB.get(self.arbitration)
+        return _NO_LIMIT if ab == feat.ARBITRATION_BURST_NO_LIMIT else 1 << ab
 
     @property
     def write_cache_enabled(self) -> bool:

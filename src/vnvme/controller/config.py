@@ -89,7 +89,9 @@ class ControllerConfig:
     zero_shadow_on_create: bool = True
     #: Rearm attempts before an SQ is left marked pending (lost races cost latency, not a hang).
     max_rearm_attempts: int = 3
-    #: Commands taken from one SQ before moving to the next (round robin burst).
+    #: Commands taken from one SQ before moving to the next (round robin burst, §4.11): the
+    #: Arbitration feature's default AB and Identify RAB, so a power of two in 1..64. The host
+    #: may change it with Set Features Arbitration until the next reset.
     arbitration_burst: int = 64
     #: Advertise SGL support for NVM commands (Identify SGLS).
     sgls: bool = True
@@ -117,8 +119,8 @@ class ControllerConfig:
             raise ValueError("max_rearm_attempts must be in 1..1000")
         if not 0 < self.batch_timeout <= self.max_batch_wait:
             raise ValueError("need 0 < batch_timeout <= max_batch_wait")
-        if self.arbitration_burst < 1:
-            raise ValueError("arbitration_burst must be positive")
+        if self.arbitration_burst not in (1, 2, 4, 8, 16, 32, 64):
+            raise ValueError("arbitration_burst must be a power of two in 1..64 (2^AB, AB < 7)")
         if not 1 <= self.async_event_limit <= 256 or not 1 <= self.error_log_entries <= 256:
             raise ValueError("async_event_limit and error_log_entries must be in 1..256")
         # Every queue's two slots must fit in one page of the smallest page size.

@@ -88,6 +88,8 @@ class Controller(DoorbellWrites, CommandProcessing):
         self.cqs: list[CompletionQueue | None] = [None] * (cfg.max_io_queues + 1)
         self.doorbells = Doorbells()
         self._pending: dict[int, SubmissionQueue] = {}
+        self._cut_turn = None
+        self._scan_from: int = 0  # the sqid the last scan of every SQ began at (_scan_order)
         self._touched_cqs: dict[int, CompletionQueue] = {}
         self._effects: list[Effect] = []
         self.tracing = False
@@ -98,13 +100,12 @@ class Controller(DoorbellWrites, CommandProcessing):
         self._memory_missing: str | None = None
         self._dbbuf_wanted: tuple[bool, int, int, int] = (False, 0, 0, 0)
         self._fatal = False
-        self._arbitration_burst = cfg.arbitration_burst
         self._set_policies(sq_policy or SQ_POLICIES[cfg.sq_eventidx], CQ_POLICIES[cfg.cq_eventidx])
         # SQs whose policy asked for a deadline (sq.deadline), by sqid.
         self._deadlines: dict[int, SubmissionQueue] = {}
         self.now = 0.0
         self._reset_counters()
-        self.features = FeatureState(self)
+        self.features: FeatureState = FeatureState(self)
         self.async_events = AsyncEvents(self)
         self.interrupts = Interrupts(self.features, self._effects, self)
         self.registers = self._register_file()
@@ -261,7 +262,7 @@ class Controller(DoorbellWrites, CommandProcessing):
     def poll(self, now: float | None = None, budget: int | None = None) -> list[Effect]:
         """Polling mode: look at every shadow SQ tail, as if each had been rung, then process."""
         if self.doorbells.active and self._ready():
-            for sq in self.sqs:
+            for sq in self._scan_order():
                 if sq is not None and sq.shadow_mode and not sq.blocked:
                     self._pending[sq.sqid] = sq
         return self.process(now, budget)

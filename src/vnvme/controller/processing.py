@@ -37,6 +37,8 @@ class CommandProcessing:
 
     #: Set while some queue's or doorbell page's memory is not mapped (see _sync_memory).
     _memory_missing: str | None
+    #: (sqid, commands left of its burst) when a pass's budget ended that SQ's turn early.
+    _cut_turn: tuple[int, int] | None
 
     def _run_pending(self: Controller, budget: int) -> None:
         if self._fatal or not self.csts & 1:  # not self._ready()
@@ -48,14 +50,38 @@ class CommandProcessing:
                 self._memory_gone()
             if self._fatal:
                 return
+        # Round robin (§4.11): SQs take turns in the order they became pending, each turn up to
+        # the Arbitration Burst, and an SQ with commands left goes to the back. The end of a
+        # pass is no arbitration event: an SQ whose turn it cut resumes it first in the next
+        # pass. Sent to the back instead, the SQs at the cut lost the rest of their turns pass
+        # after pass while their neighbours never did: 64 full SQs of 32 entries, 100 commands
+        # a pass, and half of them got 40% fewer commands than the other half.
         pending = self._pending
-        burst = self._arbitration_burst
-        while pending and budget > 0 and not self._fatal:
-            sqid = next(iter(pending))
-            sq = pending.pop(sqid)
+        burst = self.features.arbitration_burst  # Set Features may change it: read per pass
+        cut, self._cut_turn = self._cut_turn, None
+        while budget > 0 and not self._fatal:
+            if cut is not None and cut[0] in pending:
+                sqid = cut[0]
+                credit = min(cut[1], burst)  # a reset or Set Features since: never beyond AB
+                sq = pending.pop(sqid)
+            elif pending:
+                sqid = next(iter(pending))
+                sq = pending.pop(sqid)
+                credit = burst
+            else:
+                break
+            cut = None
             if self.sqs[sqid] is not sq or sq.blocked:
                 continue
-            budget -= self._run_sq(sq, min(burst, budget))
+            limit = min(credit, budget)
+            taken = self._run_sq(sq, limit)
+            budget -= taken
+            if taken == limit < credit and pending.get(sqid) is sq:
+                # The rest of the turn: no more than the SQ held when it was cut (what the host
+                # places meanwhile waits for its next turn, as it would for every other SQ).
+                left = min(credit - taken, (sq.tail - sq.head) % sq.size)
+                if left:
+                    self._cut_turn = (sqid, left)
 
     def _run_sq(self: Controller, sq: SubmissionQueue, budget: int) -> int:
         """Fetch and execute commands of one SQ; returns how many were taken."""

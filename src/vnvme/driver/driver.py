@@ -599,8 +599,18 @@ class NvmeDriver:
     def smart_log(self) -> bytes:
         return self.get_log_page(LogPageId.SMART_HEALTH, 512)
 
+    def interrupt_vector(self, qid: int) -> int:
+        """The MSI-X vector of I/O queue ``qid``: its own (``qid``, vector 0 being the admin
+        queue's) while there are enough; with fewer vectors than queues the I/O queues take
+        vectors 1.. in turn, and all share vector 0 when it is the only one. (Linux creates no
+        more interrupt-driven queues than it has vectors instead, sharing only a single one.)"""
+        vectors = self.transport.interrupt_vectors
+        if qid < vectors:
+            return qid
+        return 1 + (qid - 1) % (vectors - 1) if vectors > 1 else 0
+
     def create_io_queue_pair(self, qid: int, depth: int) -> QueuePair:
-        vector = qid if self.interrupts else 0
+        vector = self.interrupt_vector(qid) if self.interrupts else 0
         qp = QueuePair(self, qid, depth, vector, interrupts=self.interrupts)
         if self.dbbuf_enabled and self._shadow_pages is not None:
             qp.use_shadow(*self._shadow_pages)

@@ -119,6 +119,11 @@ class HostTransport(Protocol):
 
     memory: HostMemory
 
+    @property
+    def interrupt_vectors(self) -> int:
+        """MSI-X vectors the host can wait on (0 .. interrupt_vectors - 1)."""
+        ...
+
     def mmio_read(self, offset: int, size: int) -> int: ...
 
     def mmio_write(self, offset: int, size: int, value: int) -> None: ...
@@ -145,6 +150,7 @@ class InProcessTransport:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.controller = controller
+        self.interrupt_vectors = controller.config.interrupt_vectors
         # The controller's ``now``: a test may run it on a clock of its own.
         self.clock = clock
         self.memory = memory

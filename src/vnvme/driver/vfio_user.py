@@ -77,6 +77,11 @@ class VfioUserTransport:
             self.close()
             raise
 
+    @property
+    def interrupt_vectors(self) -> int:
+        """The MSI-X vectors with an eventfd: the function's table size, or ``vectors`` if fewer."""
+        return len(self.eventfds)
+
     def _config_read(self, offset: int, size: int) -> int:
         return int.from_bytes(self.client.region_read(vu.PciRegion.CONFIG, offset, size), "little")
 

@@ -16,10 +16,15 @@ class NumberOfQueues:
 
 
 class Arbitration:
+    #: Arbitration Burst: at most 2^AB commands from one SQ in a row; 111b means no limit.
     AB = Field("AB", 0, 3)
     LPW = Field("LPW", 8, 8)
     MPW = Field("MPW", 16, 8)
     HPW = Field("HPW", 24, 8)
+
+
+#: Arbitration AB = 111b: the controller may take any number of commands from one SQ in a row.
+ARBITRATION_BURST_NO_LIMIT: Final = 7
 
 
 class PowerManagement:
