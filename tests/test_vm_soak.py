@@ -6,11 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from test_serve import Server
 from test_vm_harness import _read_newc
+from vnvme.control import request
+from vnvme.vm import soak
 from vnvme.vm.command import add_arguments
 from vnvme.vm.guest import Block, BootResult, scenario_archive
 from vnvme.vm.soak import (
@@ -19,6 +27,7 @@ from vnvme.vm.soak import (
     REGIONS,
     BootPlan,
     FaultWindow,
+    _Conductor,
     judge_boot,
     plan_boot,
     soak_init_script,
@@ -164,3 +173,48 @@ def test_soak_options() -> None:
     for bad in (["--minutes", "0"], ["--minutes", "x"], ["--io-seconds", "10"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["soak", *bad])
+
+
+def test_the_conductor_switches_windows_through_the_control_socket(tmp_path: Path) -> None:
+    """Against a real ``vnvme serve --control``: the window's rule is added once the guest says
+    its I/O started, removed at its end, and each switch is timed from that moment."""
+    control = str(tmp_path / "control.sock")
+    server = Server(tmp_path, "--quiet", "--control", control, "--namespace", "ram,size=32M")
+    try:
+        window = FaultWindow(0.2, 0.6, FAULT_AREA[0], 64 << 10)
+        guest = SimpleNamespace(proc=None)
+        conductor = _Conductor(BootPlan(0, 1, [], [window]), control, guest, lambda line: None)  # type: ignore[arg-type]
+        conductor.start()
+        time.sleep(0.4)
+        assert window.applied is None  # nothing before the guest's I/O starts
+        conductor.on_line("@@note io-start 5.0")
+        deadline = time.monotonic() + 10
+        while window.removed is None and time.monotonic() < deadline:
+            conductor.on_line("@@note progress 5.1 1 1")
+            time.sleep(0.05)
+        conductor.finish()
+        assert window.applied is not None and window.removed is not None
+        assert 0.2 <= window.applied < 0.6 <= window.removed
+        assert conductor.control_errors == [] and conductor.hang is None
+        assert request(control, "fault list") == "ok 0 rule(s)"
+    finally:
+        server.kill()
+
+
+def test_the_conductor_stops_a_guest_without_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(soak, "HANG_SECONDS", 0.5)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        guest = SimpleNamespace(proc=proc)
+        conductor = _Conductor(BootPlan(0, 1, [], []), "/nonexistent", guest, lambda line: None)  # type: ignore[arg-type]
+        conductor.start()
+        conductor.on_line("@@note io-start 5.0")
+        conductor.on_line("@@note progress 5.1 10 10")
+        conductor.on_line("@@note progress 5.2 10 10")  # the same counts: no progress
+        assert proc.wait(10) == -signal.SIGTERM
+        conductor.finish()
+        assert conductor.hang is not None and "no I/O progress" in conductor.hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
