@@ -219,3 +219,14 @@ def test_control_server_in_process_rule_ids_and_hooks(tmp_path: Path) -> None:
             r.driver.read(1, 0, 1)
         finally:
             ctl.close()
+
+
+def test_control_socket_from_the_config_file(tmp_path: Path) -> None:
+    control = tmp_path / "from-toml.sock"
+    config = tmp_path / "serve.toml"
+    config.write_text(f'control = "{control}"\nnamespace = ["ram,size=8M"]\nfault = ["lba=3,media-error"]\n')
+    server = Server(tmp_path, "--quiet", "--config", str(config))
+    try:
+        assert request(str(control), "fault list") == "ok 1 rule(s): 1: lba=3,media-error (matched 0)"
+    finally:
+        server.kill()

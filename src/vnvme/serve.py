@@ -188,6 +188,7 @@ def _output_arguments(parser: argparse._ArgumentGroup) -> None:
 _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "namespace": (list,),
     "fault": (list,),
+    "control": (str,),
     "shadow_doorbells": (bool,),
     "sq_eventidx": (str,),
     "cq_eventidx": (str,),
@@ -436,15 +437,17 @@ def _polls(args: argparse.Namespace, file_options: dict[str, Any]) -> bool:
     return bool(file_options.get("poll", False) or args.poll)
 
 
-def _banner(args: argparse.Namespace, function: NvmeFunction, mappable: bool, out: TextIO) -> None:
+def _banner(
+    args: argparse.Namespace, function: NvmeFunction, mappable: bool, control_path: str | None, out: TextIO
+) -> None:
     config = function.controller.config
     ns_text = ", ".join(
         f"nsid {ns.nsid}: {ns.backend.describe()}, {ns.lba_size}-byte LBAs"
         for ns in function.controller.namespaces.values()
     )
     print(f"vnvme serving on {args.socket} ({ns_text})", file=out)
-    if args.control:
-        print(f"fault rules change at {args.control} (vnvme ctl --control {args.control} help)", file=out)
+    if control_path:
+        print(f"fault rules change at {control_path} (vnvme ctl --control {control_path} help)", file=out)
     polls = config.sq_eventidx is SqEventIdxPolicy.POLL
     print(
         f"shadow doorbells {'on' if config.shadow_doorbells else 'off'}, SQ EventIdx {config.sq_eventidx}, "
@@ -513,6 +516,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if args.trace:
         matching_events(args.trace)  # unknown patterns fail before anything starts
     fault_specs = list(file_options.get("fault", [])) + list(args.fault)
+    control_path: str | None = _option(args, file_options, "control")
     namespaces = build_namespaces(list(file_options.get("namespace", [])) + list(args.namespace), fault_specs)
     try:
         sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
@@ -537,10 +541,10 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             control: ControlServer | None = None
             try:
                 # The control socket first: once --socket appears, a client may use both.
-                if args.control:
-                    if os.path.abspath(args.control) == os.path.abspath(args.socket):
-                        raise ValueError(f"{args.control}: --control and --socket must differ")
-                    control_listener = listen(args.control, "--control")
+                if control_path:
+                    if os.path.abspath(control_path) == os.path.abspath(args.socket):
+                        raise ValueError(f"{control_path}: --control and --socket must differ")
+                    control_listener = listen(control_path, "--control")
                     control = ControlServer(control_listener.sock, function.controller, tuple(fault_specs))
                 listener = listen(args.socket)
             except BaseException:
@@ -553,7 +557,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 discard_namespaces(namespaces)
                 raise
             if not args.quiet:
-                _banner(args, function, mappable, out)
+                _banner(args, function, mappable, control_path, out)
             try:
                 _accept_clients(listener, server, wake_r, control)
             finally:

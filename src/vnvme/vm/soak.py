@@ -344,11 +344,9 @@ def _ios(job: dict[str, Any]) -> int:
     return sum(int(job.get(d, {}).get("total_ios", 0)) for d in ("read", "write"))
 
 
-def judge_boot(
-    plan: BootPlan, boot: BootResult, conductor_hang: str | None, index_seconds: float
-) -> BootReport:
+def judge_boot(plan: BootPlan, boot: BootResult, conductor_hang: str | None, seconds: float) -> BootReport:
     """What one boot's blocks and notes say, against its plan."""
-    report = BootReport(plan.index, plan.seed, round(index_seconds, 1), hang=conductor_hang)
+    report = BootReport(plan.index, plan.seed, round(seconds, 1), hang=conductor_hang)
     problems = report.problems
     if boot.timed_out and report.hang is None:
         report.hang = f"the boot did not end within its {boot.seconds:.0f} s"
