@@ -218,3 +218,10 @@ def test_the_conductor_stops_a_guest_without_progress(monkeypatch: pytest.Monkey
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_verify_job_ended_by_an_io_error_counts_once() -> None:
+    line = "fio: io_u error on file /dev/nvme0n1: No data available: read offset=4096, buflen=4096\n"
+    boot = _boot(fault_lines=[FAULT_AREA[0]], verify_err=line, verify_jobs=[_job(100, error=61), _job(100)])
+    report = judge_boot(_plan(_window(FAULT_AREA[0])), boot, None, 1)
+    assert report.errors_outside == 1

@@ -361,9 +361,10 @@ def judge_boot(plan: BootPlan, boot: BootResult, conductor_hang: str | None, sec
     report.verify_mismatches = len(_VERIFY_FAILED.findall(err_text))
     if report.verify_mismatches == 0 and any(job.get("error") == _EILSEQ for job in verify):
         report.verify_mismatches = 1
-    # A verify job's I/O error is outside every fault range by construction.
-    report.errors_outside += len(_FIO_ERROR.findall(err_text)) + sum(
-        1 for job in verify if job.get("error") not in (0, _EILSEQ)
+    # A verify job's I/O error is outside every fault range by construction; fio logs the error
+    # that ends a job and sets the job's error too: count it once.
+    report.errors_outside += max(
+        len(_FIO_ERROR.findall(err_text)), sum(1 for job in verify if job.get("error") not in (0, _EILSEQ))
     )
     faults = _fio_jobs(boot.block("faults-json"))
     report.fault_job_ios = sum(_ios(job) for job in faults)
