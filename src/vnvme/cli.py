@@ -115,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     from vnvme.check.command import add_arguments as add_check_arguments
 
     add_check_arguments(check)
+    ctl = commands.add_parser(
+        "ctl",
+        help="send one request to a running vnvme serve --control socket (fault rules)",
+        description="Send one request to the control socket of a running 'vnvme serve --control PATH' "
+        "and print its reply: 'fault add SPEC' (SPEC as --fault takes it), 'fault remove ID', "
+        "'fault clear', 'fault list', 'help'. Exit status 0 for an 'ok' reply, 1 for an 'error' "
+        "reply, 2 if the socket cannot be reached.",
+    )
+    ctl.add_argument("--control", required=True, metavar="PATH", help="the server's --control socket")
+    ctl.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply (10)")
+    ctl.add_argument("words", nargs="+", metavar="REQUEST", help="e.g. fault add lba=0-7,media-error=dnr")
     trace = commands.add_parser("trace-events", help="list the declared trace events")
     trace.add_argument("pattern", nargs="?", default="*", help="only the events matching this glob (*)")
     return parser
@@ -174,6 +185,16 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"vnvme check: {exc}", file=sys.stderr)
             return 2
+    if args.command == "ctl":
+        from vnvme.control import request
+
+        try:
+            reply = request(args.control, " ".join(args.words), args.timeout)
+        except (OSError, ValueError) as exc:
+            print(f"vnvme ctl: {exc}", file=sys.stderr)
+            return 2
+        print(reply)
+        return 0 if reply.startswith("ok") else 1
     if args.command == "trace-events":
         import fnmatch
 

@@ -19,6 +19,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO, TypeVar
 
+from vnvme.control import ControlServer
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 from vnvme.controller.faults import apply_rules, parse_fault_rule
 from vnvme.controller.namespace import Namespace, NullBackend, parse_namespace_spec
@@ -78,6 +79,13 @@ def _device_arguments(parser: argparse._ArgumentGroup) -> None:
         "'op=write,status=0x4002' (fail with that status: (SCT << 8) | SC, 0x4000 = DNR), "
         "'nsid=2,op=flush,delay=0.05' (complete 50 ms late); 'after=N' and 'count=N' pick "
         "which matches; see vnvme.controller.faults",
+    )
+    parser.add_argument(
+        "--control",
+        metavar="PATH",
+        help="also listen on this UNIX socket for requests that change the fault rules while "
+        "serving ('fault add SPEC', 'fault remove ID', 'fault clear', 'fault list'; one line each, "
+        "see vnvme ctl); the same path rules as --socket",
     )
     parser.add_argument("--max-io-queues", type=int, default=64, help="I/O queue pairs the controller offers")
     parser.add_argument("--queue-entries", type=int, default=1024, help="CAP.MQES + 1 (1024)")
@@ -180,6 +188,7 @@ def _output_arguments(parser: argparse._ArgumentGroup) -> None:
 _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "namespace": (list,),
     "fault": (list,),
+    "control": (str,),
     "shadow_doorbells": (bool,),
     "sq_eventidx": (str,),
     "cq_eventidx": (str,),
@@ -347,8 +356,9 @@ class Listener:
                 os.unlink(self.path)
 
 
-def listen(path: str) -> Listener:
-    """Listen on ``path``. Only a stale socket there is replaced; anything else is refused."""
+def listen(path: str, option: str = "--socket") -> Listener:
+    """Listen on ``path``. Only a stale socket there is replaced; anything else is refused
+    (``option``: what the user gave the path with, for the message)."""
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         raise ValueError(f"{path}: directory {directory} does not exist")
@@ -360,7 +370,7 @@ def listen(path: str) -> Listener:
         if not stat.S_ISSOCK(existing.st_mode):
             raise ValueError(
                 f"{path}: exists and is {_file_kind(existing.st_mode)}; vnvme serve replaces only a "
-                "stale socket: choose another --socket path"
+                f"stale socket: choose another {option} path"
             )
         if _someone_listens(path):
             raise ValueError(f"{path}: another server is listening")
@@ -427,13 +437,17 @@ def _polls(args: argparse.Namespace, file_options: dict[str, Any]) -> bool:
     return bool(file_options.get("poll", False) or args.poll)
 
 
-def _banner(args: argparse.Namespace, function: NvmeFunction, mappable: bool, out: TextIO) -> None:
+def _banner(
+    args: argparse.Namespace, function: NvmeFunction, mappable: bool, control_path: str | None, out: TextIO
+) -> None:
     config = function.controller.config
     ns_text = ", ".join(
         f"nsid {ns.nsid}: {ns.backend.describe()}, {ns.lba_size}-byte LBAs"
         for ns in function.controller.namespaces.values()
     )
     print(f"vnvme serving on {args.socket} ({ns_text})", file=out)
+    if control_path:
+        print(f"fault rules change at {control_path} (vnvme ctl --control {control_path} help)", file=out)
     polls = config.sq_eventidx is SqEventIdxPolicy.POLL
     print(
         f"shadow doorbells {'on' if config.shadow_doorbells else 'off'}, SQ EventIdx {config.sq_eventidx}, "
@@ -470,19 +484,27 @@ def _signals(server: VfioUserServer, function: NvmeFunction, out: TextIO) -> Ite
         os.close(wake_w)
 
 
-def _accept_clients(listener: Listener, server: VfioUserServer, wake_r: int) -> None:
-    """Serve one client after another until a signal stops the server."""
+def _accept_clients(
+    listener: Listener, server: VfioUserServer, wake_r: int, control: ControlServer | None
+) -> None:
+    """Serve one client after another until a signal stops the server; the control socket is
+    served between clients and, in the same loop, while one is attached."""
     poller = select.poll()
     poller.register(listener.sock, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    watch = {control.fileno(): control.handle} if control else {}
+    for fd in watch:
+        poller.register(fd, select.POLLIN)
     while not server.stopping:
         for fd, _ in poller.poll():
             if fd == wake_r:
                 os.read(wake_r, 512)
+            elif fd in watch:
+                watch[fd]()
             elif not server.stopping:
                 conn, _ = listener.sock.accept()
                 log.info("client connected")
-                server.serve_connection(conn, listener=listener.sock, wakeup=wake_r)
+                server.serve_connection(conn, listener=listener.sock, wakeup=wake_r, watch=watch)
                 conn.close()
 
 
@@ -493,10 +515,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
     if args.trace:
         matching_events(args.trace)  # unknown patterns fail before anything starts
-    namespaces = build_namespaces(
-        list(file_options.get("namespace", [])) + list(args.namespace),
-        list(file_options.get("fault", [])) + list(args.fault),
-    )
+    fault_specs = list(file_options.get("fault", [])) + list(args.fault)
+    control_path: str | None = _option(args, file_options, "control")
+    namespaces = build_namespaces(list(file_options.get("namespace", [])) + list(args.namespace), fault_specs)
     try:
         sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
         function = NvmeFunction(
@@ -516,20 +537,36 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     server = VfioUserServer(function, options, trace=args.trace, trace_sink=sink)
     try:
         with _signals(server, function, out) as wake_r:
+            control_listener: Listener | None = None
+            control: ControlServer | None = None
             try:
+                # The control socket first: once --socket appears, a client may use both.
+                if control_path:
+                    if os.path.abspath(control_path) == os.path.abspath(args.socket):
+                        raise ValueError(f"{control_path}: --control and --socket must differ")
+                    control_listener = listen(control_path, "--control")
+                    control = ControlServer(control_listener.sock, function.controller, tuple(fault_specs))
                 listener = listen(args.socket)
             except BaseException:
-                # A start that fails leaves no file it created behind (a namespace's, the socket).
+                # A start that fails leaves no file it created behind (a namespace's, the sockets).
+                if control is not None:
+                    control.close()
+                if control_listener is not None:
+                    control_listener.close()
                 function.close()
                 discard_namespaces(namespaces)
                 raise
             if not args.quiet:
-                _banner(args, function, mappable, out)
+                _banner(args, function, mappable, control_path, out)
             try:
-                _accept_clients(listener, server, wake_r)
+                _accept_clients(listener, server, wake_r, control)
             finally:
                 # No new client from here on; a second SIGTERM meanwhile only repeats "stop".
                 listener.close()  # removes the socket, if the path still names it
+                if control is not None:
+                    control.close()
+                if control_listener is not None:
+                    control_listener.close()
                 function.close()  # flushes every backend
                 if not args.quiet:
                     print(format_statistics(server, function), file=out, flush=True)

@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -244,6 +244,7 @@ class VfioUserServer:
         self._deferred: collections.deque[Message] = collections.deque()
         # The listener and wake-up fd of the connection being served (serve_connection).
         self._others: tuple[socket.socket | None, int | None] = (None, None)
+        self._watch: dict[int, Callable[[], None]] = {}
         self._stop_connection = False
         self._server_msg_id = 0
         self.dma_messages = 0
@@ -266,16 +267,25 @@ class VfioUserServer:
     # Section: the connection loop
 
     def serve_connection(
-        self, sock: socket.socket, *, listener: socket.socket | None = None, wakeup: int | None = None
+        self,
+        sock: socket.socket,
+        *,
+        listener: socket.socket | None = None,
+        wakeup: int | None = None,
+        watch: Mapping[int, Callable[[], None]] | None = None,
     ) -> None:
         """Serve one client until it disconnects or :meth:`stop` is called; a second client
-        connecting to ``listener`` meanwhile is refused (closed at once)."""
+        connecting to ``listener`` meanwhile is refused (closed at once). ``watch``: more
+        descriptors to poll in the same loop, each with what to call when it is readable (it
+        must not block)."""
         channel = self._begin_connection(sock)
         poller = select.poll()
+        self._watch = dict(watch or {})
         watched = (
             [sock.fileno()]
             + ([listener.fileno()] if listener else [])
             + ([wakeup] if wakeup is not None else [])
+            + list(self._watch)
         )
         for fd in watched:
             poller.register(fd, select.POLLIN)
@@ -391,9 +401,11 @@ class VfioUserServer:
         return poller.poll(timeout_ms)
 
     def _other_event(self, fd: int) -> None:
-        """A second client at the listener (refused), or the wake-up fd (drained)."""
+        """A second client at the listener (refused), the wake-up fd (drained), or a watched fd."""
         listener, wakeup = self._others
-        if listener is not None and fd == listener.fileno():
+        if fd in self._watch:
+            self._watch[fd]()
+        elif listener is not None and fd == listener.fileno():
             extra, _ = listener.accept()
             log.warning("refusing a second client while one is attached")
             self.errors["second_client"] += 1

@@ -1,4 +1,4 @@
-"""``vnvme vm provision | run | compare``."""
+"""``vnvme vm provision | run | compare | soak``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from vnvme.bench.command import machine_description
+from vnvme.bench.runner import BenchError
 from vnvme.controller.variants import VM_COMPARE
 from vnvme.vm.compare import DeviceColumn, compare, explanation, format_columns, vm_variant_problem
 from vnvme.vm.provision import DEFAULT_KERNEL, KERNELS, MIRROR, Image, Provisioner, ProvisionError, cache_dir
 from vnvme.vm.scenarios import VmOptions, git_describe, run_scenarios
+from vnvme.vm.soak import SoakOptions, format_report, run_soak
 
 
 def _depths(text: str) -> list[int]:
@@ -47,6 +49,26 @@ def _variants(text: str) -> list[str]:
     return names
 
 
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 24 * 60:
+        raise argparse.ArgumentTypeError(f"{text!r}: minutes must be in (0, 1440]")
+    return value
+
+
+def _io_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 15 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds of I/O per boot must be in 15..600")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vm_command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -60,6 +82,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parents=[common],
         help="build the cached trixie root (QEMU with vfio-user-pci), guest kernel and initramfs",
     )
+    soak = sub.add_parser(
+        "soak",
+        parents=[common],
+        help="a 2-vCPU guest runs fio with crc32c verify while the controller is reset, media "
+        "errors come and go and vnvme serve is SIGKILLed and restarted between boots",
+    )
+    soak.add_argument(
+        "--minutes", type=_minutes, default=1.0, help="minutes of guest I/O, in boots of --io-seconds (1)"
+    )
+    soak.add_argument(
+        "--io-seconds", type=_io_seconds, default=30, help="seconds of fio per boot, 15..600 (30)"
+    )
+    soak.add_argument("--seed", type=int, default=None, help="repeat a run's plan (printed at its start)")
+    soak.add_argument(
+        "--work-dir", type=Path, default=None, help="where the run folder goes (a temporary folder)"
+    )
+    soak.add_argument(
+        "--keep", action="store_true", help="keep the run folder (serial logs, the namespace file)"
+    )
+    soak.add_argument("--json", type=Path, default=None, help="write the report as JSON")
     runs = argparse.ArgumentParser(add_help=False, parents=[common])
     runs.add_argument("--iodepth", type=_depths, default=[1, 2, 4, 8], help="fio depths (1,2,4,8)")
     runs.add_argument("--runtime", type=int, default=3, help="seconds of fio per depth (3)")
@@ -114,6 +156,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.vm_command == "provision":
         return 0
+    if args.vm_command == "soak":
+        return _soak(image, args)
     options = VmOptions(
         depths=args.iodepth,
         runtime=args.runtime,
@@ -129,6 +173,27 @@ def main(args: argparse.Namespace) -> int:
     options.repeat = args.repeat
     options.variants = tuple(args.variants)
     return _compare(image, options, args)
+
+
+def _soak(image: Image, args: argparse.Namespace) -> int:
+    options = SoakOptions(
+        minutes=args.minutes,
+        seed=args.seed,
+        io_seconds=args.io_seconds,
+        work_dir=args.work_dir,
+        keep=args.keep,
+        say=_say,
+    )
+    try:
+        report = run_soak(image, options)
+    except (BenchError, OSError) as exc:  # a server that would not start, a run folder not made
+        print(f"vnvme vm soak: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return 0 if report.passed else 1
 
 
 def _run(image: Image, options: VmOptions, json_path: Path | None) -> int:

@@ -17,7 +17,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,12 +101,16 @@ def parse_results(text: str) -> tuple[list[Block], list[str]]:
     return blocks, notes
 
 
-def scenario_archive(variables: dict[str, str]) -> bytes:
-    """A small uncompressed cpio with /scenario.env, appended to the cached initramfs."""
+def scenario_archive(variables: dict[str, str], programs: Mapping[str, bytes] | None = None) -> bytes:
+    """A small uncompressed cpio with /scenario.env, appended to the cached initramfs;
+    ``programs``: executables by path, which replace the cached image's files of that name (Linux
+    unpacks the archives in order), e.g. another ``init`` for this boot."""
     buf = io.BytesIO()
     archive = CpioWriter(buf)
     text = "".join(f"{key}={_shell_quote(value)}\n" for key, value in variables.items())
     archive.file("scenario.env", text.encode())
+    for path, data in (programs or {}).items():
+        archive.file(path, data, mode=0o755)
     archive.close()
     return buf.getvalue()
 
@@ -145,6 +149,7 @@ class Guest:
         trace_events: Sequence[str] = (),
         cpus: frozenset[int] | None = None,
         smp: int = 1,
+        programs: Mapping[str, bytes] | None = None,
     ) -> None:
         self.image = image
         self.run_dir = run_dir
@@ -155,6 +160,7 @@ class Guest:
         self.trace_events = list(trace_events)
         self.cpus = cpus
         self.smp = smp
+        self.programs = dict(programs or {})
         self.console_path = run_dir / f"{name}.console.log"
         self.results_path = run_dir / f"{name}.results.log"
         self.trace_path = run_dir / f"{name}.trace.log"
@@ -166,7 +172,7 @@ class Guest:
         base = self.image.host_path(self.image.initrd).read_bytes()
         # Linux looks for the next archive's header at a multiple of 4 bytes from the start.
         padding = b"\0" * (-len(base) % 4)
-        self.initrd_path.write_bytes(base + padding + scenario_archive(self.scenario))
+        self.initrd_path.write_bytes(base + padding + scenario_archive(self.scenario, self.programs))
         for path in (self.console_path, self.results_path, self.trace_path):
             path.unlink(missing_ok=True)
 
