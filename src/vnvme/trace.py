@@ -178,8 +178,8 @@ TRACE_EVENTS: Final[dict[str, TraceEventSpec]] = _table(
     ),
     (
         "vfio_user_err_message_timeout",
-        "received expected seconds",
-        "message stalled at {received} of {expected} bytes for {seconds} s: connection closed",
+        "direction done expected seconds",
+        "{direction} a message stalled at {done} of {expected} bytes for {seconds} s: connection closed",
     ),
     ("vfio_user_err_handshake_timeout", "seconds", "no VERSION within {seconds} s: connection closed"),
 )

@@ -6,6 +6,7 @@ gone; the next client is then served and does I/O."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -257,7 +258,24 @@ def test_a_client_that_stops_part_way_through_a_message(
     assert served.server.errors["message_timeout"] == 1
     (event,) = served.trace.events
     assert event.name == "vfio_user_err_message_timeout"
-    assert event.args[:2] == (sent, declared if sent >= 16 else 16)
+    assert event.args[:3] == ("receiving", sent, declared if sent >= 16 else 16)
+    _well_behaved_client_does_io(served.path)
+
+
+def test_a_client_that_stops_reading_the_replies(served: Served, baseline: int) -> None:
+    sock, channel = _connect(served.path)
+    _version(channel)
+    request = vu.pack_message(2, Command.DEVICE_GET_INFO, vu.TYPE_COMMAND, vu.DEVICE_INFO.pack(16, 0, 0, 0))
+    # Far more replies than the socket buffers hold; none read. Our own send blocks once the
+    # server stops reading (it is stuck sending), until it hangs up.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for _ in range(20_000):
+            sock.sendall(request)
+    assert _hung_up_on(sock)
+    assert fd_count() == baseline
+    assert served.server.errors["message_timeout"] == 1
+    (event,) = served.trace.events
+    assert event.name == "vfio_user_err_message_timeout" and event.args[0] == "sending"
     _well_behaved_client_does_io(served.path)
 
 

@@ -197,12 +197,13 @@ class Disconnected(Exception):
 
 class MessageTimeout(Disconnected):
     """A message begun was not completed within the channel's ``message_timeout``: the peer
-    stopped part way (half a header, or a body never finished). Its framing is lost like a
-    hang-up's, so the caller closes the connection."""
+    stopped part way through sending one (half a header, a body never finished), or stopped
+    reading ours. The stream's framing is lost as with a hang-up: the caller closes it."""
 
-    def __init__(self, received: int, expected: int, seconds: float) -> None:
-        super().__init__(f"message stalled at {received} of {expected} bytes for {seconds} s")
-        self.received = received
+    def __init__(self, done: int, expected: int, seconds: float, *, sending: bool = False) -> None:
+        self.direction = "sending" if sending else "receiving"
+        super().__init__(f"{self.direction} a message stalled at {done} of {expected} bytes for {seconds} s")
+        self.done = done
         self.expected = expected
         self.seconds = seconds
 
@@ -265,6 +266,11 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             words.frombytes(raw[: len(raw) - len(raw) % 4])
             fds.extend(words)
     return fds
+
+
+def _rights(fds: list[int]) -> tuple[int, int, bytes]:
+    """The SCM_RIGHTS ancillary item carrying ``fds``."""
+    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
 
 
 def _close_all(fds: list[int]) -> None:
@@ -587,21 +593,54 @@ class Channel:
         return bytes(rest)
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        """A whole message, ``fds`` riding on its first byte. With a message timeout, a peer
+        that stops reading has that long to make room for the rest, not for ever."""
+        if self.message_timeout is not None:
+            try:
+                if fds:
+                    sent = self.sock.sendmsg([data], [_rights(fds)], socket.MSG_DONTWAIT)
+                    fds = None
+                else:
+                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                self._send_rest(data, sent, fds)
+            return
         if fds:
-            sent = self.sock.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            )
+            sent = self.sock.sendmsg([data], [_rights(fds)])
             if sent < len(data):
                 self.sock.sendall(data[sent:])
         else:
             self.sock.sendall(data)
+
+    def _send_rest(self, data: bytes, sent: int, fds: list[int] | None) -> None:
+        """The rest of a message from byte ``sent`` on (``fds`` not sent yet: none was)."""
+        timeout = self.message_timeout
+        assert timeout is not None
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        view = memoryview(data)
+        while sent < len(data):
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(max(left * 1e3, 1)):
+                raise MessageTimeout(sent, len(data), timeout, sending=True)
+            try:
+                if fds:
+                    sent += self.sock.sendmsg([view[sent:]], [_rights(fds)], socket.MSG_DONTWAIT)
+                    fds = None
+                else:
+                    sent += self.sock.send(view[sent:], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
 
     def reply(self, request: Message, payload: bytes = b"", fds: list[int] | None = None) -> None:
         # pack_message, inlined: a reply goes out per command.
         data = _HEADER_PACK(
             request.msg_id & 0xFFFF, request.command, HEADER_SIZE + len(payload), TYPE_REPLY, 0
         )
-        if fds:
+        if fds or self.message_timeout is not None:
             self.send(data + payload, fds)
         else:
             self.sock.sendall(data + payload)

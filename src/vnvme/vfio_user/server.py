@@ -348,10 +348,11 @@ class VfioUserServer:
             self._end_connection(channel, reason)
 
     def _stalled(self, exc: vu.MessageTimeout) -> None:
-        """A message begun was never completed: counted and traced; the connection ends."""
+        """A message begun was never completed (the client's, or ours it stopped reading):
+        counted and traced; the connection ends."""
         self.errors["message_timeout"] += 1
         log.warning("%s; closing the connection", exc)
-        self._trace("vfio_user_err_message_timeout", exc.received, exc.expected, str(exc.seconds))
+        self._trace("vfio_user_err_message_timeout", exc.direction, exc.done, exc.expected, str(exc.seconds))
 
     def _begin_connection(self, sock: socket.socket) -> Channel:
         channel = Channel(
