@@ -41,6 +41,11 @@ _AFFINITY_CHECK_INTERVAL = 1024
 _ACCESS_SIZE = vu.REGION_ACCESS.size
 _ACCESS_UNPACK_FROM = vu.REGION_ACCESS.unpack_from
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Client commands kept while a DMA reply is awaited (answered after it): past this many, or
+# payloads of more than this many of the largest message, or more than one message's worth of
+# descriptors, the device's access fails at once rather than the queue growing until dma_timeout.
+_MAX_DEFERRED = 1024
+_MAX_DEFERRED_MESSAGES_BYTES = 4
 
 
 def _shares_one_cpu_with_peer(sock: socket.socket) -> bool:
@@ -276,6 +281,8 @@ class VfioUserServer:
         self.version_done = False
         self._channel: Channel | None = None
         self._deferred: collections.deque[Message] = collections.deque()
+        self._deferred_bytes = 0  # their payloads
+        self._deferred_fds = 0  # and descriptors
         # The listener and wake-up fd of the connection being served (serve_connection).
         self._others: tuple[socket.socket | None, int | None] = (None, None)
         self._stop_connection = False
@@ -367,6 +374,7 @@ class VfioUserServer:
         self._ran_early = None
         self._replied_early = False
         self._deferred.clear()
+        self._deferred_bytes = self._deferred_fds = 0
         self._stop_connection = False
         self.clients_served += 1
         self._trace("vfio_user_connect", self.clients_served)
@@ -382,6 +390,7 @@ class VfioUserServer:
         for message in self._deferred:
             message.close_fds()
         self._deferred.clear()
+        self._deferred_bytes = self._deferred_fds = 0
         self._disconnect()
 
     def _serve_messages(self, channel: Channel, poller: select.poll, watched: list[int]) -> None:
@@ -400,7 +409,7 @@ class VfioUserServer:
         while not self._stop and not self._stop_connection:
             while self._deferred:
                 # Commands that arrived while we waited for a DMA reply, in order.
-                self._handle_message(channel, self._deferred.popleft())
+                self._handle_message(channel, self._undefer())
             if channel.framing_lost is not None:
                 # Met while waiting for a DMA reply: answered after the commands before it.
                 raise channel.framing_lost
@@ -767,12 +776,35 @@ class VfioUserServer:
                     self.errors["stray_reply"] += 1
                     message.close_fds()
                     continue
-                self._deferred.append(message)
+                if not self._defer(message):
+                    self.errors["deferred_overflow"] += 1
+                    raise GuestMemoryError(
+                        address,
+                        count,
+                        f"{len(self._deferred)} commands came instead of the {command.name} reply",
+                    )
         except (vu.Disconnected, OSError) as exc:
             self._stop_connection = True
             if isinstance(exc, vu.MessageTimeout):
                 self._stalled(exc)
             raise GuestMemoryError(address, count, f"client unreachable: {exc}") from None
+
+    def _defer(self, message: Message) -> bool:
+        """Keep a command for the main loop; False once the deferred commands reach a limit."""
+        self._deferred.append(message)
+        self._deferred_bytes += len(message.payload)
+        self._deferred_fds += len(message.fds)
+        return (
+            len(self._deferred) < _MAX_DEFERRED
+            and self._deferred_bytes <= _MAX_DEFERRED_MESSAGES_BYTES * self.max_message
+            and self._deferred_fds <= self.options.max_msg_fds
+        )
+
+    def _undefer(self) -> Message:
+        message = self._deferred.popleft()
+        self._deferred_bytes -= len(message.payload)
+        self._deferred_fds -= len(message.fds)
+        return message
 
     def _unmap(self, mapping: DmaMapping) -> None:
         self._trace("vfio_user_dma_unmap", mapping.address, mapping.size)
