@@ -454,9 +454,13 @@ def _raise_descriptor_limit(options: ServerOptions) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-def _seconds_or_none(value: float) -> float | None:
-    """A timeout option: 0 means no limit."""
-    return None if value == 0 else float(value)
+def _timeout(args: argparse.Namespace, file_options: dict[str, Any], key: str) -> float | None:
+    """A timeout setting in seconds; 0 means no limit (None)."""
+    value = float(_option(args, file_options, key))
+    if not value >= 0:  # negative or NaN
+        where = f"{args.config}: {key}" if key in file_options else "--" + key.replace("_", "-")
+        raise ValueError(f"{where}: {value}: seconds, or 0 for no limit")
+    return value or None
 
 
 def _polls(args: argparse.Namespace, file_options: dict[str, Any]) -> bool:
@@ -534,8 +538,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     options = ServerOptions(
         poll_passes=passes,
         poll_budget=float(_option(args, file_options, "poll_budget")),
-        handshake_timeout=_seconds_or_none(_option(args, file_options, "handshake_timeout")),
-        message_timeout=_seconds_or_none(_option(args, file_options, "message_timeout")),
+        handshake_timeout=_timeout(args, file_options, "handshake_timeout"),
+        message_timeout=_timeout(args, file_options, "message_timeout"),
     )
     namespaces = build_namespaces(
         list(file_options.get("namespace", [])) + list(args.namespace),

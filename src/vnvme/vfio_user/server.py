@@ -4,7 +4,10 @@ The server owns the socket, the DMA mappings (mmapped into a :class:`GuestMemory
 message loop; a :class:`Device` owns regions, interrupts and whatever runs behind them. Bad input
 gets an error reply carrying an errno and the loop carries on with the next message, except a
 header declaring a message larger than the maximum: E2BIG, then the server hangs up, since the
-stream has no framing left to carry on with.
+stream has no framing left to carry on with. A client that holds the server (no VERSION within
+the handshake timeout, a message it stops part way through sending or reading for the message
+timeout) is hung up on too, so the next one can be served (docs/RELIABILITY.md states every
+resource bound).
 """
 
 from __future__ import annotations
