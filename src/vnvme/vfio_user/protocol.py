@@ -292,8 +292,9 @@ class Channel:
 
     ``message_timeout`` (buffered channels): how long the rest of a message begun (half a
     header, a body not complete) may take to arrive, counted from the first time it has to be
-    waited for; past it :class:`MessageTimeout`. None waits for ever. Waiting for a message
-    to begin is the caller's business.
+    waited for, and how long a message sent may wait for the peer to make room for it; past it
+    :class:`MessageTimeout`. None waits for ever. Waiting for a message to begin is the
+    caller's business.
     """
 
     def __init__(
