@@ -278,7 +278,14 @@ def test_polling_controller_from_a_toml_file_with_a_trace_file(tmp_path: Path) -
 
 
 def test_serve_refuses_bad_options(tmp_path: Path) -> None:
-    for args in (["--namespace", "tape,size=1G"], ["--trace", "pci_nvme_nothing_like_this"]):
+    created = tmp_path / "new.img"
+    for args in (
+        ["--namespace", "tape,size=1G"],
+        ["--trace", "pci_nvme_nothing_like_this"],
+        ["--handshake-timeout", "-1"],
+        # Refused before the namespace's file is created.
+        ["--namespace", f"file={created},size=1M", "--message-timeout", "nan"],
+    ):
         proc = subprocess.run(
             [sys.executable, "-m", "vnvme", "serve", "--socket", str(tmp_path / "x.sock"), *args],
             capture_output=True,
@@ -288,10 +295,19 @@ def test_serve_refuses_bad_options(tmp_path: Path) -> None:
         assert proc.returncode == 2
         assert proc.stderr.startswith("vnvme serve: ") and "Traceback" not in proc.stderr
         assert not (tmp_path / "x.sock").exists()
+        assert not created.exists()
     help_text = subprocess.run(
         [sys.executable, "-m", "vnvme", "serve", "--help"], capture_output=True, text=True, timeout=30
     ).stdout
-    for option in ("--mappable-doorbells", "--cq-eventidx", "--poll", "--trace-file", "--namespace"):
+    options = (
+        "--mappable-doorbells",
+        "--cq-eventidx",
+        "--poll",
+        "--trace-file",
+        "--namespace",
+        "--message-timeout",
+    )
+    for option in (*options, "--handshake-timeout"):
         assert option in help_text
 
 

@@ -9,6 +9,7 @@ import enum
 import json
 import logging
 import os
+import resource
 import select
 import shlex
 import signal
@@ -27,7 +28,7 @@ from vnvme.controller.variants import SERVE_CQ_EVENTIDX, SERVE_SQ_CHOICES, SERVE
 from vnvme.effects import TraceEvent
 from vnvme.function import NvmeFunction
 from vnvme.trace import JsonLinesSink, format_event, matching_events
-from vnvme.vfio_user.server import ServerOptions, VfioUserServer
+from vnvme.vfio_user.server import DMA_MAP_DESCRIPTORS, ServerOptions, VfioUserServer
 
 log = logging.getLogger("vnvme.serve")
 
@@ -89,6 +90,23 @@ def _device_arguments(parser: argparse._ArgumentGroup) -> None:
     )
     parser.add_argument("--max-io-queues", type=int, default=64, help="I/O queue pairs the controller offers")
     parser.add_argument("--queue-entries", type=int, default=1024, help="CAP.MQES + 1 (1024)")
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=ServerOptions.handshake_timeout,
+        metavar="SECONDS",
+        help="a client that has not completed VERSION this long after connecting is hung up on, "
+        f"so the next one can be served; 0: no limit ({ServerOptions.handshake_timeout})",
+    )
+    parser.add_argument(
+        "--message-timeout",
+        type=float,
+        default=ServerOptions.message_timeout,
+        metavar="SECONDS",
+        help="a client that stops part way through a message (half a header, a body never "
+        f"finished) is hung up on after this long; 0: no limit ({ServerOptions.message_timeout}). "
+        "A client that sends nothing between messages is never timed out",
+    )
 
 
 def _doorbell_arguments(parser: argparse._ArgumentGroup) -> None:
@@ -201,6 +219,8 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "idle_sleep": (int, float),
     "max_io_queues": (int,),
     "queue_entries": (int,),
+    "handshake_timeout": (int, float),
+    "message_timeout": (int, float),
 }
 
 
@@ -433,6 +453,26 @@ def _option(args: argparse.Namespace, file_options: dict[str, Any], key: str) ->
     return file_options.get(key, getattr(args, key))
 
 
+def _raise_descriptor_limit(options: ServerOptions) -> None:
+    """Where each DMA region costs a descriptor, the soft limit raised (up to the hard one) to
+    hold max_dma_maps of them and more; the server offers fewer if it still cannot."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = options.max_dma_maps * DMA_MAP_DESCRIPTORS + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _timeout(args: argparse.Namespace, file_options: dict[str, Any], key: str) -> float | None:
+    """A timeout setting in seconds; 0 means no limit (None)."""
+    value = float(_option(args, file_options, key))
+    if not value >= 0:  # negative or NaN
+        where = f"{args.config}: {key}" if key in file_options else "--" + key.replace("_", "-")
+        raise ValueError(f"{where}: {value}: seconds, or 0 for no limit")
+    return value or None
+
+
 def _polls(args: argparse.Namespace, file_options: dict[str, Any]) -> bool:
     return bool(file_options.get("poll", False) or args.poll)
 
@@ -485,7 +525,7 @@ def _signals(server: VfioUserServer, function: NvmeFunction, out: TextIO) -> Ite
 
 
 def _accept_clients(
-    listener: Listener, server: VfioUserServer, wake_r: int, control: ControlServer | None
+    listener: Listener, server: VfioUserServer, wake_r: int, control: ControlServer | None = None
 ) -> None:
     """Serve one client after another until a signal stops the server; the control socket is
     served between clients and, in the same loop, while one is attached."""
@@ -517,6 +557,14 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         matching_events(args.trace)  # unknown patterns fail before anything starts
     fault_specs = list(file_options.get("fault", [])) + list(args.fault)
     control_path: str | None = _option(args, file_options, "control")
+    # Checked before a namespace's file is created.
+    passes = int(_option(args, file_options, "poll_passes")) if poll or mappable else 0
+    options = ServerOptions(
+        poll_passes=passes,
+        poll_budget=float(_option(args, file_options, "poll_budget")),
+        handshake_timeout=_timeout(args, file_options, "handshake_timeout"),
+        message_timeout=_timeout(args, file_options, "message_timeout"),
+    )
     namespaces = build_namespaces(list(file_options.get("namespace", [])) + list(args.namespace), fault_specs)
     try:
         sink, trace_stream = _trace_sink(args.trace_file) if args.trace else (None, None)
@@ -532,8 +580,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except BaseException:
         discard_namespaces(namespaces)
         raise
-    passes = int(_option(args, file_options, "poll_passes")) if poll or mappable else 0
-    options = ServerOptions(poll_passes=passes, poll_budget=float(_option(args, file_options, "poll_budget")))
+    _raise_descriptor_limit(options)
     server = VfioUserServer(function, options, trace=args.trace, trace_sink=sink)
     try:
         with _signals(server, function, out) as wake_r:

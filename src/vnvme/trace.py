@@ -176,6 +176,12 @@ TRACE_EVENTS: Final[dict[str, TraceEventSpec]] = _table(
         "command msg_id size limit",
         "{command} id {msg_id} declares {size} bytes, more than {limit}: E2BIG, connection closed",
     ),
+    (
+        "vfio_user_err_message_timeout",
+        "direction done expected seconds",
+        "{direction} a message stalled at {done} of {expected} bytes for {seconds} s: connection closed",
+    ),
+    ("vfio_user_err_handshake_timeout", "seconds", "no VERSION within {seconds} s: connection closed"),
 )
 
 

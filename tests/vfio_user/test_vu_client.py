@@ -3,11 +3,15 @@ for the replies a server should never send."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
+import select
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -231,3 +235,41 @@ def test_a_reply_declaring_more_than_the_maximum_is_e2big_at_its_header() -> Non
         server.send(vu.pack_message(2, Command.DEVICE_RESET, vu.TYPE_REPLY))
         with pytest.raises(vu.MessageTooLarge):
             client.reset()
+
+
+def test_a_server_asking_without_end_cannot_hold_a_request_past_the_timeout() -> None:
+    """DMA requests that keep coming must not keep the client from timing out its request."""
+    with _scripted_server(timeout=0.5) as (client, server):
+        flooding = threading.Event()
+        stop = threading.Event()
+
+        def flood() -> None:
+            """DMA_READs many at a time, so that one is always waiting when the client looks,
+            reading the client's EFAULT replies as they come (neither side blocks)."""
+            flooding.set()
+            give_up = time.monotonic() + 30  # the client should give up long before this
+            request = vu.DMA_ACCESS.pack(0xDEAD_0000, 8)
+            batch = b"".join(
+                vu.pack_message(i, Command.DMA_READ, vu.TYPE_COMMAND, request) for i in range(256)
+            )
+            pending = b""
+            sock = server.sock
+            with contextlib.suppress(OSError):
+                while not stop.is_set() and time.monotonic() < give_up:
+                    readable, writable, _ = select.select([sock], [sock], [], 0.1)
+                    if readable and not sock.recv(1 << 16):
+                        break
+                    if writable:
+                        pending = pending or batch
+                        pending = pending[sock.send(pending, socket.MSG_DONTWAIT) :]
+            flooding.clear()
+
+        thread = threading.Thread(target=flood, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(TimeoutError, match="kept coming"):
+                client.device_info()
+            assert flooding.is_set()  # it timed out while the requests still came
+        finally:
+            stop.set()
+            thread.join(35)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import select
+import threading
 
 import pytest
 
@@ -16,6 +17,7 @@ from vnvme.spec.commands import SQE, AdminOpcode, Cns
 from vnvme.spec.registers import CSTS, Reg, sq_tail_doorbell
 from vnvme.vfio_user import protocol as vu
 from vnvme.vfio_user.protocol import Command
+from vnvme.vfio_user.server import ServerOptions
 
 BASE = 0x4000_0000
 ASQ, ACQ, DATA = BASE, BASE + PAGE, BASE + 2 * PAGE
@@ -156,3 +158,35 @@ def test_a_message_too_large_during_a_dma_request_is_answered_after_those_before
     ready.thread.join(5)
     assert not ready.thread.is_alive()
     assert ready.server.errors["message_too_large"] == 1 and ready.server.dma_messages == 1
+
+
+def test_commands_flooding_in_instead_of_a_dma_reply_fail_the_access_not_the_memory() -> None:
+    """A client that answers a DMA_READ with command after command: the server keeps at most
+    1024 of them for later (not as many as come in dma_timeout), fails the device's access
+    then, and answers every command in order."""
+    peer = Peer(ServerOptions(dma_timeout=60))
+    try:
+        peer.version()
+        peer.enable_decoding()
+        _enable_with_admin_queues_in_message_memory(peer)
+        peer.send(
+            Command.REGION_WRITE, vu.REGION_ACCESS.pack(sq_tail_doorbell(0, 0), 0, 4) + (1).to_bytes(4, LE)
+        )
+        assert _next(peer).is_reply
+        assert _next(peer).command == Command.DMA_READ  # never answered
+        ids: list[int] = []
+
+        def flood() -> None:  # from a thread: the replies are read meanwhile
+            ids.extend(
+                peer.send(Command.REGION_READ, vu.REGION_ACCESS.pack(Reg.VS, 0, 4)) for _ in range(1500)
+            )
+
+        sender = threading.Thread(target=flood)
+        sender.start()
+        # Well before dma_timeout: the access failed once 1024 were waiting.
+        replies = [_next(peer) for _ in range(1500)]
+        sender.join(10)
+        assert [r.msg_id for r in replies] == ids and not any(r.is_error for r in replies)
+        assert peer.server.errors["deferred_overflow"] == 1
+    finally:
+        peer.close()

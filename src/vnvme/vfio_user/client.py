@@ -64,7 +64,11 @@ class VfioUserClient:
         sock.settimeout(None)
         self.timeout = timeout
         self.channel = Channel(
-            sock, max_message=(1 << 20) + vu.MESSAGE_OVERHEAD, max_fds=max_fds, buffered=True
+            sock,
+            max_message=(1 << 20) + vu.MESSAGE_OVERHEAD,
+            max_fds=max_fds,
+            buffered=True,
+            message_timeout=timeout,
         )
         self._poller = select.poll()
         self._poller.register(sock, select.POLLIN)
@@ -113,6 +117,13 @@ class VfioUserClient:
             reply = channel.receive()
             if not reply.is_reply:
                 self._serve(reply)
+                # A server that keeps asking (DMA requests without end) never lets the poll
+                # above time out: the deadline holds whatever comes in meanwhile.
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no reply to {vu.command_name(command)} within {self.timeout} s "
+                        "(the server's requests kept coming)"
+                    )
                 continue
             if reply.msg_id != msg_id or reply.command != command:
                 reply.close_fds()

@@ -11,8 +11,10 @@ import array
 import contextlib
 import errno
 import os
+import select
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Final
@@ -193,6 +195,19 @@ class Disconnected(Exception):
     """The peer closed the socket (possibly in the middle of a message)."""
 
 
+class MessageTimeout(Disconnected):
+    """A message begun was not completed within the channel's ``message_timeout``: the peer
+    stopped part way through sending one (half a header, a body never finished), or stopped
+    reading ours. The stream's framing is lost as with a hang-up: the caller closes it."""
+
+    def __init__(self, done: int, expected: int, seconds: float, *, sending: bool = False) -> None:
+        self.direction = "sending" if sending else "receiving"
+        super().__init__(f"{self.direction} a message stalled at {done} of {expected} bytes for {seconds} s")
+        self.done = done
+        self.expected = expected
+        self.seconds = seconds
+
+
 class MessageTooLarge(ProtocolError):
     """A header declared more bytes than the receiver accepts. Nothing of the body was read
     (waiting for up to 4 GiB the peer may never send is no way to resynchronise), so the stream
@@ -253,6 +268,11 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+def _rights(fds: list[int]) -> tuple[int, int, bytes]:
+    """The SCM_RIGHTS ancillary item carrying ``fds``."""
+    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -267,15 +287,31 @@ class Channel:
     socket no longer tells whether a message is waiting: ask :meth:`buffered_header` first.
     Descriptors go to the message that starts last in the read that brought them: Linux ends
     a read of a stream socket with the piece of data they came with, and a sender attaches
-    them to the first piece of the message they belong to.
+    them to the first piece of the message they belong to. A message holds at most ``max_fds``
+    of them however many pieces it comes in; the kernel or the channel closes the rest.
+
+    ``message_timeout`` (buffered channels): how long the rest of a message begun (half a
+    header, a body not complete) may take to arrive, counted from the first time it has to be
+    waited for, and how long a message sent may wait for the peer to make room for it; past it
+    :class:`MessageTimeout`. None waits for ever. Waiting for a message to begin is the
+    caller's business.
     """
 
     def __init__(
-        self, sock: socket.socket, *, max_message: int, max_fds: int, buffered: bool = False
+        self,
+        sock: socket.socket,
+        *,
+        max_message: int,
+        max_fds: int,
+        buffered: bool = False,
+        message_timeout: float | None = None,
     ) -> None:
+        if message_timeout is not None and not buffered:
+            raise ValueError("a message timeout needs a buffered channel")
         self.sock = sock
         self.max_message = max_message
         self.max_fds = max_fds
+        self.message_timeout = message_timeout
         self._header = bytearray(HEADER_SIZE)
         self._ancillary = socket.CMSG_SPACE(max(max_fds, 1) * 4)
         self._buffered = buffered
@@ -371,7 +407,42 @@ class Channel:
             raise Disconnected("peer closed the socket" if closed_clean else "peer closed mid-message")
         self._rend = start + nbytes
         if fds or msg_flags & _MSG_CTRUNC:
-            self._rfds.append((self._last_start(), fds, bool(msg_flags & _MSG_CTRUNC)))
+            owner = self._last_start()
+            truncated = bool(msg_flags & _MSG_CTRUNC)
+            # A message sent in many pieces may bring descriptors with each: it keeps max_fds
+            # in all, so a peer that never finishes it holds no more than that here.
+            held = sum(len(batch) for of, batch, _ in self._rfds if of == owner)
+            room = max(self.max_fds - held, 0)
+            if len(fds) > room:
+                _close_all(fds[room:])
+                fds, truncated = fds[:room], True
+            self._rfds.append((owner, fds, truncated))
+
+    def _fill_more(self, deadline: float | None, expected: int) -> float | None:
+        """One more read for the message begun at ``_rpos`` (``expected`` bytes long as far as
+        is known), within the message timeout; returns the deadline to pass to the next call."""
+        if self.message_timeout is None:
+            self._fill()
+            return None
+        while True:
+            try:
+                self._fill(socket.MSG_DONTWAIT)
+                return deadline
+            except BlockingIOError:
+                deadline = self._wait_more(deadline, self._rend - self._rpos, expected)
+
+    def _wait_more(self, deadline: float | None, received: int, expected: int) -> float:
+        """Wait for more of a message begun until ``deadline`` (None: set it now)."""
+        timeout = self.message_timeout
+        assert timeout is not None
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + timeout
+        poller = select.poll()  # not select(): descriptors past 1023 are fine
+        poller.register(self.sock, select.POLLIN)
+        if now >= deadline or not poller.poll(max((deadline - now) * 1e3, 1)):
+            raise MessageTimeout(received, expected, timeout)
+        return deadline
 
     def _last_start(self) -> int:
         """Stream offset of the last message that starts in the buffered bytes."""
@@ -403,13 +474,14 @@ class Channel:
         return fds, truncated
 
     def _receive_buffered(self) -> Message:
+        deadline: float | None = None
         while self._rend - self._rpos < HEADER_SIZE:
-            self._fill()
+            deadline = self._fill_more(deadline, HEADER_SIZE)
         pos = self._rpos
         msg_id, command, size, flags, error = _HEADER_UNPACK_FROM(self._rbuf, pos)
         if HEADER_SIZE <= size <= min(self.max_message, len(self._rbuf)):
             while self._rend - self._rpos < size:
-                self._fill()
+                deadline = self._fill_more(deadline, size)
             pos = self._rpos
             self._rpos = pos + size
             payload = bytes(self._rview[pos + HEADER_SIZE : pos + size])
@@ -435,8 +507,13 @@ class Channel:
             data[:got] = self._rview[self._rpos : self._rpos + got]
             self._rpos += got
             view = memoryview(data)
+            recv_flags = 0 if self.message_timeout is None else socket.MSG_DONTWAIT
             while got < body:
-                n = self.sock.recv_into(view[got:])
+                try:
+                    n = self.sock.recv_into(view[got:], 0, recv_flags)
+                except BlockingIOError:
+                    deadline = self._wait_more(deadline, HEADER_SIZE + got, size)
+                    continue
                 if n == 0:
                     raise Disconnected("peer closed the socket mid-message")
                 got += n
@@ -517,21 +594,54 @@ class Channel:
         return bytes(rest)
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        """A whole message, ``fds`` riding on its first byte. With a message timeout, a peer
+        that stops reading has that long to make room for the rest, not for ever."""
+        if self.message_timeout is not None:
+            try:
+                if fds:
+                    sent = self.sock.sendmsg([data], [_rights(fds)], socket.MSG_DONTWAIT)
+                    fds = None
+                else:
+                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                self._send_rest(data, sent, fds)
+            return
         if fds:
-            sent = self.sock.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            )
+            sent = self.sock.sendmsg([data], [_rights(fds)])
             if sent < len(data):
                 self.sock.sendall(data[sent:])
         else:
             self.sock.sendall(data)
+
+    def _send_rest(self, data: bytes, sent: int, fds: list[int] | None) -> None:
+        """The rest of a message from byte ``sent`` on (``fds`` not sent yet: none was)."""
+        timeout = self.message_timeout
+        assert timeout is not None
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        view = memoryview(data)
+        while sent < len(data):
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(max(left * 1e3, 1)):
+                raise MessageTimeout(sent, len(data), timeout, sending=True)
+            try:
+                if fds:
+                    sent += self.sock.sendmsg([view[sent:]], [_rights(fds)], socket.MSG_DONTWAIT)
+                    fds = None
+                else:
+                    sent += self.sock.send(view[sent:], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
 
     def reply(self, request: Message, payload: bytes = b"", fds: list[int] | None = None) -> None:
         # pack_message, inlined: a reply goes out per command.
         data = _HEADER_PACK(
             request.msg_id & 0xFFFF, request.command, HEADER_SIZE + len(payload), TYPE_REPLY, 0
         )
-        if fds:
+        if fds or self.message_timeout is not None:
             self.send(data + payload, fds)
         else:
             self.sock.sendall(data + payload)

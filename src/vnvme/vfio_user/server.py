@@ -4,7 +4,10 @@ The server owns the socket, the DMA mappings (mmapped into a :class:`GuestMemory
 message loop; a :class:`Device` owns regions, interrupts and whatever runs behind them. Bad input
 gets an error reply carrying an errno and the loop carries on with the next message, except a
 header declaring a message larger than the maximum: E2BIG, then the server hangs up, since the
-stream has no framing left to carry on with.
+stream has no framing left to carry on with. A client that holds the server (no VERSION within
+the handshake timeout, a message it stops part way through sending or reading for the message
+timeout) is hung up on too, so the next one can be served (docs/RELIABILITY.md states every
+resource bound).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import json
 import logging
 import mmap
 import os
+import resource
 import select
 import socket
 import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +44,11 @@ _AFFINITY_CHECK_INTERVAL = 1024
 _ACCESS_SIZE = vu.REGION_ACCESS.size
 _ACCESS_UNPACK_FROM = vu.REGION_ACCESS.unpack_from
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Client commands kept while a DMA reply is awaited (answered after it): past this many, or
+# payloads of more than this many of the largest message, or more than one message's worth of
+# descriptors, the device's access fails at once rather than the queue growing until dma_timeout.
+_MAX_DEFERRED = 1024
+_MAX_DEFERRED_MESSAGES_BYTES = 4
 
 
 def _shares_one_cpu_with_peer(sock: socket.socket) -> bool:
@@ -53,6 +63,21 @@ def _shares_one_cpu_with_peer(sock: socket.socket) -> bool:
 
 
 PAGE_SIZE = 4096
+
+# CPython's mmap keeps a duplicate of the file's descriptor while the map lives unless told
+# not to (trackfd, Python 3.13): before that, each DMA region mapped costs one descriptor.
+_MMAP_UNTRACKED: dict[str, bool] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+DMA_MAP_DESCRIPTORS = 0 if _MMAP_UNTRACKED else 1
+# Descriptors kept free beside DMA regions and eventfds: stdio, sockets, namespace and trace
+# files, a message's descriptors in flight.
+_SPARE_DESCRIPTORS = 64
+
+
+def _open_descriptors() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # no procfs
+        return 64
 
 
 @dataclass
@@ -98,6 +123,10 @@ class DeviceError(Exception):
         self.reason = reason
 
 
+class HandshakeTimeout(Exception):
+    """The client did not complete VERSION within ServerOptions.handshake_timeout."""
+
+
 class Device(Protocol):
     """What a vfio-user server serves."""
 
@@ -137,6 +166,9 @@ class Device(Protocol):
 class ServerOptions:
     max_data_xfer_size: int = vu.DEFAULT_MAX_DATA_XFER_SIZE
     max_msg_fds: int = 16
+    #: Offered in VERSION and enforced (ENOSPC past it), lowered if each mapping costs a
+    #: descriptor and the process's descriptor limit cannot hold this many (see
+    #: VfioUserServer.max_dma_maps).
     max_dma_maps: int = 4096
     #: Keep calling Device.run while it reports work, checking the socket in between, for up to
     #: this many idle passes before blocking (0: purely event driven).
@@ -149,10 +181,20 @@ class ServerOptions:
     poll_burst: float = 0.005
     #: How long a DMA_READ / DMA_WRITE to the client may take before the access fails.
     dma_timeout: float = 5.0
+    #: Seconds a client has from connecting to complete VERSION (None: no limit). After it,
+    #: no limit on silence: a client whose guest is idle legitimately sends nothing for hours.
+    handshake_timeout: float | None = 10.0
+    #: Seconds the rest of a message begun (half a header, a body not complete) may take to
+    #: arrive before the connection is closed (None: no limit).
+    message_timeout: float | None = 10.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.poll_budget <= 1.0:
             raise ValueError(f"poll budget {self.poll_budget}: a share of one CPU, 0..1")
+        for name in ("handshake_timeout", "message_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} {value}: seconds, more than 0 (None: no limit)")
 
 
 class PollBudget:
@@ -242,12 +284,23 @@ class VfioUserServer:
         self.version_done = False
         self._channel: Channel | None = None
         self._deferred: collections.deque[Message] = collections.deque()
+        self._deferred_bytes = 0  # their payloads
+        self._deferred_fds = 0  # and descriptors
         # The listener and wake-up fd of the connection being served (serve_connection).
         self._others: tuple[socket.socket | None, int | None] = (None, None)
         self._watch: dict[int, Callable[[], None]] = {}
         self._stop_connection = False
         self._server_msg_id = 0
         self.dma_messages = 0
+        #: The DMA regions a client may map at once (offered as max_dma_maps): the option's,
+        #: or as many as the descriptor limit leaves room for beside what is open already,
+        #: every interrupt vector's eventfd and two messages' descriptors.
+        self.max_dma_maps = self.options.max_dma_maps
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if DMA_MAP_DESCRIPTORS and soft != resource.RLIM_INFINITY:
+            vectors = sum(irq.count for irq in device.irqs.values())
+            reserve = _open_descriptors() + vectors + 2 * self.options.max_msg_fds + _SPARE_DESCRIPTORS
+            self.max_dma_maps = max(0, min(self.max_dma_maps, soft - reserve))
 
     def _trace(self, name: str, *args: int | str) -> None:
         if name in self._trace_set and self._trace_sink is not None:
@@ -296,6 +349,15 @@ class VfioUserServer:
         except MessageTooLarge as exc:
             self._refuse_too_large(channel, exc)
             reason = f"{exc.reason}: framing lost, connection closed"
+        except vu.MessageTimeout as exc:
+            self._stalled(exc)
+            reason = str(exc)
+        except HandshakeTimeout:
+            seconds = self.options.handshake_timeout
+            self.errors["handshake_timeout"] += 1
+            log.warning("no VERSION within %s s of connecting; closing the connection", seconds)
+            self._trace("vfio_user_err_handshake_timeout", str(seconds))
+            reason = f"no VERSION within {seconds} s"
         except vu.Disconnected as exc:
             log.info("client disconnected")
             reason = str(exc)
@@ -305,13 +367,27 @@ class VfioUserServer:
         finally:
             self._end_connection(channel, reason)
 
+    def _stalled(self, exc: vu.MessageTimeout) -> None:
+        """A message begun was never completed (the client's, or ours it stopped reading):
+        counted and traced; the connection ends."""
+        self.errors["message_timeout"] += 1
+        log.warning("%s; closing the connection", exc)
+        self._trace("vfio_user_err_message_timeout", exc.direction, exc.done, exc.expected, str(exc.seconds))
+
     def _begin_connection(self, sock: socket.socket) -> Channel:
-        channel = Channel(sock, max_message=self.max_message, max_fds=self.options.max_msg_fds, buffered=True)
+        channel = Channel(
+            sock,
+            max_message=self.max_message,
+            max_fds=self.options.max_msg_fds,
+            buffered=True,
+            message_timeout=self.options.message_timeout,
+        )
         self._channel = channel
         self._writes_until_check = 0  # a new client: look at its CPU affinity again
         self._ran_early = None
         self._replied_early = False
         self._deferred.clear()
+        self._deferred_bytes = self._deferred_fds = 0
         self._stop_connection = False
         self.clients_served += 1
         self._trace("vfio_user_connect", self.clients_served)
@@ -327,6 +403,7 @@ class VfioUserServer:
         for message in self._deferred:
             message.close_fds()
         self._deferred.clear()
+        self._deferred_bytes = self._deferred_fds = 0
         self._disconnect()
 
     def _serve_messages(self, channel: Channel, poller: select.poll, watched: list[int]) -> None:
@@ -339,10 +416,13 @@ class VfioUserServer:
             self.options.poll_budget, self.options.poll_burst, time.monotonic()
         )
         spinning_since: float | None = None
+        limit = self.options.handshake_timeout
+        # Until VERSION is done, every wait ends by this time (None once it is done).
+        handshake_by = None if limit is None else time.monotonic() + limit
         while not self._stop and not self._stop_connection:
             while self._deferred:
                 # Commands that arrived while we waited for a DMA reply, in order.
-                self._handle_message(channel, self._deferred.popleft())
+                self._handle_message(channel, self._undefer())
             if channel.framing_lost is not None:
                 # Met while waiting for a DMA reply: answered after the commands before it.
                 raise channel.framing_lost
@@ -368,6 +448,14 @@ class VfioUserServer:
             else:
                 idle_passes = 0
                 continue
+            if handshake_by is not None:
+                if self.version_done:
+                    handshake_by = None
+                else:
+                    left_ms = (handshake_by - time.monotonic()) * 1e3
+                    if left_ms <= 0:
+                        raise HandshakeTimeout
+                    timeout_ms = left_ms if timeout_ms is None else min(timeout_ms, left_ms)
             if channel.buffered_header():
                 # A message came in with the last read: poll() cannot see it.
                 events = [(sock_fd, select.POLLIN)]
@@ -557,7 +645,7 @@ class VfioUserServer:
             "capabilities": {
                 "max_msg_fds": self.options.max_msg_fds,
                 "max_data_xfer_size": self.options.max_data_xfer_size,
-                "max_dma_maps": self.options.max_dma_maps,
+                "max_dma_maps": self.max_dma_maps,
                 "pgsizes": PAGE_SIZE,
                 "write_multiple": True,
             }
@@ -593,7 +681,7 @@ class VfioUserServer:
                 raise ProtocolError(errno.EINVAL, f"DMA_MAP flags {flags:#x}")
             if size == 0 or (address | size | offset) & (PAGE_SIZE - 1) or address + size > 1 << 64:
                 raise ProtocolError(errno.EINVAL, "DMA_MAP address, size or offset not page aligned")
-            if len(self.dma) >= self.options.max_dma_maps:
+            if len(self.dma) >= self.max_dma_maps:
                 raise ProtocolError(errno.ENOSPC, "too many DMA mappings")
             for other in self.dma.values():
                 if address < other.address + other.size and other.address < address + size:
@@ -612,7 +700,9 @@ class VfioUserServer:
                 return b"", []
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if flags & vu.DmaFlags.WRITE else 0)
             try:
-                mapping = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+                mapping = mmap.mmap(
+                    fds[0], size, flags=mmap.MAP_SHARED, prot=prot, offset=offset, **_MMAP_UNTRACKED
+                )
             except (OSError, ValueError, OverflowError) as exc:
                 raise ProtocolError(getattr(exc, "errno", None) or errno.EINVAL, f"mmap: {exc}") from None
         finally:
@@ -701,10 +791,35 @@ class VfioUserServer:
                     self.errors["stray_reply"] += 1
                     message.close_fds()
                     continue
-                self._deferred.append(message)
+                if not self._defer(message):
+                    self.errors["deferred_overflow"] += 1
+                    raise GuestMemoryError(
+                        address,
+                        count,
+                        f"{len(self._deferred)} commands came instead of the {command.name} reply",
+                    )
         except (vu.Disconnected, OSError) as exc:
             self._stop_connection = True
+            if isinstance(exc, vu.MessageTimeout):
+                self._stalled(exc)
             raise GuestMemoryError(address, count, f"client unreachable: {exc}") from None
+
+    def _defer(self, message: Message) -> bool:
+        """Keep a command for the main loop; False once the deferred commands reach a limit."""
+        self._deferred.append(message)
+        self._deferred_bytes += len(message.payload)
+        self._deferred_fds += len(message.fds)
+        return (
+            len(self._deferred) < _MAX_DEFERRED
+            and self._deferred_bytes <= _MAX_DEFERRED_MESSAGES_BYTES * self.max_message
+            and self._deferred_fds <= self.options.max_msg_fds
+        )
+
+    def _undefer(self) -> Message:
+        message = self._deferred.popleft()
+        self._deferred_bytes -= len(message.payload)
+        self._deferred_fds -= len(message.fds)
+        return message
 
     def _unmap(self, mapping: DmaMapping) -> None:
         self._trace("vfio_user_dma_unmap", mapping.address, mapping.size)
