@@ -7,6 +7,7 @@ import json
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,6 @@ def _depths(text: str) -> list[int]:
     return values
 
 
-def _repeat(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 20:
-        raise argparse.ArgumentTypeError(f"{text!r}: boots per column must be in 1..20")
-    return value
-
-
 def _variants(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
@@ -49,24 +40,26 @@ def _variants(text: str) -> list[str]:
     return names
 
 
-def _minutes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 24 * 60:
-        raise argparse.ArgumentTypeError(f"{text!r}: minutes must be in (0, 1440]")
-    return value
+def _ranged(number: Callable[[str], float], low: float, high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: ``number(text)`` with ``low <= value <= high`` (``low`` excluded when it
+    is 0), else one line naming ``what`` and the range."""
+    shown = f"({low:g}, {high:g}]" if low == 0 else f"{low:g}..{high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = number(text)
+        except ValueError:
+            value = low - 1
+        if not (low < value if low == 0 else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: {what} must be in {shown}")
+        return value
+
+    return parse
 
 
-def _io_seconds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 15 <= value <= 600:
-        raise argparse.ArgumentTypeError(f"{text!r}: seconds of I/O per boot must be in 15..600")
-    return value
+_repeat = _ranged(int, 1, 20, "boots per column")
+_minutes = _ranged(float, 0, 24 * 60, "minutes")
+_io_seconds = _ranged(int, 15, 600, "seconds of I/O per boot")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
