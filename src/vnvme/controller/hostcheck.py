@@ -553,6 +553,24 @@ class HostChecker:
         return watch
 
 
+def format_report(report: dict[str, Any]) -> str:
+    """:meth:`HostChecker.report` as text: the totals, then each rule that saw a violation with
+    its first occurrences."""
+    watched = len(report["rules"])
+    lines = [
+        f"host check: {report['errors']} errors, {report['warnings']} warnings ({watched} rules watched)"
+    ]
+    for rule in report["rules"]:
+        if not rule["count"]:
+            continue
+        lines.append(f"  {rule['severity']} {rule['name']}: {rule['count']} ({rule['section']})")
+        lines.append(f"    {rule['summary']}")
+        for first in rule["first"]:
+            values = " ".join(f"{k} {v}" for k, v in first.items() if k not in ("qid", "time"))
+            lines.append(f"    at {first['time']:.6f}: {values}")
+    return "\n".join(lines)
+
+
 def _qid(queue: Queue) -> int:
     return queue.sqid if isinstance(queue, SubmissionQueue) else queue.cqid
 
