@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 from test_serve import Server, _driver
+from vnvme.bench.engine import JobSpec, run_job
+from vnvme.driver import NvmeDriver
+from vnvme.driver.vfio_user import VfioUserTransport
 
 
 def test_a_faulty_host_is_reported_at_sigusr1_and_at_exit(tmp_path: Path) -> None:
@@ -97,3 +100,27 @@ def test_a_report_that_cannot_be_written_at_exit_is_one_line_and_status_1(tmp_pa
         f"vnvme serve: --check-host-report {folder / 'r.json'}: directory {folder} does not exist"
     ]
     assert "Traceback" not in err
+
+
+def test_a_clean_host_over_posted_writes_trips_nothing(tmp_path: Path) -> None:
+    """Posted doorbell writes reach the server after the host has moved on (the controller may
+    have read newer slot values and published newer EventIdx values first): no rule may take
+    such a doorbell for a wasted or premature one."""
+    args = ("--namespace", "null,size=1G", "--check-host", "--sq-eventidx", "eager", "--cq-eventidx", "eager")
+    server = Server(tmp_path, *args)
+    try:
+        transport = VfioUserTransport(server.socket, memory_size=8 << 20, posted_writes=True)
+        try:
+            driver = NvmeDriver(transport, io_queue_depth=64)
+            driver.probe()
+            for depth in (1, 4, 16):
+                run_job(driver, JobSpec(iodepth=depth, number_ios=1500))
+            driver.close()
+        finally:
+            transport.close()
+        stats = server.stop_for_statistics()
+    finally:
+        server.kill()
+    report = stats["host_check"]
+    assert (report["errors"], report["warnings"]) == (0, 0), [r for r in report["rules"] if r["count"]]
+    assert stats["controller"]["doorbell_cq_io"] > 0  # the CQ EventIdx asked for head doorbells

@@ -27,6 +27,7 @@ given the bound to arrive rather than flagged at once.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final
@@ -189,19 +190,48 @@ class RuleRecord:
 
 
 class _Watch:
-    """What the checker keeps of one queue's shadow slot (reset when the queue switches onto it)."""
+    """What the checker keeps of one queue's shadow slot (new when the queue switches onto it)."""
 
-    __slots__ = ("queue", "last_rung", "eventidx_since_ring", "rang_since_read", "expect")
+    __slots__ = ("queue", "last_rung", "log", "rang_since_read", "expect")
 
-    def __init__(self, queue: SubmissionQueue | CompletionQueue, value: int) -> None:
+    def __init__(self, queue: SubmissionQueue | CompletionQueue, value: int, eventidx: int) -> None:
         self.queue = queue
-        # The value of the host's previous doorbell, and its shadow slot's then: the host's
-        # index before its next store was one of these (or between them).
-        self.last_rung: tuple[int, ...] = (value,)
-        self.eventidx_since_ring: set[int] = set()  # EventIdx values the host could have read
+        self.last_rung = value  # the value of the host's previous doorbell
+        # Recent history, oldest first: (True, EventIdx published) and (False, slot value seen).
+        self.log: deque[tuple[bool, int]] = deque([(True, eventidx), (False, value)], maxlen=_LOG)
         self.rang_since_read = False
         # (found at, value, old, eventidx) of a crossing store whose doorbell has not come yet.
         self.expect: tuple[float, int, int, int] | None = None
+
+    def could_have_read(self, old: int, latest: int, size: int) -> list[int] | None:
+        """The EventIdx values a host could have read after storing an index past ``old`` (up
+        to ``latest``, the slot as last seen): the one in force when the slot was last seen at
+        or before ``old`` (the host stored past it later), and every one published since.
+        None if the log no longer reaches back that far."""
+        found: list[int] = []
+        span = (latest - old) % size
+        log = self.log
+        i = len(log) - 1
+        while i >= 0:
+            published, value = log[i]
+            if published:
+                found.append(value)
+            elif (latest - value) % size >= span:
+                break
+            i -= 1
+        else:
+            return None
+        while i >= 0:  # the EventIdx in force then
+            published, value = log[i]
+            if published:
+                found.append(value)
+                return found
+            i -= 1
+        return None
+
+
+#: History kept per queue (entries of _Watch.log).
+_LOG: Final = 256
 
 
 Queue = SubmissionQueue | CompletionQueue
@@ -386,59 +416,70 @@ class HostChecker:
         if not queue.shadow_mode:
             return
         watch = self._watch(queue)
-        if kept and trapped:
-            if shadow < n and (value - head) % n > (shadow - head) % n:
+        rung = value
+        if kept and trapped and shadow < n:
+            # Host order runs from its previous doorbell's value: this one's is at or past it,
+            # and so is the slot, later than this doorbell's value unless the host rang first
+            # (a posted doorbell may arrive after the host moved on: that is no violation).
+            old = watch.last_rung
+            if (value - old) % n > (shadow - old) % n:
                 self._violation("mmio_ahead_of_shadow", _qid(queue), int(not is_sq), value, shadow)
-            current = doorbells.published(queue.doorbell)
-            seen = watch.eventidx_since_ring | {current}
-            if not any(need_event(e, value, old) for e in seen for old in watch.last_rung):
-                old = watch.last_rung[0]
-                self._violation("ring_not_needed", _qid(queue), int(not is_sq), value, old, current)
-        watch.last_rung = (value, shadow) if shadow < n else (value,)
-        watch.eventidx_since_ring = set()
+                rung = shadow  # where the host's index really is: its next store moves from there
+            else:
+                seen = watch.could_have_read(old, shadow, n)
+                if seen is not None and not any(need_event(e, value, old) for e in seen):
+                    self._violation("ring_not_needed", _qid(queue), int(not is_sq), value, old, seen[0])
+        watch.last_rung = rung
+        if shadow < n:
+            watch.log.append((False, shadow))
         watch.rang_since_read = True
         self._overdue(watch, ctrl.now)  # a ring past the bound (register writes carry no time)
         watch.expect = None
 
-    def slot_read(
-        self, queue_doorbell: QueueDoorbell, value: int, before: int, published: int | None
-    ) -> None:
+    def slot_read(self, queue_doorbell: QueueDoorbell, value: int, published: int | None) -> None:
         """The controller read a shadow slot (``published``: the EventIdx a probe stored just
-        before; ``before``: the EventIdx in force until then)."""
+        before)."""
         queue = self._queue(queue_doorbell)
         if queue is None or not queue.shadow_mode:
             return
         watch = self._watch(queue)
+        log = watch.log
         if published is not None:
-            watch.eventidx_since_ring.add(published)
+            log.append((True, published))
         n = queue.size
-        if value >= n or not queue.doorbell.slot_kept:
+        if value >= n:
             return
-        is_sq = isinstance(queue, SubmissionQueue)
-        old = queue.tail if is_sq else queue.head
-        if is_sq and (value - queue.head) % n < (old - queue.head) % n:
-            self._violation("sq_overrun", _qid(queue), value, queue.head, old, 1)
-        if self._in_doorbell:
-            return  # the ring is here
-        rang, watch.rang_since_read = watch.rang_since_read, False
-        if rang or value == old or watch.expect is not None:
-            return
-        candidates = (before,) if published is None else (before, published)
-        if all(need_event(e, value, old) for e in candidates):
-            ctrl = self.ctrl
-            assert ctrl is not None
-            watch.expect = (ctrl.now, value, old, candidates[-1])
+        try:
+            if not queue.doorbell.slot_kept:
+                return
+            is_sq = isinstance(queue, SubmissionQueue)
+            old = queue.tail if is_sq else queue.head
+            if is_sq and (value - queue.head) % n < (old - queue.head) % n:
+                self._violation("sq_overrun", _qid(queue), value, queue.head, old, 1)
+            if self._in_doorbell:
+                return  # the ring is here
+            rang, watch.rang_since_read = watch.rang_since_read, False
+            if rang or value == old or watch.expect is not None:
+                return
+            seen = watch.could_have_read(old, value, n)
+            if seen and all(need_event(e, value, old) for e in seen):
+                ctrl = self.ctrl
+                assert ctrl is not None
+                watch.expect = (ctrl.now, value, old, seen[0])
+        finally:
+            log.append((False, value))
 
     def eventidx_published(self, queue_doorbell: QueueDoorbell, value: int) -> None:
         queue = self._queue(queue_doorbell)
         if queue is not None:
-            self._watch(queue).eventidx_since_ring.add(value)
+            self._watch(queue).log.append((True, value))
 
     def slot_taken(self, queue_doorbell: QueueDoorbell, value: int) -> None:
         """A queue switched onto its shadow slot, which holds ``value``."""
         queue = self._queue(queue_doorbell)
         if queue is not None:
-            self._watches[queue_doorbell.slot] = _Watch(queue, value)
+            eventidx = self.doorbells.published(queue_doorbell) if self.doorbells is not None else 0
+            self._watches[queue_doorbell.slot] = _Watch(queue, value, eventidx)
 
     def command_fetched(self, sq: SubmissionQueue, cid: int, opcode: int) -> None:
         entry = self._cids.get(sq.sqid)
@@ -549,7 +590,9 @@ class HostChecker:
         slot = queue.doorbell.slot
         watch = self._watches.get(slot)
         if watch is None or watch.queue is not queue:
-            watch = self._watches[slot] = _Watch(queue, queue.doorbell.shadow_last)
+            assert self.doorbells is not None
+            eventidx = self.doorbells.published(queue.doorbell)
+            watch = self._watches[slot] = _Watch(queue, queue.doorbell.shadow_last, eventidx)
         return watch
 
 
@@ -597,7 +640,7 @@ class CheckedDoorbells(Doorbells):
     def load(self, queue: QueueDoorbell, size: int = 1 << 32) -> int:
         checker = self.checker
         value = super().load(queue, size)
-        checker.slot_read(queue, value, self.published(queue), None)
+        checker.slot_read(queue, value, None)
         return value
 
     def store_eventidx(self, queue: QueueDoorbell, value: int) -> None:
@@ -606,8 +649,7 @@ class CheckedDoorbells(Doorbells):
         self.checker.eventidx_published(queue, value)
 
     def probe(self, queue: QueueDoorbell, value: int, size: int = 1 << 32) -> int:
-        before = self.published(queue)
         tail = super().probe(queue, value, size)
         self._published[queue.slot] = value
-        self.checker.slot_read(queue, tail, before, value)
+        self.checker.slot_read(queue, tail, value)
         return tail
