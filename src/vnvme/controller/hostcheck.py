@@ -71,14 +71,14 @@ _E, _W = Severity.ERROR, Severity.WARNING
 RULES: Final[tuple[Rule, ...]] = (
     Rule(
         "doorbell_invalid_queue",
-        "NVMe 1.3 §3.1.10-11, §5.2 Figure 46 (Write to Invalid Doorbell Register)",
+        "NVMe 1.3 §3.1 (SQyTDBL, CQyHDBL), §5.2 Figure 46 (Write to Invalid Doorbell Register)",
         _E,
         ("qid", "is_cq", "value"),
         "a doorbell written for a queue that does not exist (qid -1: not a doorbell offset)",
     ),
     Rule(
         "shadow_slot_invalid_queue",
-        "NVMe 1.3 §7.13 (Doorbell Buffer Config: slots of created queues)",
+        "NVMe 1.3 Doorbell Buffer Config (a slot per created queue)",
         _W,
         ("qid", "is_cq", "value"),
         "a shadow doorbell slot of a queue that does not exist changed to a non-zero value",
@@ -121,21 +121,21 @@ RULES: Final[tuple[Rule, ...]] = (
     ),
     Rule(
         "mmio_ahead_of_shadow",
-        "NVMe 1.3 §7.13 (the host updates the shadow doorbell, then rings if need_event)",
+        "NVMe 1.3 Updating Controller Doorbell Properties using a Shadow Doorbell Buffer (store the slot, then ring if EventIdx asks)",
         _W,
         ("qid", "is_cq", "value", "shadow"),
         "a trapped doorbell value ahead of the queue's shadow slot: rung without storing the slot",
     ),
     Rule(
         "ring_not_needed",
-        "NVMe 1.3 §7.13 (EventIdx: ring only when the update crosses it)",
+        "NVMe 1.3 Updating Controller Doorbell Properties using a Shadow Doorbell Buffer (ring only when the update crosses EventIdx)",
         _W,
         ("qid", "is_cq", "value", "old", "eventidx"),
         "a trapped doorbell no EventIdx the host could have read asked for (a wasted trap)",
     ),
     Rule(
         "ring_possibly_missed",
-        "NVMe 1.3 §7.13 (EventIdx: ring when the update crosses it)",
+        "NVMe 1.3 Updating Controller Doorbell Properties using a Shadow Doorbell Buffer (ring when the update crosses EventIdx)",
         _W,
         ("qid", "is_cq", "value", "old", "eventidx"),
         "a shadow slot update that crossed EventIdx and no doorbell within the bound after",
@@ -609,7 +609,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {rule['severity']} {rule['name']}: {rule['count']} ({rule['section']})")
         lines.append(f"    {rule['summary']}")
         for first in rule["first"]:
-            values = " ".join(f"{k} {v}" for k, v in first.items() if k not in ("qid", "time"))
+            hidden = {"time", "qid"} if {"sqid", "cqid"} & first.keys() else {"time"}
+            values = " ".join(
+                f"{k} {v:#x}" if k == "status" else f"{k} {v}" for k, v in first.items() if k not in hidden
+            )
             lines.append(f"    at {first['time']:.6f}: {values}")
     return "\n".join(lines)
 
