@@ -203,14 +203,17 @@ class _Watch:
         # (found at, value, old, eventidx) of a crossing store whose doorbell has not come yet.
         self.expect: tuple[float, int, int, int] | None = None
 
-    def could_have_read(self, old: int, latest: int, size: int) -> list[int] | None:
-        """The EventIdx values a host could have read after storing an index past ``old`` (up
-        to ``latest``, the slot as last seen): the one in force when the slot was last seen at
-        or before ``old`` (the host stored past it later), and every one published since.
-        None if the log no longer reaches back that far."""
+    def could_have_read(self, old: int, size: int, latest: int | None = None) -> list[int] | None:
+        """The EventIdx values a host could have read after storing an index past ``old``: the
+        one in force when the slot was last seen at or before ``old`` (the host stored past it
+        later), and every one published since. Indexes are ordered back from ``latest`` (the
+        slot as just read), else from the newest slot value in the log. None if the log no
+        longer reaches back that far."""
         found: list[int] = []
-        span = (latest - old) % size
         log = self.log
+        if latest is None:
+            latest = next((v for published, v in reversed(log) if not published), old)
+        span = (latest - old) % size
         i = len(log) - 1
         while i >= 0:
             published, value = log[i]
@@ -400,6 +403,9 @@ class HostChecker:
         doorbells = self.doorbells
         assert doorbells is not None
         shadow = doorbells.peek(queue.doorbell) if queue.shadow_mode and doorbells.active else -1
+        watch = self._watches.get(queue.doorbell.slot)
+        if 0 <= shadow < n and watch is not None and watch.queue is queue:
+            watch.log.append((False, shadow))  # before what the doorbell's handling reads
         self._in_doorbell = True
         try:
             handle(offset, value, trapped=trapped)
@@ -426,12 +432,12 @@ class HostChecker:
                 self._violation("mmio_ahead_of_shadow", _qid(queue), int(not is_sq), value, shadow)
                 rung = shadow  # where the host's index really is: its next store moves from there
             else:
-                seen = watch.could_have_read(old, shadow, n)
+                # Ordered from the newest slot value seen: handling the doorbell may have read
+                # one past ``shadow`` already.
+                seen = watch.could_have_read(old, n)
                 if seen is not None and not any(need_event(e, value, old) for e in seen):
                     self._violation("ring_not_needed", _qid(queue), int(not is_sq), value, old, seen[0])
         watch.last_rung = rung
-        if shadow < n:
-            watch.log.append((False, shadow))
         watch.rang_since_read = True
         self._overdue(watch, ctrl.now)  # a ring past the bound (register writes carry no time)
         watch.expect = None
@@ -461,7 +467,7 @@ class HostChecker:
             rang, watch.rang_since_read = watch.rang_since_read, False
             if rang or value == old or watch.expect is not None:
                 return
-            seen = watch.could_have_read(old, value, n)
+            seen = watch.could_have_read(old, n, value)
             if seen and all(need_event(e, value, old) for e in seen):
                 ctrl = self.ctrl
                 assert ctrl is not None
