@@ -23,6 +23,7 @@ from typing import Any, TextIO, TypeVar
 from vnvme.control import ControlServer
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 from vnvme.controller.faults import apply_rules, parse_fault_rule
+from vnvme.controller.hostcheck import format_report
 from vnvme.controller.namespace import Namespace, NullBackend, parse_namespace_spec
 from vnvme.controller.variants import SERVE_CQ_EVENTIDX, SERVE_SQ_CHOICES, SERVE_SQ_EVENTIDX
 from vnvme.effects import TraceEvent
@@ -196,6 +197,19 @@ def _output_arguments(parser: argparse._ArgumentGroup) -> None:
         help="where trace events go (default stderr); a .jsonl name writes JSON lines",
     )
     parser.add_argument(
+        "--check-host",
+        action="store_true",
+        help="watch the host's side of the protocol (queue indexes, CIDs, shadow doorbells, data "
+        "pointers): every violation is counted by rule and traced (pci_nvme_host_*); a report "
+        "goes to stderr at exit and on SIGUSR1, and into the statistics",
+    )
+    parser.add_argument(
+        "--check-host-report",
+        metavar="FILE",
+        help="also write the host check report to FILE as JSON, at exit and on SIGUSR1 (implies "
+        "--check-host; FILE is created or replaced, never anything else)",
+    )
+    parser.add_argument(
         "--quiet",
         action="store_true",
         help="do not print the banner nor the statistics at exit (SIGUSR1 still prints them)",
@@ -221,6 +235,7 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "queue_entries": (int,),
     "handshake_timeout": (int, float),
     "message_timeout": (int, float),
+    "check_host": (bool,),
 }
 
 
@@ -303,7 +318,8 @@ def qemu_command_line(socket_path: str) -> str:
 
 
 def format_statistics(server: VfioUserServer, function: NvmeFunction) -> str:
-    stats = dataclasses.asdict(function.controller.statistics())
+    controller = function.controller
+    stats = dataclasses.asdict(controller.statistics())
     out = {
         "controller": stats,
         "interrupts": dataclasses.asdict(function.stats),
@@ -315,7 +331,71 @@ def format_statistics(server: VfioUserServer, function: NvmeFunction) -> str:
             "cut_short": budget.exhausted if budget else 0,
         },
     }
+    if controller.host_check is not None:
+        out["host_check"] = controller.host_check.report()
     return json.dumps(out, sort_keys=True)
+
+
+def check_report_path(path: str) -> None:
+    """Refuse, before the server starts, a --check-host-report path it could not replace
+    safely: only a regular file there is ever replaced."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"--check-host-report {path}: directory {directory} does not exist")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"--check-host-report {path}: {_file_kind(mode)} is there; not replaced")
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """Write ``report`` as JSON to a new file beside ``path``, then rename it over ``path``: a
+    reader sees the old report or the new one, and nothing but ``path`` is ever replaced.
+    Raises ValueError with one line on failure (the new file is removed)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    staging = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    created = False
+    try:
+        check_report_path(path)
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        created = True
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        os.replace(staging, path)
+        created = False
+    except OSError as exc:
+        raise ValueError(f"cannot write the host check report to {path}: {exc.strerror or exc}") from None
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+
+
+class _HostReports:
+    """Where ``vnvme serve --check-host`` reports go: stderr (text), and --check-host-report."""
+
+    def __init__(self, function: NvmeFunction, path: str | None) -> None:
+        self.function = function
+        self.path = path
+        self.failed = False
+
+    def __call__(self, *, final: bool) -> None:
+        controller = self.function.controller
+        checker = controller.host_check
+        if checker is None:
+            return
+        # Not from a signal handler: that may run in the middle of a controller call.
+        report = checker.report(controller.now if final else None)
+        print(format_report(report), file=sys.stderr, flush=True)
+        if self.path is not None:
+            try:
+                write_report(self.path, report)
+            except ValueError as exc:
+                print(f"vnvme serve: {exc}", file=sys.stderr, flush=True)
+                self.failed = True
 
 
 def _trace_sink(path: str | None) -> tuple[Callable[[TraceEvent], None], TextIO | None]:
@@ -445,6 +525,9 @@ def _controller_config(args: argparse.Namespace, file_options: dict[str, Any]) -
         max_io_queues=int(option("max_io_queues")),
         interrupt_vectors=int(option("max_io_queues")) + 1,
         max_queue_entries=int(option("queue_entries")),
+        check_host=bool(
+            file_options.get("check_host", False) or args.check_host or args.check_host_report is not None
+        ),
     )
 
 
@@ -499,7 +582,9 @@ def _banner(
 
 
 @contextlib.contextmanager
-def _signals(server: VfioUserServer, function: NvmeFunction, out: TextIO) -> Iterator[int]:
+def _signals(
+    server: VfioUserServer, function: NvmeFunction, out: TextIO, host_reports: _HostReports
+) -> Iterator[int]:
     """SIGINT / SIGTERM stop the server, SIGUSR1 prints the statistics; yields the wake-up fd
     the loop polls (a signal wakes it). Installed before the socket appears, so a client's
     SIGTERM right after that always finds them."""
@@ -511,6 +596,7 @@ def _signals(server: VfioUserServer, function: NvmeFunction, out: TextIO) -> Ite
 
     def report(signum: int, frame: object) -> None:
         print(format_statistics(server, function), file=out, flush=True)  # with the exit statistics
+        host_reports(final=False)
 
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, report)
@@ -555,6 +641,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
     if args.trace:
         matching_events(args.trace)  # unknown patterns fail before anything starts
+    if args.check_host_report is not None:
+        check_report_path(args.check_host_report)
     fault_specs = list(file_options.get("fault", [])) + list(args.fault)
     control_path: str | None = _option(args, file_options, "control")
     # Checked before a namespace's file is created.
@@ -582,8 +670,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         raise
     _raise_descriptor_limit(options)
     server = VfioUserServer(function, options, trace=args.trace, trace_sink=sink)
+    host_reports = _HostReports(function, args.check_host_report)
     try:
-        with _signals(server, function, out) as wake_r:
+        with _signals(server, function, out, host_reports) as wake_r:
             control_listener: Listener | None = None
             control: ControlServer | None = None
             try:
@@ -615,9 +704,10 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 if control_listener is not None:
                     control_listener.close()
                 function.close()  # flushes every backend
+                host_reports(final=True)  # first: its last look is in the statistics too
                 if not args.quiet:
                     print(format_statistics(server, function), file=out, flush=True)
     finally:
         if trace_stream is not None:
             trace_stream.close()
-    return 0
+    return 1 if host_reports.failed else 0

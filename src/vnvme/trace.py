@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol, TextIO
 
+from vnvme.controller.hostcheck import RULES as HOST_RULES
 from vnvme.effects import TraceEvent
 
 
@@ -145,6 +146,11 @@ TRACE_EVENTS: Final[dict[str, TraceEventSpec]] = _table(
     ("pci_nvme_err_rearm_exhausted", "sqid attempts", "sqid {sqid} lost {attempts} rearm races in a row"),
     ("pci_nvme_err_cq_full", "cqid", "cqid {cqid} full: waiting for the host to consume"),
     ("pci_nvme_err_fatal", "reason", "controller fatal status: {reason}"),
+    # host-protocol violations (check_host): one event per rule of vnvme.controller.hostcheck
+    *(
+        (rule.event, " ".join(rule.args), f"{rule.severity}: " + " ".join(f"{a} {{{a}}}" for a in rule.args))
+        for rule in HOST_RULES
+    ),
     # vfio-user server (the transport: no NVMe in these)
     ("vfio_user_connect", "clients", "client connected ({clients} so far)"),
     ("vfio_user_disconnect", "reason", "client gone: {reason}"),

@@ -28,6 +28,7 @@ SCENARIOS = [
     "fio randwrite verify=crc32c, read back after a guest reboot",
     "a second boot without restarting the server",
     "the server stays healthy",
+    "the Linux host breaks no protocol rule (vnvme serve --check-host)",
 ]
 
 

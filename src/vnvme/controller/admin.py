@@ -317,6 +317,12 @@ def _counters_page(ctrl: AdminContext) -> bytes:
     cqs = {q.qid: q for q in queues if q.is_cq}
     rows = [q for q in queues if not q.is_cq and q.qid][:VNVME_QUEUE_ROWS]
     values["queue_rows"] = len(rows)
+    checker = ctrl.host_check
+    if checker is not None:
+        values["host_check_enabled"] = 1
+        values["host_rule_counts"] = b"".join(
+            (record.count & 0xFFFFFFFF).to_bytes(4, "little") for record in checker.records
+        )
     page = VNVME_COUNTERS.pack(values)
     for i, sq in enumerate(rows):
         cq = ctrl.sqs[sq.qid].cq  # type: ignore[union-attr]  # rows are of live SQs

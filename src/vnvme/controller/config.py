@@ -103,6 +103,10 @@ class ControllerConfig:
     error_log_entries: int = 64
     #: Outstanding Asynchronous Event Requests allowed (AERL + 1).
     async_event_limit: int = 4
+    #: Watch the host's side of the protocol and record every violation as a named rule
+    #: (:mod:`vnvme.controller.hostcheck`; ``Controller.host_check``). Off: nothing is watched
+    #: and the hot path runs exactly as without it.
+    check_host: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_queue_entries <= 65536:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from vnvme.controller.admin_state import AsyncEvents, ErrorLog, FeatureState, SmartCounters
     from vnvme.controller.config import ControllerConfig
     from vnvme.controller.faults import DelayedCompletions
+    from vnvme.controller.hostcheck import HostChecker
     from vnvme.controller.namespace import Namespace
     from vnvme.controller.queues import CompletionQueue, QueueStatistics, SubmissionQueue
     from vnvme.controller.statistics import ControllerStatistics
@@ -86,6 +87,8 @@ class AdminContext(IoContext, Protocol):
     def has_volatile_cache(self) -> bool: ...
     @property
     def enable_count(self) -> int: ...
+    @property
+    def host_check(self) -> HostChecker | None: ...
     @property
     def admin_handlers(self) -> Mapping[int, Callable[..., Result]]: ...
     @property

@@ -28,6 +28,7 @@ from vnvme.controller.config import ControllerConfig
 from vnvme.controller.doorbell_writes import DoorbellWrites
 from vnvme.controller.doorbells import Doorbells
 from vnvme.controller.eventidx import CQ_POLICIES, SQ_POLICIES, SqPolicyFactory
+from vnvme.controller.hostcheck import HostChecker
 from vnvme.controller.interrupts import Interrupts
 from vnvme.controller.namespace import Namespace
 from vnvme.controller.processing import CommandProcessing
@@ -116,6 +117,11 @@ class Controller(DoorbellWrites, CommandProcessing):
             Step.HALT: self._halt,
         }
         self._command_state(cfg)
+        #: The host-protocol checker (``config.check_host``), or None: then nothing watches.
+        self.host_check: HostChecker | None = None
+        if cfg.check_host:
+            self.host_check = HostChecker()
+            self.host_check.install(self)
 
     def _take_namespaces(self, namespaces: Sequence[Namespace]) -> None:
         self.namespaces: dict[int, Namespace] = {}
@@ -356,6 +362,8 @@ class Controller(DoorbellWrites, CommandProcessing):
         self.tracing = False
 
     def statistics(self) -> ControllerStatistics:
+        checker = self.host_check
+        host_totals = checker.totals() if checker is not None else (0, 0)
         return ControllerStatistics(
             register_reads=self.registers.reads,
             register_writes=self.registers.writes,
@@ -378,6 +386,9 @@ class Controller(DoorbellWrites, CommandProcessing):
             predictions_met=self.sq_policy.met,
             predictions_missed=self.sq_policy.missed,
             batch_offers=self.sq_policy.offers,
+            host_check_errors=host_totals[0],
+            host_check_warnings=host_totals[1],
+            host_check=checker.counts() if checker is not None else {},
             admin_commands={opcode_name(op, True): n for op, n in enumerate(self._admin_counts) if n},
             io_commands={opcode_name(op, False): n for op, n in enumerate(self._io_counts) if n},
         )

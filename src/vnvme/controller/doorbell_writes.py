@@ -80,8 +80,15 @@ class DoorbellWrites:
             self._sq_doorbell(sq, value)
 
     def _invalid_doorbell(
-        self: Controller, qid: int, is_cq: bool, value: int, info: AsyncEventErrorInfo
+        self: Controller,
+        qid: int,
+        is_cq: bool,
+        value: int,
+        info: AsyncEventErrorInfo,
+        *,
+        shadow: bool = False,
     ) -> None:
+        """A doorbell register or value refused (``shadow``: read from the shadow slot)."""
         self._invalid_doorbells += 1
         if self.tracing:
             name = (
@@ -157,7 +164,9 @@ class DoorbellWrites:
         if value >= sq.size:
             if self.tracing:
                 self.trace("pci_nvme_err_shadow_invalid_value", sq.sqid, 0, value)
-            self._invalid_doorbell(sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
+            self._invalid_doorbell(
+                sq.sqid, False, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE, shadow=True
+            )
             return None
         if self.tracing:
             self.trace("pci_nvme_update_sq_tail", sq.sqid, value)
@@ -182,7 +191,9 @@ class DoorbellWrites:
         if value >= n or (value - cq.head) % n > (cq.tail - cq.head) % n:
             if self.tracing:
                 self.trace("pci_nvme_err_shadow_invalid_value", cq.cqid, 1, value)
-            self._invalid_doorbell(cq.cqid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE)
+            self._invalid_doorbell(
+                cq.cqid, True, value, AsyncEventErrorInfo.INVALID_DOORBELL_WRITE_VALUE, shadow=True
+            )
             return
         if self.tracing:
             self.trace("pci_nvme_update_cq_head", cq.cqid, value)

@@ -35,6 +35,10 @@ class ControllerStatistics:
     predictions_met: int = 0
     predictions_missed: int = 0
     batch_offers: int = 0
+    #: Host-protocol violations seen (``check_host``): errors, warnings, and by rule.
+    host_check_errors: int = 0
+    host_check_warnings: int = 0
+    host_check: dict[str, int] = field(default_factory=dict)
     admin_commands: dict[str, int] = field(default_factory=dict)
     io_commands: dict[str, int] = field(default_factory=dict)
 

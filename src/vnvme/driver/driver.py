@@ -59,6 +59,30 @@ _NEW_SQE: Final = tuple.__new__
 _FUA: Final = 1 << 30
 
 
+#: Test-only host bugs, one per rule of the host-protocol checker (vnvme.controller.hostcheck),
+#: named after the rule each breaks: :meth:`NvmeDriver.inject_host_fault` arms one, the driver
+#: commits it once at its next chance (on an I/O queue; ``cid_reused`` on the admin queue) and
+#: behaves again. Armed, the queue pairs run as :class:`_FaultyQueuePair`: unarmed, the driver
+#: pays nothing for them. ``sq_overrun`` needs doorbell writes that reach the controller before
+#: it runs (posted writes): only then are commands left unfetched when the bad tail comes.
+HOST_FAULTS: Final = frozenset(
+    {
+        "doorbell_invalid_queue",  # rings the SQ doorbell of a queue it never created
+        "shadow_slot_invalid_queue",  # stores a tail into the shadow slot of such a queue
+        "sq_tail_out_of_range",  # rings an SQ tail equal to the queue size
+        "cq_head_out_of_range",  # rings a CQ head equal to the queue size
+        "cq_head_past_tail",  # rings a CQ head one past the entries it reaped
+        "sq_overrun",  # rings its tail, then the tail one behind it, then the tail again
+        "cid_reused",  # gives an admin command the CID of its outstanding AER
+        "mmio_ahead_of_shadow",  # stores tail - 1 in the shadow slot but rings tail
+        "ring_not_needed",  # rings the same tail twice
+        "ring_possibly_missed",  # stores its tail in the shadow slot and does not ring
+        "prp_invalid",  # a PRP1 that is not dword aligned
+        "sgl_invalid",  # an SGL whose first descriptor has a reserved type
+    }
+)
+
+
 class NvmeError(Exception):
     """A command completed with an error status."""
 
@@ -322,6 +346,78 @@ class QueuePair:
         self.prp_lists.clear()
 
 
+class _FaultyQueuePair(QueuePair):
+    """A queue pair while a test-only host fault is armed (:data:`HOST_FAULTS`)."""
+
+    def submit(self, sqe: Sqe) -> int:
+        driver = self.driver
+        fault = driver.host_fault
+        if fault in ("prp_invalid", "sgl_invalid") and self.qid and sqe.prp1:
+            driver.disarm_host_fault()
+            if fault == "prp_invalid":
+                sqe = sqe._replace(prp1=sqe.prp1 | 2)
+            else:  # PSDT 01b; SGL1 = the buffer, descriptor type Fh (reserved)
+                sqe = sqe._replace(flags=0x40, prp2=(0xF0 << 56) | PAGE_SIZE)
+            return QueuePair.submit(self, sqe)
+        if fault != "cid_reused" or self.qid or not driver._aer_cids:
+            return QueuePair.submit(self, sqe)
+        # The CID of the outstanding AER; the driver forgets that AER (its CQE, if one comes,
+        # matches nothing in flight), so this command's CQE is taken as its own.
+        driver.disarm_host_fault()
+        cid = driver._aer_cids.pop()
+        self.inflight.add(cid)
+        offset = self.sq_tail * SQE_SIZE
+        _SQE_PACK(self.sq_mem.view, offset, *sqe)
+        _CID_PACK(self.sq_mem.view, offset + 2, cid)
+        self.sq_tail = (self.sq_tail + 1) % self.depth
+        return cid
+
+    def ring_sq(self) -> None:
+        driver = self.driver
+        fault, tail = driver.host_fault, self.sq_tail
+        if not self.qid or tail == self.last_sq_tail:
+            return QueuePair.ring_sq(self)
+        mmio = driver.transport.mmio_write
+        missing = max(qp.qid for qp in driver.io) + 1
+        shadow = self.shadow
+        if fault == "doorbell_invalid_queue":
+            mmio(regs.sq_tail_doorbell(missing, driver.dstrd), 4, 1)
+        elif fault == "shadow_slot_invalid_queue" and shadow is not None:
+            shadow.store(sq_slot(missing, driver.dstrd), 1)
+        elif fault == "sq_tail_out_of_range":
+            mmio(self.sq_db, 4, self.depth)
+        elif fault == "sq_overrun" and shadow is None:
+            mmio(self.sq_db, 4, tail)
+            mmio(self.sq_db, 4, (tail - 1) % self.depth)
+        elif fault == "mmio_ahead_of_shadow" and shadow is not None:
+            behind = (tail - 1) % self.depth
+            shadow.store(self.sq_slot, behind)
+            full_fence()
+            mmio(self.sq_db, 4, tail)
+            self.last_sq_tail = behind  # then store tail and ring as need_event says
+        elif fault == "ring_not_needed" and shadow is not None:
+            QueuePair.ring_sq(self)
+            mmio(self.sq_db, 4, tail)
+        elif fault == "ring_possibly_missed" and shadow is not None:
+            shadow.store(self.sq_slot, tail)
+            self.last_sq_tail = tail
+            driver.disarm_host_fault()
+            return None
+        else:
+            return QueuePair.ring_sq(self)
+        driver.disarm_host_fault()
+        return QueuePair.ring_sq(self)
+
+    def ring_cq(self) -> None:
+        driver = self.driver
+        fault, head = driver.host_fault, self.cq_head
+        if self.qid and head != self.last_cq_head and fault in ("cq_head_out_of_range", "cq_head_past_tail"):
+            driver.disarm_host_fault()
+            bad = self.depth if fault == "cq_head_out_of_range" else (head + 1) % self.depth
+            driver.transport.mmio_write(self.cq_db, 4, bad)
+        QueuePair.ring_cq(self)
+
+
 class NvmeDriver:
     """The host side of one controller."""
 
@@ -359,6 +455,23 @@ class NvmeDriver:
         self.async_event_log: list[int] = []
         self._aer_cids: set[int] = set()
         self._shadow_pages: tuple[DwordPage, DwordPage] | None = None
+        #: The armed test-only host fault (:data:`HOST_FAULTS`), None once committed.
+        self.host_fault: str | None = None
+
+    def inject_host_fault(self, name: str) -> None:
+        """Arm one of :data:`HOST_FAULTS` (test only): committed once, at its next chance."""
+        if name not in HOST_FAULTS:
+            raise ValueError(f"unknown host fault {name!r}")
+        self.host_fault = name
+        for qp in (self.admin, *self.io):
+            if qp is not None:
+                qp.__class__ = _FaultyQueuePair
+
+    def disarm_host_fault(self) -> None:
+        self.host_fault = None
+        for qp in (self.admin, *self.io):
+            if qp is not None:
+                qp.__class__ = QueuePair
 
     # Section: registers
 

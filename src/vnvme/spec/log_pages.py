@@ -87,6 +87,9 @@ class CommandEffects(IntFlag):
 #: doorbell and shadow doorbell counters, so that a guest (``nvme get-log -i 0xc0``) can read
 #: exactly what its I/O cost in trapped doorbells, without tracing.
 VNVME_COUNTERS_LID: Final = 0xC0
+#: Room for this many host-check rule counters, at this offset of the C0h page.
+VNVME_HOST_RULE_COUNTS_OFFSET: Final = 192
+VNVME_HOST_RULE_SLOTS: Final = 16
 VNVME_COUNTERS: Final = Layout(
     "VnvmeCounters",
     512,
@@ -113,6 +116,12 @@ VNVME_COUNTERS: Final = Layout(
         ("predictions_missed", 152, "Q"),  # ... missed (the controller looked after a deadline)
         ("batch_offers", 160, "Q"),  # larger batches offered (policy ADAPTIVE)
         ("queue_rows", 168, "H"),  # rows filled in the per-queue table below
+        # Host-protocol checker (vnvme serve --check-host; all zero when it is off).
+        ("host_check_enabled", 170, "B"),
+        ("host_check_errors", 176, "Q"),
+        ("host_check_warnings", 184, "Q"),
+        # One u32 per rule (modulo 2^32), in the order of vnvme.controller.hostcheck.RULES.
+        ("host_rule_counts", VNVME_HOST_RULE_COUNTS_OFFSET, f"{4 * VNVME_HOST_RULE_SLOTS}s"),
     ],
 )
 #: The C0h page's per-queue table: one row per I/O SQ (lowest SQIDs first), counters modulo 2^32.
