@@ -280,18 +280,19 @@ class VfioUserServer:
         for fd in watched:
             poller.register(fd, select.POLLIN)
         reason = ""
+        # One name per handler here and below: mypyc gives an ``as`` name one type per function.
         try:
             self._others = (listener, wakeup)
             self._serve_messages(channel, poller, watched)
-        except MessageTooLarge as exc:
-            self._refuse_too_large(channel, exc)
-            reason = f"{exc.reason}: framing lost, connection closed"
-        except vu.Disconnected as exc:
+        except MessageTooLarge as too_large:
+            self._refuse_too_large(channel, too_large)
+            reason = f"{too_large.reason}: framing lost, connection closed"
+        except vu.Disconnected as gone:
             log.info("client disconnected")
-            reason = str(exc)
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            log.info("client connection lost: %s", exc)
-            reason = str(exc)
+            reason = str(gone)
+        except (ConnectionResetError, BrokenPipeError) as lost:
+            log.info("client connection lost: %s", lost)
+            reason = str(lost)
         finally:
             self._end_connection(channel, reason)
 
@@ -428,22 +429,22 @@ class VfioUserServer:
         self.messages[name] += 1
         try:
             result = self._dispatch(message)
-        except (ProtocolError, DeviceError) as exc:
+        except (ProtocolError, DeviceError) as refused:
             self.errors[name] += 1
-            log.debug("%s refused: %s", name, exc)
-            self._trace("vfio_user_err_message", name, message.msg_id, exc.errno, exc.reason)
+            log.debug("%s refused: %s", name, refused)
+            self._trace("vfio_user_err_message", name, message.msg_id, refused.errno, refused.reason)
             message.close_fds()
             if not message.no_reply:
-                channel.reply_error(message, exc.errno)
+                channel.reply_error(message, refused.errno)
             return
-        except Exception as exc:  # a bug here must not take the server down
+        except Exception as bug:  # a bug here must not take the server down
             self.errors[name] += 1
             log.exception("%s failed", name)
-            self._trace("vfio_user_err_message", name, message.msg_id, errno.EIO, repr(exc))
+            self._trace("vfio_user_err_message", name, message.msg_id, errno.EIO, repr(bug))
             message.close_fds()
             if not message.no_reply:
                 channel.reply_error(message, errno.EIO)
-            del exc
+            del bug
             return
         if result is None or message.flags & vu.FLAG_NO_REPLY:
             return
