@@ -210,7 +210,8 @@ class VfioUserServer:
             else frozenset()
         )
         self._trace_sink = trace_sink
-        self.messages: Counter[str] = Counter()
+        # Messages taken, by command (named only when asked for: see messages).
+        self._received: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
         self.clients_served = 0
         # The polling budget of the connection being served (or last served).
@@ -251,6 +252,11 @@ class VfioUserServer:
     def _trace(self, name: str, *args: int | str) -> None:
         if name in self._trace_set and self._trace_sink is not None:
             self._trace_sink(TraceEvent(name, args))
+
+    @property
+    def messages(self) -> Counter[str]:
+        """Messages taken, by command name."""
+        return Counter({vu.command_name(command): n for command, n in self._received.items()})
 
     @property
     def max_message(self) -> int:
@@ -362,17 +368,18 @@ class VfioUserServer:
             if channel.buffered_header():
                 # A message came in with the last read: poll() cannot see it.
                 events = [(sock_fd, select.POLLIN)]
-            elif (
-                timeout_ms != 0
-                and self._replied_early
-                and (early := self._early_message(channel)) is not None
-            ):
-                # About to wait, but a client on our CPU answered after we acted on its write has
-                # usually sent its next message by now: one read, no poll() (see _early_message).
-                self._handle_message(channel, early)
-                idle_passes = 0
-                continue
             else:
+                if timeout_ms != 0 and self._replied_early:
+                    # About to wait, but a client on our CPU answered after we acted on its write
+                    # has usually sent its next message by now: one read, no poll(). Once after
+                    # each early reply; not in polling passes, where poll(0) is cheaper than a
+                    # failed read, nor after posted writes, which no reply paces.
+                    self._replied_early = False
+                    early = channel.receive_nowait()
+                    if early is not None:
+                        self._handle_message(channel, early)
+                        idle_passes = 0
+                        continue
                 events = self._wait(poller, watched, timeout_ms)
             for fd, _ in events:
                 if fd == sock_fd:
@@ -425,11 +432,11 @@ class VfioUserServer:
     def _handle_message(self, channel: Channel, message: Message) -> None:
         self._ran_early = None
         self._replied_early = False
-        name = vu.command_name(message.command)
-        self.messages[name] += 1
+        self._received[message.command] += 1
         try:
             result = self._dispatch(message)
         except (ProtocolError, DeviceError) as refused:
+            name = vu.command_name(message.command)
             self.errors[name] += 1
             log.debug("%s refused: %s", name, refused)
             self._trace("vfio_user_err_message", name, message.msg_id, refused.errno, refused.reason)
@@ -438,6 +445,7 @@ class VfioUserServer:
                 channel.reply_error(message, refused.errno)
             return
         except Exception as bug:  # a bug here must not take the server down
+            name = vu.command_name(message.command)
             self.errors[name] += 1
             log.exception("%s failed", name)
             self._trace("vfio_user_err_message", name, message.msg_id, errno.EIO, repr(bug))
@@ -453,13 +461,6 @@ class VfioUserServer:
             self._replied_early = True
         payload, fds = result
         channel.reply(message, payload, fds)
-
-    def _early_message(self, channel: Channel) -> Message | None:
-        """The client's next message if it is there already (one try after each early reply).
-        Not in polling passes, where poll(0) is cheaper than a failed read, nor after posted
-        writes, which no reply paces."""
-        self._replied_early = False
-        return channel.receive_nowait()
 
     def _act_before_reply(self, channel: Channel) -> bool:
         """Whether the device should act on a write (a doorbell) before it is answered.
