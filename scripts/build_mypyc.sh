@@ -20,12 +20,13 @@ vnvme/controller/eventidx.py
 vnvme/controller/interrupts.py
 vnvme/controller/queues.py
 vnvme/controller/nvm.py
+vnvme/fence.py
 "
 
 clean() {
-    for module in $MODULES; do
-        rm -f "${module%.py}".cpython-*.so
-    done
+    # Every extension under vnvme, not just this list's: one left from a longer list would
+    # shadow its .py and import a shared library that is gone.
+    find vnvme -name '*.cpython-*.so' -delete
     rm -f ./*__mypyc.cpython-*.so
     rm -rf build
 }
