@@ -2,7 +2,9 @@
 wall-clock time on a shared machine). 4 KiB random reads, null namespace, one queue pair, shadow
 doorbells, the same server defaults as ``vnvme serve`` but for the SQ EventIdx policy, pinned to
 ``batch`` (the default when the baseline of 116,440 per I/O at depth 1 was taken, commit
-561d57e: compare like with like), both processes pinned to one CPU.
+561d57e: compare like with like), both processes pinned to one CPU. Figures, step by step, in
+``benchmarks/HOTPATH.md``; each run says which build it measured (pure Python, or the hot path
+compiled in place by ``scripts/build_mypyc.sh``).
 
     PYTHONPATH=src python benchmarks/hotpath.py server --depth 1 --ios 2000
     PYTHONPATH=src python benchmarks/hotpath.py client --depth 1 --ios 2000
@@ -68,6 +70,13 @@ def _driver(path: str) -> tuple[VfioUserTransport, NvmeDriver]:
     if not driver.dbbuf_enabled:
         raise RuntimeError("no shadow doorbells")
     return transport, driver
+
+
+def _build() -> str:
+    """Which build of the hot path runs (scripts/build_mypyc.sh compiles it in place)."""
+    import vnvme.controller.controller as controller
+
+    return "mypyc (scripts/build_mypyc.sh)" if (controller.__file__ or "").endswith(".so") else "pure Python"
 
 
 def _spec(depth: int, ios: int) -> JobSpec:
@@ -168,7 +177,9 @@ def measure_server(depth: int, ios: int) -> None:
     first = next(f for f in dumps if f != "callgrind.out")  # the dump after the measured run
     total, device = _totals(os.path.join(workdir, first))
     n = result.ios
-    print(f"server process, depth {depth}, {n} I/Os, {result.sq_doorbells_per_io:.2f} SQ doorbells/IO")
+    print(
+        f"server process, depth {depth}, {n} I/Os, {result.sq_doorbells_per_io:.2f} SQ doorbells/IO, {_build()}"
+    )
     print(f"  total          {total / n:10.0f} instructions/IO")
     print(f"  device         {device / n:10.0f} instructions/IO (NvmeFunction.run + BAR0 writes)")
     print(f"  message path   {(total - device) / n:10.0f} instructions/IO (loop, receive, dispatch, reply)")
@@ -205,7 +216,7 @@ def measure_client(depth: int, ios: int) -> None:
         server.terminate()
         server.wait()
     total, transport = _totals(out)
-    print(f"client process, depth {depth}, {ios} I/Os")
+    print(f"client process, depth {depth}, {ios} I/Os, {_build()}")
     print(f"  total          {total / ios:10.0f} instructions/IO")
     print(f"  transport      {transport / ios:10.0f} instructions/IO (doorbell MMIO writes, interrupt waits)")
     print(f"  driver+engine  {(total - transport) / ios:10.0f} instructions/IO")

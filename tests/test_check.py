@@ -98,6 +98,7 @@ def test_device_reset_that_resets_nothing_fails(capsys: pytest.CaptureFixture[st
     assert code == 1
 
 
+@pytest.mark.pure_python
 def test_shadow_pages_kept_across_a_reset_fail(capsys: pytest.CaptureFixture[str]) -> None:
     code, doc = check(
         capsys,
@@ -116,6 +117,7 @@ def test_shadow_pages_kept_across_a_reset_fail(capsys: pytest.CaptureFixture[str
     assert code == 1
 
 
+@pytest.mark.pure_python
 def test_eventidx_never_published_stalls_a_need_event_host(capsys: pytest.CaptureFixture[str]) -> None:
     code, doc = check(
         capsys,

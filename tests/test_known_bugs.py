@@ -156,6 +156,7 @@ def test_qemu_fa5db2aa_controller_never_stalls_on_a_full_cq() -> None:
         r.close()
 
 
+@pytest.mark.pure_python
 def test_qemu_fa5db2aa_full_cq_race_host_consumes_just_before_the_controller_asks() -> None:
     """The lost wake-up on the CQ side: the host stores its new head and loads EventIdx (still
     head - 1: no doorbell) just before the blocked controller publishes EventIdx = head. Only the

@@ -197,6 +197,7 @@ def test_doorbell_beyond_queue_size_is_an_async_event_not_a_crash() -> None:
         r.close()
 
 
+@pytest.mark.pure_python
 def test_driver_carries_on_when_doorbell_buffer_config_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     r = _small_rig(probe=False)
     try:

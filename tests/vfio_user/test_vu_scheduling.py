@@ -44,6 +44,7 @@ def _peer(monkeypatch: pytest.MonkeyPatch, *, same_cpu: bool) -> Peer:
     return peer
 
 
+@pytest.mark.pure_python
 def test_a_client_on_our_cpu_finds_the_completion_with_the_reply(monkeypatch: pytest.MonkeyPatch) -> None:
     peer = _peer(monkeypatch, same_cpu=True)
     vector0, memory = _identify_placed(peer)

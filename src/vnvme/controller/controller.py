@@ -239,7 +239,7 @@ class Controller(DoorbellWrites, CommandProcessing):
             or self._touched_cqs
             or self._deadlines
             or self.interrupts.coalescing
-            or self.delayed
+            or self.delayed.held
             or self.memory.generation != self._memory_generation
         ):
             return self._take_effects()  # nothing pending, nothing to deliver or expire
@@ -247,7 +247,7 @@ class Controller(DoorbellWrites, CommandProcessing):
             if self.memory.generation != self._memory_generation:
                 self._sync_memory()  # the memory may be back
             if self._memory_missing:
-                if self._pending or self.delayed:
+                if self._pending or self.delayed.held:
                     self._memory_gone()
                 # Otherwise wait for the memory to come back; interrupts owed stay owed, and so
                 # do an EventIdx policy's deadlines (its own, not a use by the host).
@@ -255,7 +255,7 @@ class Controller(DoorbellWrites, CommandProcessing):
         if self._deadlines:
             self._expire_deadlines()
         try:
-            if self.delayed:
+            if self.delayed.held:
                 self.delayed.post_due(self, self.now)
             self._run_pending(_DEFAULT_BUDGET if budget is None else budget)
             self._deliver_interrupts()
@@ -305,7 +305,7 @@ class Controller(DoorbellWrites, CommandProcessing):
     def next_deadline(self) -> float | None:
         """When :meth:`process` must run next at the latest (``now`` units), if ever: coalesced
         interrupts, an SQ EventIdx policy's deadline, a completion a fault hook delays."""
-        if not self._deadlines and not self.features.interrupt_coalescing and not self.delayed:
+        if not self._deadlines and not self.features.interrupt_coalescing and not self.delayed.held:
             return None  # asked before every wait: the common answer without the work
         if self._memory_missing:
             return self.delayed.earliest()  # nothing else can run before the memory is back

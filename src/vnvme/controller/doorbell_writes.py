@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from vnvme._mypyc import trait
 from vnvme.controller.eventidx import CqEventIdx, SqPolicyFactory, overridden
 from vnvme.controller.queues import CompletionQueue, SubmissionQueue
 from vnvme.effects import Effect
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vnvme.controller")
 
 
+@trait
 class DoorbellWrites:
     """Doorbell writes, shadow slots and EventIdx (a part of Controller)."""
 

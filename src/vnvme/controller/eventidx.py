@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar
 
+from vnvme._mypyc import mypyc_attr
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
 from vnvme.controller.queues import CompletionQueue, SubmissionQueue
 
@@ -41,6 +42,8 @@ from vnvme.controller.queues import CompletionQueue, SubmissionQueue
 RefreshCqHead = Callable[[CompletionQueue], None]
 
 
+# Every policy class is open to subclasses in pure Python, in the mypyc build too.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class SqEventIdx:
     """SQ EventIdx policy. The base publishes exactly what the controller has consumed (ahead
     0) and, while the edge polls, nothing the host can cross (ahead -1)."""
@@ -105,12 +108,14 @@ class SqEventIdx:
         return cq.used()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class EagerSqEventIdx(SqEventIdx):
     """EventIdx = the tail just consumed: one doorbell per batch the host submits while idle."""
 
     name = SqEventIdxPolicy.EAGER
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PollSqEventIdx(SqEventIdx):
     """The edge polls: EventIdx where the host never crosses it, until it rearms to sleep."""
 
@@ -133,6 +138,7 @@ class _Burst:
         self.renewing = False
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class BatchSqEventIdx(SqEventIdx):
     """EventIdx ahead of the head by the batch the host is expected to place next (see
     :attr:`SqEventIdxPolicy.BATCH <vnvme.controller.config.SqEventIdxPolicy.BATCH>`)."""
@@ -226,6 +232,7 @@ ADAPTIVE_WEIGHT = 0.125
 ADAPTIVE_SLACK = 2.0
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class AdaptiveSqEventIdx(SqEventIdx):
     """EventIdx ahead by a learnt batch, with a learnt wait (see
     :attr:`SqEventIdxPolicy.ADAPTIVE <vnvme.controller.config.SqEventIdxPolicy.ADAPTIVE>`).
@@ -354,6 +361,7 @@ SQ_POLICIES: dict[SqEventIdxPolicy, type[SqEventIdx]] = {
 }
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class CqEventIdx:
     """CQ EventIdx policy: EventIdx = head + :attr:`ahead` while the CQ has room (a CQ blocked
     full always asks for the next head move), republished after every completion pass if
@@ -364,6 +372,7 @@ class CqEventIdx:
     on_completions: ClassVar[bool]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class NeverCqEventIdx(CqEventIdx):
     """The host stops at the controller's tail, behind head - 1 until a newer head is learnt:
     never crossed, no CQ doorbell in steady state."""
@@ -373,6 +382,7 @@ class NeverCqEventIdx(CqEventIdx):
     on_completions = False
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class EagerCqEventIdx(CqEventIdx):
     """A doorbell on any progress of the head, republished after every pass (QEMU since
     fa5db2aa): one CQ doorbell per completion batch."""

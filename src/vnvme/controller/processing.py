@@ -13,6 +13,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING, Final
 
+from vnvme._mypyc import trait
 from vnvme.controller.errors import CommandFailed
 from vnvme.controller.queues import CompletionQueue, SubmissionQueue
 from vnvme.effects import Effect
@@ -32,6 +33,7 @@ _CQE_TAIL_PACK: Final = struct.Struct("<I").pack_into
 _FUSE_MASK: Final = FLAGS_FUSE.mask
 
 
+@trait
 class CommandProcessing:
     """Fetching, executing and completing commands (a part of Controller)."""
 
@@ -205,16 +207,16 @@ class CommandProcessing:
             located = failure
             if self.tracing:
                 self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, failure.reason)
-        except GuestMemoryError as exc:
+        except GuestMemoryError as unreachable:
             status = Status.DATA_TRANSFER_ERROR | DNR
             if self.tracing:
-                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, str(exc))
-        except Exception as exc:  # an emulator bug: fail the command, keep serving
+                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, str(unreachable))
+        except Exception as bug:  # an emulator bug: fail the command, keep serving
             log.exception("command opcode %#x on sqid %d failed", opcode, sq.sqid)
             self._internal_errors += 1
             status = Status.INTERNAL_ERROR
             if self.tracing:
-                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, repr(exc))
+                self.trace("pci_nvme_err_cmd", cid, sq.sqid, opcode, status, repr(bug))
         if status:
             if located is None or located.nsid is None:
                 self.record_error(sq.sqid, cid, status, fields[3])

@@ -15,7 +15,6 @@ import select
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Final
 
@@ -222,18 +221,39 @@ class MessageTooLarge(ProtocolError):
         self.limit = limit
 
 
-@dataclass(slots=True)
 class Message:
-    msg_id: int
-    command: int
-    flags: int
-    error: int
-    payload: bytes
-    fds: list[int] = field(default_factory=list)
-    #: The header's size could not even hold the header (16 bytes were taken off the stream).
-    undersized: bool = False
-    #: More descriptors came than the receiver accepts; the kernel dropped the excess.
-    fds_truncated: bool = False
+    """One received message. A plain class, not a dataclass: one is made per message, and
+    mypyc compiles this ``__init__`` (a dataclass's is generated at run time, interpreted)."""
+
+    __slots__ = ("msg_id", "command", "flags", "error", "payload", "fds", "undersized", "fds_truncated")
+
+    def __init__(
+        self,
+        msg_id: int,
+        command: int,
+        flags: int,
+        error: int,
+        payload: bytes,
+        fds: list[int] | None = None,
+        undersized: bool = False,
+        fds_truncated: bool = False,
+    ) -> None:
+        self.msg_id = msg_id
+        self.command = command
+        self.flags = flags
+        self.error = error
+        self.payload = payload
+        self.fds: list[int] = [] if fds is None else fds
+        #: The header's size could not even hold the header (16 bytes were taken off the stream).
+        self.undersized = undersized
+        #: More descriptors came than the receiver accepts; the kernel dropped the excess.
+        self.fds_truncated = fds_truncated
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(msg_id={self.msg_id}, command={self.command}, flags={self.flags:#x}, "
+            f"error={self.error}, payload={len(self.payload)} bytes, fds={self.fds})"
+        )
 
     @property
     def is_reply(self) -> bool:

@@ -252,7 +252,8 @@ class VfioUserServer:
             else frozenset()
         )
         self._trace_sink = trace_sink
-        self.messages: Counter[str] = Counter()
+        # Messages taken, by command (named only when asked for: see messages).
+        self._received: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
         self.clients_served = 0
         # The polling budget of the connection being served (or last served).
@@ -307,6 +308,11 @@ class VfioUserServer:
             self._trace_sink(TraceEvent(name, args))
 
     @property
+    def messages(self) -> Counter[str]:
+        """Messages taken, by command name."""
+        return Counter({vu.command_name(command): n for command, n in self._received.items()})
+
+    @property
     def max_message(self) -> int:
         return self.options.max_data_xfer_size + vu.MESSAGE_OVERHEAD
 
@@ -343,27 +349,28 @@ class VfioUserServer:
         for fd in watched:
             poller.register(fd, select.POLLIN)
         reason = ""
+        # One name per handler here and below: mypyc gives an ``as`` name one type per function.
         try:
             self._others = (listener, wakeup)
             self._serve_messages(channel, poller, watched)
-        except MessageTooLarge as exc:
-            self._refuse_too_large(channel, exc)
-            reason = f"{exc.reason}: framing lost, connection closed"
-        except vu.MessageTimeout as exc:
-            self._stalled(exc)
-            reason = str(exc)
+        except MessageTooLarge as too_large:
+            self._refuse_too_large(channel, too_large)
+            reason = f"{too_large.reason}: framing lost, connection closed"
+        except vu.MessageTimeout as stalled:
+            self._stalled(stalled)
+            reason = str(stalled)
         except HandshakeTimeout:
             seconds = self.options.handshake_timeout
             self.errors["handshake_timeout"] += 1
             log.warning("no VERSION within %s s of connecting; closing the connection", seconds)
             self._trace("vfio_user_err_handshake_timeout", str(seconds))
             reason = f"no VERSION within {seconds} s"
-        except vu.Disconnected as exc:
+        except vu.Disconnected as gone:
             log.info("client disconnected")
-            reason = str(exc)
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            log.info("client connection lost: %s", exc)
-            reason = str(exc)
+            reason = str(gone)
+        except (ConnectionResetError, BrokenPipeError) as lost:
+            log.info("client connection lost: %s", lost)
+            reason = str(lost)
         finally:
             self._end_connection(channel, reason)
 
@@ -459,17 +466,18 @@ class VfioUserServer:
             if channel.buffered_header():
                 # A message came in with the last read: poll() cannot see it.
                 events = [(sock_fd, select.POLLIN)]
-            elif (
-                timeout_ms != 0
-                and self._replied_early
-                and (early := self._early_message(channel)) is not None
-            ):
-                # About to wait, but a client on our CPU answered after we acted on its write has
-                # usually sent its next message by now: one read, no poll() (see _early_message).
-                self._handle_message(channel, early)
-                idle_passes = 0
-                continue
             else:
+                if timeout_ms != 0 and self._replied_early:
+                    # About to wait, but a client on our CPU answered after we acted on its write
+                    # has usually sent its next message by now: one read, no poll(). Once after
+                    # each early reply; not in polling passes, where poll(0) is cheaper than a
+                    # failed read, nor after posted writes, which no reply paces.
+                    self._replied_early = False
+                    early = channel.receive_nowait()
+                    if early is not None:
+                        self._handle_message(channel, early)
+                        idle_passes = 0
+                        continue
                 events = self._wait(poller, watched, timeout_ms)
             for fd, _ in events:
                 if fd == sock_fd:
@@ -524,26 +532,27 @@ class VfioUserServer:
     def _handle_message(self, channel: Channel, message: Message) -> None:
         self._ran_early = None
         self._replied_early = False
-        name = vu.command_name(message.command)
-        self.messages[name] += 1
+        self._received[message.command] += 1
         try:
             result = self._dispatch(message)
-        except (ProtocolError, DeviceError) as exc:
+        except (ProtocolError, DeviceError) as refused:
+            name = vu.command_name(message.command)
             self.errors[name] += 1
-            log.debug("%s refused: %s", name, exc)
-            self._trace("vfio_user_err_message", name, message.msg_id, exc.errno, exc.reason)
+            log.debug("%s refused: %s", name, refused)
+            self._trace("vfio_user_err_message", name, message.msg_id, refused.errno, refused.reason)
             message.close_fds()
             if not message.no_reply:
-                channel.reply_error(message, exc.errno)
+                channel.reply_error(message, refused.errno)
             return
-        except Exception as exc:  # a bug here must not take the server down
+        except Exception as bug:  # a bug here must not take the server down
+            name = vu.command_name(message.command)
             self.errors[name] += 1
             log.exception("%s failed", name)
-            self._trace("vfio_user_err_message", name, message.msg_id, errno.EIO, repr(exc))
+            self._trace("vfio_user_err_message", name, message.msg_id, errno.EIO, repr(bug))
             message.close_fds()
             if not message.no_reply:
                 channel.reply_error(message, errno.EIO)
-            del exc
+            del bug
             return
         if result is None or message.flags & vu.FLAG_NO_REPLY:
             return
@@ -552,13 +561,6 @@ class VfioUserServer:
             self._replied_early = True
         payload, fds = result
         channel.reply(message, payload, fds)
-
-    def _early_message(self, channel: Channel) -> Message | None:
-        """The client's next message if it is there already (one try after each early reply).
-        Not in polling passes, where poll(0) is cheaper than a failed read, nor after posted
-        writes, which no reply paces."""
-        self._replied_early = False
-        return channel.receive_nowait()
 
     def _act_before_reply(self, channel: Channel) -> bool:
         """Whether the device should act on a write (a doorbell) before it is answered.
