@@ -40,6 +40,10 @@ REFERENCE_NAMESPACE = "null,size=1G"
 DEFAULT_POLL_BUDGET = 0.25
 
 
+# Defaults read from an instance: a class attribute of a mypyc-compiled class is a descriptor.
+_SERVER_DEFAULTS = ServerOptions()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every option of ``vnvme serve``, in groups (as ``--help`` shows them)."""
     _device_arguments(parser.add_argument_group("the device", "socket, namespaces, faults and queues"))
@@ -94,18 +98,18 @@ def _device_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument(
         "--handshake-timeout",
         type=float,
-        default=ServerOptions.handshake_timeout,
+        default=_SERVER_DEFAULTS.handshake_timeout,
         metavar="SECONDS",
         help="a client that has not completed VERSION this long after connecting is hung up on, "
-        f"so the next one can be served; 0: no limit ({ServerOptions.handshake_timeout})",
+        f"so the next one can be served; 0: no limit ({_SERVER_DEFAULTS.handshake_timeout})",
     )
     parser.add_argument(
         "--message-timeout",
         type=float,
-        default=ServerOptions.message_timeout,
+        default=_SERVER_DEFAULTS.message_timeout,
         metavar="SECONDS",
         help="a client that stops part way through a message (half a header, a body never "
-        f"finished) is hung up on after this long; 0: no limit ({ServerOptions.message_timeout}). "
+        f"finished) is hung up on after this long; 0: no limit ({_SERVER_DEFAULTS.message_timeout}). "
         "A client that sends nothing between messages is never timed out",
     )
 
