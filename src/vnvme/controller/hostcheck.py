@@ -313,6 +313,10 @@ class HostChecker:
 
     def install(self, ctrl: Controller) -> None:
         """Watch ``ctrl``: its doorbell memory and the moments, on this instance only."""
+        if not hasattr(ctrl, "__dict__"):  # mypyc-compiled: no method is replaced per instance
+            raise ValueError(
+                "the host-protocol checker needs vnvme's pure-Python build (scripts/build_mypyc.sh --clean)"
+            )
         self.ctrl = ctrl
         ctrl.doorbells = self.doorbells = CheckedDoorbells(self)
         doorbell_write = ctrl._doorbell_write
