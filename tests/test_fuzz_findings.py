@@ -65,6 +65,23 @@ def test_parsers_refused_file_namespace_of_size_zero_leaves_no_file(
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new-file", "existing-file"])
+def test_parsers_file_namespace_size_past_off_t_is_a_value_error_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    # harness_parsers campaign, crash-615ea9c5: b"\x00file=disk.img,size=6222...24k,grow" (98
+    # digits): ftruncate raised OverflowError (no C off_t holds it), a traceback from vnvme serve.
+    monkeypatch.chdir(tmp_path)
+    if existing:
+        Path("disk.img").write_bytes(b"kept" * 1024)
+    with pytest.raises(ValueError, match="size"):
+        parse_namespace_spec("file=disk.img,size=6" + "2" * 96 + "4k,grow", 1)
+    if existing:
+        assert Path("disk.img").read_bytes() == b"kept" * 1024
+    else:
+        assert os.listdir(tmp_path) == []
+
+
 # harness_vfio_user, found by its 300-input smoke run (-seed=1) once the E2BIG rule was merged:
 # a posted (NO_REPLY) DMA_UNMAP declaring 8465 bytes, over the 8192 maximum, ends the connection
 # without a reply, as a refused posted message gets none. The server was right; the harness's

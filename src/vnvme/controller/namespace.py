@@ -42,9 +42,15 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _SIZE_SUFFIXES[match.group(2).lower()]
 
 
+#: The largest size a file (a C ``off_t``) or a mapping can have.
+MAX_BACKEND_SIZE = (1 << 63) - 1
+
+
 def _check_size(size: int) -> None:
     if size <= 0:
         raise ValueError("backend size must be positive")
+    if size > MAX_BACKEND_SIZE:
+        raise ValueError(f"backend size must be at most {MAX_BACKEND_SIZE} bytes (2^63 - 1)")
 
 
 class Backend:
