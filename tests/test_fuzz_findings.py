@@ -82,6 +82,25 @@ def test_parsers_file_namespace_size_past_off_t_is_a_value_error_and_changes_not
         assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("spec", "nsid"),
+    [("file=disk.img,size=64k,grow", 0xFFFF_FFFF), ("file=disk.img,size=100,grow", 1)],
+    ids=["invalid-nsid", "smaller-than-an-lba"],
+)
+def test_parsers_refused_namespace_never_grows_the_users_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str, nsid: int
+) -> None:
+    # harness_parsers campaign, crash-120db64b: b"\xe1file=disk.img,size=64k,grow" with NSID
+    # FFFFFFFFh: the file was grown to 64 KiB, then the NSID refused, and the user's file stayed
+    # grown. The same for a size under one LBA.
+    monkeypatch.chdir(tmp_path)
+    Path("disk.img").write_bytes(b"")
+    with pytest.raises(ValueError, match="NSID|LBA"):
+        parse_namespace_spec(spec, nsid)
+    assert Path("disk.img").stat().st_size == 0
+    assert os.listdir(tmp_path) == ["disk.img"]
+
+
 # harness_vfio_user, found by its 300-input smoke run (-seed=1) once the E2BIG rule was merged:
 # a posted (NO_REPLY) DMA_UNMAP declaring 8465 bytes, over the 8192 maximum, ends the connection
 # without a reply, as a refused posted message gets none. The server was right; the harness's

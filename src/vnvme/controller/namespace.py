@@ -296,6 +296,17 @@ class FileBackend(Backend):
         return text
 
 
+def check_namespace(nsid: int, lba_size: int, size: int | None) -> None:
+    """What a namespace's NSID, LBA size and size (None: not known yet) must be: checked by
+    :class:`Namespace`, and before a backend's file is created or grown."""
+    if lba_size not in (512, 4096):
+        raise ValueError(f"LBA size must be 512 or 4096, not {lba_size}")
+    if not 1 <= nsid < 0xFFFFFFFF:
+        raise ValueError(f"invalid NSID {nsid}")
+    if size is not None and 0 < size < lba_size:  # 0 and less: the backend's own rule
+        raise ValueError("namespace smaller than one LBA")
+
+
 @dataclass
 class Namespace:
     """One namespace: an NSID, an LBA format and a backend sized in whole LBAs.
@@ -315,14 +326,9 @@ class Namespace:
     uuid: bytes = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.lba_size not in (512, 4096):
-            raise ValueError(f"LBA size must be 512 or 4096, not {self.lba_size}")
-        if not 1 <= self.nsid < 0xFFFFFFFF:
-            raise ValueError(f"invalid NSID {self.nsid}")
+        check_namespace(self.nsid, self.lba_size, self.backend.size)
         self.lba_shift = self.lba_size.bit_length() - 1
         self.nlba = self.backend.size >> self.lba_shift
-        if self.nlba == 0:
-            raise ValueError("namespace smaller than one LBA")
 
     def assign_identifiers(self, serial: str) -> None:
         """Stable, unique identifiers derived from the controller serial number and NSID."""
@@ -404,8 +410,7 @@ def parse_namespace_spec(text: str, nsid: int) -> Namespace:
         )
     size = parse_size(options["size"]) if "size" in options else None
     lba = parse_size(options.get("lba", "512"))
-    if lba not in (512, 4096):
-        raise ValueError(f"LBA size must be 512 or 4096, not {lba}")  # before a file is touched
+    check_namespace(nsid, lba, size)  # before a file is created or grown
     backend = make_backend(
         kind.strip().lower(),
         size=size,
