@@ -233,6 +233,9 @@ def test_demo_interrupted_says_so_in_one_line() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a test run started in the background (a non-interactive shell's
+        # `&`) ignores SIGINT, the demo inherits that, and rightly goes on.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout is not None
