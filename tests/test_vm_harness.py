@@ -4,6 +4,7 @@ result protocol, module dependencies, QEMU trace cutting and the counters page."
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import lzma
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -610,3 +612,43 @@ def test_compare_failure_is_one_message_and_an_exit_code(
     assert (
         err == "vnvme vm compare: vnvme-mappable-r1: the guest did not finish: failed to get region 0 info\n"
     )
+
+
+def _vm_summary() -> Any:
+    path = Path(__file__).parents[1] / "benchmarks" / "vm_summary.py"
+    spec = importlib.util.spec_from_file_location("vm_summary", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vm_summary_reads_runs_with_and_without_the_guest_qemu_cpu() -> None:
+    """benchmarks/vm_summary.py on a run as `vnvme vm compare --json` writes it now, and on one
+    written before the guest's QEMU and the machine were sampled (those keys absent: n/a)."""
+    ours = DeviceColumn("vnvme dbbuf", "", "dbbuf")
+    ours.repeats = [[_result(1, 3000.0, 1.0, 40.0, 180.0)]]
+    builtin = DeviceColumn("QEMU built-in nvme", "")
+    builtin.repeats = [[_result(1, 9000.0, None, None, 150.0)]]
+    run: dict[str, Any] = {
+        "kernel": "6.1.0-57-amd64",
+        "smp": 2,
+        "numjobs": 2,
+        "depths": [1],
+        "repeat": 1,
+        "columns": [column.to_json([1]) for column in (ours, builtin)],
+    }
+    summary = _vm_summary()
+    now = summary.section(run, "6.1-smp2.md")
+    assert "| server CPU us/IO, dbbuf | 40 |" in now
+    assert "| guest QEMU CPU us/IO, dbbuf | 180 |" in now
+    assert "| guest QEMU CPU us/IO, QEMU built-in | 150 |" in now
+    assert not any("QEMU over vfio-user" in line for line in now)  # no such column in this run
+    for column in run["columns"]:
+        for row in column["median"]:
+            for key in ("server_cpu_us", "guest_qemu_cpu_us", "machine_busy_cpus"):
+                del row[key]
+    before = summary.section(run, "6.1-smp2.md")
+    assert "| server CPU us/IO, dbbuf | n/a |" in before
+    assert "| guest QEMU CPU us/IO, dbbuf | n/a |" in before
+    assert "| guest QEMU CPU us/IO, QEMU built-in | n/a |" in before
