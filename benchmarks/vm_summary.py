@@ -40,6 +40,11 @@ def _column(
     return None
 
 
+def _us(value: float | None) -> str:
+    """Microseconds per I/O; n/a for a run made before the harness measured it."""
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def _mark(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -109,13 +114,18 @@ def section(run: dict[str, Any], source: str) -> list[str]:
                     for d in depths
                 ],
             )
-    row("server CPU us/IO, dbbuf", [f"{_median(ours, d, 'server_cpu_us') or 0:.0f}" for d in depths])
+    row("server CPU us/IO, dbbuf", [_us(_median(ours, d, "server_cpu_us")) for d in depths])
     qemu = others["QEMU over vfio-user"]
     if qemu is not None:
-        row(
-            "server CPU us/IO, QEMU over vfio-user",
-            [f"{_median(qemu, d, 'server_cpu_us') or 0:.0f}" for d in depths],
-        )
+        row("server CPU us/IO, QEMU over vfio-user", [_us(_median(qemu, d, "server_cpu_us")) for d in depths])
+    # the guest's own QEMU (its vCPUs under TCG), per I/O: every column has one
+    guest_qemu = {"dbbuf": ours, "QEMU over vfio-user": qemu, "QEMU built-in": others["QEMU built-in"]}
+    for label, column in guest_qemu.items():
+        if column is not None:
+            row(
+                f"guest QEMU CPU us/IO, {label}",
+                [_us(_median(column, d, "guest_qemu_cpu_us")) for d in depths],
+            )
     lines.append("")
     return lines
 

@@ -4,6 +4,7 @@ result protocol, module dependencies, QEMU trace cutting and the counters page."
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import lzma
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,12 +33,18 @@ from vnvme.vm.guest import (
     trace_doorbells_between_marks,
 )
 from vnvme.vm.measure import (
+    GUEST_QEMU,
+    MACHINE_BUSY,
+    MACHINE_ELAPSED,
+    SERVER,
     CpuWindows,
     DepthResult,
+    MachineCpu,
     depth_results,
     parse_block_reads,
     parse_counters,
     parse_interrupts,
+    parse_proc_stat,
 )
 from vnvme.vm.provision import (
     Image,
@@ -358,22 +366,43 @@ def test_depth_results_per_io_from_the_guests_blocks() -> None:
             ),
         }
     )
-    (r,) = depth_results(boot, [4], server_cpu={4: 0.2})
+    # CPU seconds at the fio block's begin and end: server 0.2, guest QEMU 0.5, machine 1.6 of 2
+    samples = {
+        SERVER: [1.0, 1.2],
+        GUEST_QEMU: [3.0, 3.5],
+        MACHINE_BUSY: [10.0, 11.6],
+        MACHINE_ELAPSED: [7.0, 8.0],
+    }
+    cpu = CpuWindows({name: iter(values).__next__ for name, values in samples.items()}, machine_cpus=2)
+    cpu.on_line("@@begin fio-randread-d4")
+    cpu.on_line("@@end fio-randread-d4 0")
+    (r,) = depth_results(boot, [4], cpu=cpu)
     assert (r.depth, r.iops, r.ios) == (4, 5000.0, 800)
     assert (r.sq_doorbells, r.cq_doorbells, r.doorbells, r.mapped_doorbells) == (0.5, 0.25, 0.75, 0.01)
     assert r.interrupts == (400 + 200) / 800
     assert r.server_cpu_us == pytest.approx(0.2e6 / 800)
+    assert r.guest_qemu_cpu_us == pytest.approx(0.5e6 / 800)
+    assert r.machine_busy_cpus == pytest.approx(1.6) and r.machine_cpus == 2
     assert (r.lat_p50_us, r.lat_p99_us) == (180.0, 950.0)
-    # a device without vnvme's counters page: nothing counted, fio's I/Os; no CPU given
+    # a device without vnvme's counters page: nothing counted, fio's I/Os; nothing sampled
     del boot.blocks[0]
     (q,) = depth_results(boot, [4])
-    assert (q.ios, q.doorbells, q.server_cpu_us) == (790, None, None)
+    assert (q.ios, q.doorbells, q.server_cpu_us, q.guest_qemu_cpu_us) == (790, None, None, None)
+    assert (q.machine_busy_cpus, q.machine_cpus) == (None, None)
     assert q.interrupts == (400 + 200) / 800
+    # no reads counted (no iostat blocks): no CPU per I/O, but the machine's CPUs still
+    boot.blocks = [b for b in boot.blocks if not b.name.startswith("iostat")]
+    (n,) = depth_results(boot, [4], cpu=cpu)
+    assert (n.server_cpu_us, n.guest_qemu_cpu_us) == (None, None)
+    assert n.machine_busy_cpus == pytest.approx(1.6)
 
 
-def test_server_cpu_sampled_at_the_fio_blocks() -> None:
-    clock = iter([10.0, 10.5, 20.0, 23.0])
-    windows = CpuWindows(lambda: next(clock))
+def test_cpu_sampled_at_the_fio_blocks_source_by_source() -> None:
+    server = iter([10.0, 10.5, 20.0, 23.0, 24.0])
+    # the guest's QEMU: gone at the end of the second job (None), so no window there
+    guest = iter([1.0, 1.25, 2.0, None, None])
+    # the guest sampled first: its None must not cost the server its sample
+    windows = CpuWindows({GUEST_QEMU: guest.__next__, SERVER: server.__next__})
     for line in (
         "@@begin counters-before-d1",  # not a fio block: no sample
         "@@begin fio-randread-d1",
@@ -381,13 +410,76 @@ def test_server_cpu_sampled_at_the_fio_blocks() -> None:
         "@@note something",
         "@@begin fio-randread-d16",
         "@@end fio-randread-d16 0",
+        "@@end fio-randread-d2 0",  # an end without its begin: nothing to subtract from
     ):
         windows.on_line(line)
-    assert windows.seconds == {1: 0.5, 16: 3.0}
-    gone = CpuWindows(lambda: None)
+    assert windows.seconds == {SERVER: {1: 0.5, 16: 3.0}, GUEST_QEMU: {1: 0.25}}
+    assert windows.per_io_us(SERVER, 16, 1000) == pytest.approx(3000.0)
+    assert windows.per_io_us(GUEST_QEMU, 16, 1000) is None
+    assert windows.per_io_us("absent", 1, 1000) is None
+    gone = CpuWindows({SERVER: lambda: None})
     gone.on_line("@@begin fio-randread-d1")
     gone.on_line("@@end fio-randread-d1 0")
-    assert gone.seconds == {}
+    assert gone.seconds == {SERVER: {}}
+
+
+PROC_STAT = """cpu  {user} 20 {system} {idle} 50 5 15 {steal} 600 7
+cpu0 1 2 3 4 5 6 7 8 9 10
+cpu1 1 2 3 4 5 6 7 8 9 10
+intr 123456 0 0
+ctxt 99
+"""
+
+
+def test_proc_stat_busy_and_all_jiffies() -> None:
+    """Busy: user, nice, system, irq, softirq; guest (inside user) not twice; idle, iowait and
+    steal not busy but time that passed."""
+    text = PROC_STAT.format(user=1000, system=300, idle=4000, steal=40)
+    busy = 1000 + 20 + 300 + 5 + 15
+    assert parse_proc_stat(text) == (busy, busy + 4000 + 50 + 40, 2)
+    assert parse_proc_stat("cpu  1 2 3 4\ncpu0 1 2 3 4\n") == (6, 10, 1)  # an old kernel's 4 fields
+    assert parse_proc_stat("cpu  1 2 x 4\ncpu0 1 2 3 4\n") is None
+    assert parse_proc_stat("intr 1 2 3\n") is None
+    assert parse_proc_stat("cpu  1 2 3 4\n") is None  # no CPU lines
+
+
+def test_machine_busy_cpus_over_a_window() -> None:
+    # 2 CPUs, 200 ticks each pass; 320 of the 400 are busy: 1.6 CPUs busy
+    texts = iter(
+        [
+            PROC_STAT.format(user=1000, system=300, idle=4000, steal=0),  # MachineCpu counts the CPUs
+            PROC_STAT.format(user=1000, system=300, idle=4000, steal=0),  # begin: busy
+            PROC_STAT.format(user=1000, system=300, idle=4000, steal=0),  # begin: elapsed
+            PROC_STAT.format(user=1300, system=320, idle=4060, steal=20),  # end: busy
+            PROC_STAT.format(user=1300, system=320, idle=4060, steal=20),  # end: elapsed
+        ]
+    )
+    machine = MachineCpu(texts.__next__)
+    assert machine.cpus == 2
+    windows = CpuWindows(machine.sources(), machine.cpus)
+    windows.on_line("@@begin fio-randread-d1")
+    windows.on_line("@@end fio-randread-d1 0")
+    assert windows.busy_cpus(1) == pytest.approx(1.6)
+    assert windows.busy_cpus(2) is None
+
+    def unreadable() -> str:
+        raise OSError("no /proc")
+
+    assert MachineCpu(unreadable).cpus is None
+    assert all(sample() is None for sample in MachineCpu(unreadable).sources().values())
+
+
+def test_guest_cpu_seconds_only_while_its_qemu_runs(tmp_path: Path) -> None:
+    image = Image(tmp_path, "6.1", "6.1.0", "/vmlinuz", "/initrd", "none")
+    guest = Guest(image, tmp_path, "g", [], {})
+    assert guest.cpu_seconds() is None  # not started
+    guest.proc = subprocess.Popen(["sleep", "30"], text=True)
+    try:
+        seconds = guest.cpu_seconds()
+        assert seconds is not None and seconds >= 0.0
+    finally:
+        guest.stop()
+    assert guest.cpu_seconds() is None  # exited (and reaped: its PID is no longer its own)
 
 
 def test_guest_reports_begin_lines_as_they_arrive(tmp_path: Path) -> None:
@@ -432,38 +524,49 @@ def test_guest_runs_one_pinned_fio_job_per_vcpu(tmp_path: Path) -> None:
     assert "--numjobs=1" in one and not any(arg.startswith("--cpus_allowed") for arg in one)
 
 
-def _result(depth: int, iops: float, sq: float | None, cpu: float | None = None) -> DepthResult:
+def _result(
+    depth: int, iops: float, sq: float | None, cpu: float | None = None, guest_cpu: float | None = None
+) -> DepthResult:
     r = DepthResult(depth, iops, 100, sq, 0.25 if sq is not None else None, 150.0, 900.0)
-    r.interrupts, r.server_cpu_us = 0.5, cpu
+    r.interrupts, r.server_cpu_us, r.guest_qemu_cpu_us = 0.5, cpu, guest_cpu
+    if guest_cpu is not None:
+        r.machine_busy_cpus, r.machine_cpus = 1.6, 2
     return r
 
 
 def test_repeats_give_the_median_and_the_range() -> None:
     column = DeviceColumn("vnvme dbbuf", "", "dbbuf")
     for iops, sq in ((3000.0, 0.5), (5000.0, 0.75), (3600.0, 0.5)):
-        column.repeats.append([_result(1, iops, sq, 40.0)])
+        column.repeats.append([_result(1, iops, sq, 40.0, iops / 20)])
     assert column.spread(1, "iops") == Spread(3600.0, 3000.0, 5000.0)
     assert column.spread(1, "doorbells") == Spread(0.75, 0.75, 1.0)
     (row,) = column.summary([1])
     assert row["iops"] == {"median": 3600.0, "min": 3000.0, "max": 5000.0}
     assert row["server_cpu_us"] == {"median": 40.0, "min": 40.0, "max": 40.0}
+    assert row["guest_qemu_cpu_us"] == {"median": 180.0, "min": 150.0, "max": 250.0}
+    assert row["machine_busy_cpus"] == {"median": 1.6, "min": 1.6, "max": 1.6}
     document = column.to_json([1])
     assert document["variant"] == "dbbuf" and len(document["repeats"]) == 3
     assert document["repeats"][1][0]["doorbells"] == 1.0
+    assert (document["repeats"][1][0]["guest_qemu_cpu_us"], document["repeats"][1][0]["machine_cpus"]) == (
+        250.0,
+        2,
+    )
     assert Spread.of([None, None]) is None
 
 
 def test_format_columns_one_table_per_depth() -> None:
     measured = DeviceColumn("a", "")
-    measured.repeats = [[_result(1, 3200.0, 0.5, 41.0), _result(8, 5500.0, None)]]
+    measured.repeats = [[_result(1, 3200.0, 0.5, 41.0, 120.0), _result(8, 5500.0, None)]]
     ranged = DeviceColumn("b", "")
     ranged.repeats = [[_result(1, 3000.0, 0.5), _result(8, 1000.0, 0.1)] for _ in range(2)]
     ranged.repeats[1][1] = _result(8, 2000.0, 0.1)
     table = format_columns([measured, ranged], [1, 8], smp=2)
     depth1, depth8 = table.split("\n\nfio randread")
     assert depth1.startswith("fio randread 4k, 2 jobs x iodepth 1:")
-    assert "| a | 3.20k | 0.750 = 0.500 + 0.250 | 0.500 | 41 | 150 / 900 |" in depth1
-    assert "| a | 5.50k | n/a | 0.500 | n/a | 150 / 900 |" in depth8
+    assert "| guest QEMU CPU/IO (us) | host CPUs busy |" in depth1
+    assert "| a | 3.20k | 0.750 = 0.500 + 0.250 | 0.500 | 41 | 120 | 1.60 / 2 | 150 / 900 |" in depth1
+    assert "| a | 5.50k | n/a | 0.500 | n/a | n/a | n/a | 150 / 900 |" in depth8
     assert "| b | 1.50k (1.00k-2.00k) | 0.350 = 0.100 + 0.250 |" in depth8
 
 
@@ -509,3 +612,43 @@ def test_compare_failure_is_one_message_and_an_exit_code(
     assert (
         err == "vnvme vm compare: vnvme-mappable-r1: the guest did not finish: failed to get region 0 info\n"
     )
+
+
+def _vm_summary() -> Any:
+    path = Path(__file__).parents[1] / "benchmarks" / "vm_summary.py"
+    spec = importlib.util.spec_from_file_location("vm_summary", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vm_summary_reads_runs_with_and_without_the_guest_qemu_cpu() -> None:
+    """benchmarks/vm_summary.py on a run as `vnvme vm compare --json` writes it now, and on one
+    written before the guest's QEMU and the machine were sampled (those keys absent: n/a)."""
+    ours = DeviceColumn("vnvme dbbuf", "", "dbbuf")
+    ours.repeats = [[_result(1, 3000.0, 1.0, 40.0, 180.0)]]
+    builtin = DeviceColumn("QEMU built-in nvme", "")
+    builtin.repeats = [[_result(1, 9000.0, None, None, 150.0)]]
+    run: dict[str, Any] = {
+        "kernel": "6.1.0-57-amd64",
+        "smp": 2,
+        "numjobs": 2,
+        "depths": [1],
+        "repeat": 1,
+        "columns": [column.to_json([1]) for column in (ours, builtin)],
+    }
+    summary = _vm_summary()
+    now = summary.section(run, "6.1-smp2.md")
+    assert "| server CPU us/IO, dbbuf | 40 |" in now
+    assert "| guest QEMU CPU us/IO, dbbuf | 180 |" in now
+    assert "| guest QEMU CPU us/IO, QEMU built-in | 150 |" in now
+    assert not any("QEMU over vfio-user" in line for line in now)  # no such column in this run
+    for column in run["columns"]:
+        for row in column["median"]:
+            for key in ("server_cpu_us", "guest_qemu_cpu_us", "machine_busy_cpus"):
+                del row[key]
+    before = summary.section(run, "6.1-smp2.md")
+    assert "| server CPU us/IO, dbbuf | n/a |" in before
+    assert "| guest QEMU CPU us/IO, dbbuf | n/a |" in before
+    assert "| guest QEMU CPU us/IO, QEMU built-in | n/a |" in before

@@ -109,6 +109,30 @@ class Point:
         return self.sq_doorbells + self.cq_doorbells
 
 
+def process_tree_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of process ``pid`` (all its threads) and every process under it, in
+    seconds; None when ``pid`` is gone."""
+    total = 0.0
+    todo, seen = [pid], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            with open(f"/proc/{current}/stat") as f:
+                # the command name may hold spaces and parentheses: the fields follow the last ')'
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except OSError:
+            if current == pid:
+                return None
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 class ServerProcess:
     """A ``vnvme serve`` (or any command with ``{socket}``) started for one variant.
 
@@ -197,25 +221,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float | None:
         """CPU time of the server and every process under it (run.sh starts QEMU as a child)."""
-        total = 0.0
-        todo, seen = [self.proc.pid], set()
-        while todo:
-            pid = todo.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{pid}/task/{pid}/children") as f:
-                    todo += [int(child) for child in f.read().split()]
-            except OSError:
-                if pid == self.proc.pid:
-                    return None
-                continue
-            # utime + stime of the process; its threads are included.
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+        return process_tree_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -77,6 +77,8 @@ METRICS = (
     "mapped_doorbells",
     "interrupts",
     "server_cpu_us",
+    "guest_qemu_cpu_us",
+    "machine_busy_cpus",
     "lat_p50_us",
     "lat_p99_us",
 )
@@ -139,41 +141,44 @@ class _Boots:
         env: dict[str, str],
         *,
         trace_events: Sequence[str] = (),
-        cpu: CpuWindows | None = None,
-    ) -> BootResult:
+        server: ServerProcess | None = None,
+    ) -> tuple[BootResult, CpuWindows]:
+        """The boot, and the CPU time of its QEMU, of ``server`` and of the machine per fio job."""
         guest = Guest(
             self.image, self.run_dir, name, devices, env, trace_events=trace_events, smp=self.options.smp
         )
+        cpu = CpuWindows.around_guest(guest.cpu_seconds, server.cpu_seconds if server is not None else None)
         what = f"for fio ({self.options.smp} vCPU{'s' if self.options.smp > 1 else ''})"
-        boot = boot_with_progress(guest, self.options, what, cpu.on_line if cpu is not None else None)
+        boot = boot_with_progress(guest, self.options, what, cpu.on_line)
         probe = boot.block("probe")
         if boot.timed_out or probe is None or not probe.ok:
             raise RuntimeError(f"{name}: the guest did not finish:\n{tail_lines(boot.console, 20)}")
-        return boot
+        return boot, cpu
 
     def vnvme(self, name: str, repeat: int) -> list[DepthResult]:
         """One boot against a fresh ``vnvme serve`` running variant ``name``."""
         socket_path = str(self.run_dir / "vnvme.sock")
         command = vnvme_serve_command(socket_path, *VARIANTS[name].serve_args())
         server = ServerProcess(command, socket_path, None, ours=True)
-        cpu = CpuWindows(server.cpu_seconds)
         try:
             env = scenario_env(self.options, "bench")
-            boot = self.boot(f"vnvme-{name}-r{repeat + 1}", vfio_user_device(socket_path), env, cpu=cpu)
+            boot, cpu = self.boot(
+                f"vnvme-{name}-r{repeat + 1}", vfio_user_device(socket_path), env, server=server
+            )
         finally:
             server.stop()
-        return depth_results(boot, self.options.depths, server_cpu=cpu.seconds)
+        return depth_results(boot, self.options.depths, cpu=cpu)
 
-    def qemu_builtin(self, repeat: int | None) -> BootResult:
+    def qemu_builtin(self, repeat: int | None) -> tuple[BootResult, CpuWindows]:
         """QEMU's built-in nvme; ``repeat`` None: the traced boot."""
         traced = repeat is None
         env = scenario_env(self.options, "bench", COUNTERS="0", **({"RAMP": "0"} if traced else {}))
         name = f"qemu-builtin-{_tag(repeat)}"
         return self.boot(name, builtin_nvme_device(), env, trace_events=QEMU_DOORBELL_TRACE if traced else ())
 
-    def qemu_vfio_user(self, script: Path, repeat: int | None) -> tuple[BootResult, dict[int, float]]:
+    def qemu_vfio_user(self, script: Path, repeat: int | None) -> tuple[BootResult, CpuWindows]:
         """QEMU's nvme over vfio-user (a fresh server per boot: it serves one client);
-        ``repeat`` None: the traced boot. With the server's CPU seconds per depth."""
+        ``repeat`` None: the traced boot."""
         traced = repeat is None
         tag = _tag(repeat)
         socket_path = str(self.run_dir / f"qemu-vfu-{tag}.sock")
@@ -184,15 +189,14 @@ class _Boots:
                 extra += ["--trace", event]
             extra += ["-D", str(trace_file)]
         server = ServerProcess(["bash", str(script), socket_path, *extra], socket_path, None, ours=False)
-        cpu = CpuWindows(server.cpu_seconds)
         try:
             env = scenario_env(self.options, "bench", COUNTERS="0", **({"RAMP": "0"} if traced else {}))
-            boot = self.boot(f"qemu-vfu-{tag}", vfio_user_device(socket_path), env, cpu=cpu)
+            boot, cpu = self.boot(f"qemu-vfu-{tag}", vfio_user_device(socket_path), env, server=server)
         finally:
             server.stop()
         if traced:
             boot.trace = trace_file.read_text(errors="replace") if trace_file.exists() else ""
-        return boot, cpu.seconds
+        return boot, cpu
 
 
 def _vnvme_column(name: str) -> DeviceColumn:
@@ -223,8 +227,8 @@ def _compare(boots: _Boots, include_qemu: bool, include_qemu_vfio_user: bool) ->
         options.say(
             "[vm] QEMU's vfio-user server is not built (../shared/tools/qemu-vfio-user-server/build.sh): column skipped"
         )
-    builtin: list[BootResult] = []
-    vfu: list[tuple[BootResult, dict[int, float]]] = []
+    builtin: list[tuple[BootResult, CpuWindows]] = []
+    vfu: list[tuple[BootResult, CpuWindows]] = []
     for repeat in range(options.repeat):
         for column in columns:
             assert column.variant is not None
@@ -234,12 +238,12 @@ def _compare(boots: _Boots, include_qemu: bool, include_qemu_vfio_user: bool) ->
         if script is not None:
             vfu.append(boots.qemu_vfio_user(script, repeat))
     if include_qemu:
-        traced = boots.qemu_builtin(None)
+        traced, _ = boots.qemu_builtin(None)
         column = DeviceColumn(
             "QEMU built-in nvme",
             f"-device nvme, null-co read-zeroes ({boots.image.qemu_version}); doorbells from one traced boot",
         )
-        column.repeats = [depth_results(boot, options.depths, traced=traced) for boot in builtin]
+        column.repeats = [depth_results(b, options.depths, traced=traced, cpu=cpu) for b, cpu in builtin]
         columns.append(column)
     if script is not None:
         traced, _ = boots.qemu_vfio_user(script, None)
@@ -247,7 +251,7 @@ def _compare(boots: _Boots, include_qemu: bool, include_qemu_vfio_user: bool) ->
             "QEMU nvme over vfio-user",
             "QEMU's hw/nvme as a vfio-user server (shared/tools/qemu-vfio-user-server); doorbells from one traced boot",
         )
-        column.repeats = [depth_results(b, options.depths, traced=traced, server_cpu=cpu) for b, cpu in vfu]
+        column.repeats = [depth_results(b, options.depths, traced=traced, cpu=cpu) for b, cpu in vfu]
         columns.append(column)
     return columns
 
@@ -282,8 +286,19 @@ def _row(column: DeviceColumn, depth: int) -> str:
         doorbells += f", {mapped.median:.3f} mapped"
     p50, p99 = get("lat_p50_us"), get("lat_p99_us")
     latency = "n/a" if p50 is None or p99 is None else f"{p50.median:.0f} / {p99.median:.0f}"
-    cpu = _cell(get("server_cpu_us"), ".0f")
-    cells = [_cell(get("iops"), ".2f", 1e-3, "k"), doorbells, _cell(get("interrupts"), ".3f"), cpu, latency]
+    busy = _cell(get("machine_busy_cpus"), ".2f")
+    cpus = max((r.machine_cpus or 0 for boot in column.repeats for r in boot if r.depth == depth), default=0)
+    if busy != "n/a" and cpus:
+        busy += f" / {cpus}"
+    cells = [
+        _cell(get("iops"), ".2f", 1e-3, "k"),
+        doorbells,
+        _cell(get("interrupts"), ".3f"),
+        _cell(get("server_cpu_us"), ".0f"),
+        _cell(get("guest_qemu_cpu_us"), ".0f"),
+        busy,
+        latency,
+    ]
     return f"| {column.name} | " + " | ".join(cells) + " |"
 
 
@@ -295,8 +310,9 @@ def format_columns(columns: Sequence[DeviceColumn], depths: Sequence[int], smp: 
         rows = [
             f"fio randread 4k, {jobs}iodepth {depth}:",
             "",
-            "| device | IOPS | doorbells/IO = SQ + CQ | guest IRQs/IO | server CPU/IO (us) | p50 / p99 latency (us) |",
-            "|---|---|---|---|---|---|",
+            "| device | IOPS | doorbells/IO = SQ + CQ | guest IRQs/IO | server CPU/IO (us) "
+            "| guest QEMU CPU/IO (us) | host CPUs busy | p50 / p99 latency (us) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         rows += [_row(column, depth) for column in columns]
         sections.append("\n".join(rows))
@@ -324,4 +340,12 @@ def explanation(smp: int) -> list[str]:
         "(all CPUs), per read the block device completed; server CPU/IO: CPU time of the server "
         "process tree during the job, per read (n/a for QEMU's built-in device: it runs in the "
         "guest's own QEMU); latency: fio's completion latency percentiles (clat).",
+        "guest QEMU CPU/IO: CPU time (user + system, every thread) of the qemu-system process that "
+        "runs the guest, over the same window and per the same reads as the server's: the vCPUs "
+        "under TCG, so the guest's driver, block layer and fio, and QEMU's vfio-user client or, in "
+        "the built-in column, the device itself. host CPUs busy: the whole machine's busy time "
+        "over the window (/proc/stat: user, nice, system, irq, softirq), in CPUs out of all it "
+        "has; anything else running on the host counts too. When it stays under all of them, no "
+        "one waits for a CPU, and at iodepth 1, where each job's I/Os pass one at a time through "
+        "the guest's QEMU and the server, their CPU per I/O sits inside each I/O's latency.",
     ]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vnvme.bench.runner import process_tree_cpu_seconds
 from vnvme.vm.cpio import CpioWriter
 from vnvme.vm.provision import Image, mount_points, rooted
 
@@ -261,7 +262,7 @@ class Guest:
                     timed_out = True
                     self.stop()
                     break
-                # short: the host samples the server's CPU time at the guest's block boundaries
+                # short: the host samples CPU times at the guest's block boundaries
                 time.sleep(0.05)
                 if on_line is not None:
                     seen = self._follow(seen, on_line)
@@ -291,6 +292,15 @@ class Guest:
             if line.startswith((b"@@note", b"@@begin", b"@@end")):
                 on_line(line.decode(errors="replace").strip())
         return seen
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time of the QEMU process running this guest (``rooted``'s wrappers exec into it),
+        all its threads; None before it starts and once it has exited."""
+        proc = self.proc
+        # poll() first: once QEMU is reaped its PID may name another process
+        if proc is None or proc.poll() is not None:
+            return None
+        return process_tree_cpu_seconds(proc.pid)
 
     def stop(self) -> None:
         """Stop the QEMU process this guest started (SIGTERM, then SIGKILL), by its PID."""

@@ -12,12 +12,16 @@ Per job (one fio randread at one depth, ``NUMJOBS`` jobs reported as one):
   completed in between (``/sys/block/<dev>/stat``).
 - Server CPU per I/O: CPU time of the server's process tree (``/proc/<pid>/stat``) sampled when
   the guest starts and ends the fio block, divided by the same reads.
+- Guest QEMU CPU per I/O: the same for the qemu-system process that runs the guest (its vCPUs
+  under TCG, its I/O thread and, for QEMU's built-in nvme, the device itself).
+- Machine CPUs busy: ``/proc/stat``'s busy time over the same window, as CPUs out of all.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,11 @@ class DepthResult:
     server_cpu_us: float | None = None
     #: Doorbell values vnvme found in a page the guest writes directly (not trapped), per I/O.
     mapped_doorbells: float | None = None
+    #: CPU time of the guest's own QEMU process during the job, per I/O (microseconds).
+    guest_qemu_cpu_us: float | None = None
+    #: The machine's busy CPUs during the job (busy CPU-seconds per second), out of ``machine_cpus``.
+    machine_busy_cpus: float | None = None
+    machine_cpus: int | None = None
 
     @property
     def doorbells(self) -> float | None:
@@ -149,10 +158,10 @@ def depth_results(
     depths: Sequence[int],
     *,
     traced: BootResult | None = None,
-    server_cpu: dict[int, float] | None = None,
+    cpu: CpuWindows | None = None,
 ) -> list[DepthResult]:
     """Per depth, what the guest measured (see the module's docstring); doorbells from vnvme's
-    counters or else a traced boot; ``server_cpu``: the server's CPU seconds per depth."""
+    counters or else a traced boot; ``cpu``: what the host sampled around each fio job."""
     out = []
     for index, depth in enumerate(depths):
         block = boot.block(f"fio-randread-d{depth}")
@@ -167,37 +176,134 @@ def depth_results(
         ios, sq, cq = doorbells if doorbells is not None else (fio_ios, None, None)
         reads = _delta(boot, "iostat", depth, parse_block_reads)
         interrupts = _delta(boot, "irq", depth, parse_interrupts)
-        cpu = (server_cpu or {}).get(depth)
         result = DepthResult(depth, iops, ios, sq, cq, p50, p99, mapped_doorbells=mapped)
+        if cpu is not None:
+            result.machine_busy_cpus = cpu.busy_cpus(depth)
+            result.machine_cpus = cpu.machine_cpus
         if reads:
             result.interrupts = interrupts / reads if interrupts is not None else None
-            result.server_cpu_us = cpu * 1e6 / reads if cpu is not None else None
+            if cpu is not None:
+                result.server_cpu_us = cpu.per_io_us(SERVER, depth, reads)
+                result.guest_qemu_cpu_us = cpu.per_io_us(GUEST_QEMU, depth, reads)
         out.append(result)
     return out
 
 
 _FIO_BLOCK = re.compile(r"^@@(begin|end) fio-randread-d(\d+)\b")
 
+#: What :class:`CpuWindows` samples: the vfio-user server's process tree, the guest's QEMU
+#: process (CPU seconds); the machine's busy CPU-seconds, summed over its CPUs, and the time
+#: that passed (``/proc/stat``'s jiffies of every kind over the CPUs, so that busy / elapsed
+#: is the busy CPUs whatever the tick).
+SERVER = "server"
+GUEST_QEMU = "guest_qemu"
+MACHINE_BUSY = "machine_busy"
+MACHINE_ELAPSED = "machine_elapsed"
+
+
+def parse_proc_stat(text: str) -> tuple[int, int, int] | None:
+    """(busy jiffies, all jiffies, CPUs) from ``/proc/stat``: its ``cpu`` line (every CPU summed)
+    and how many ``cpuN`` lines follow; None without them. Busy is user, nice, system, irq and
+    softirq; idle, iowait and steal (time the hypervisor ran someone else) are not; guest and
+    guest_nice are already inside user and nice, so neither part counts them again."""
+    total: list[int] | None = None
+    cpus = 0
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name == "cpu":
+            fields = rest.split()
+            if len(fields) < 4 or not all(field.isdigit() for field in fields):
+                return None
+            total = [int(field) for field in fields[:8]] + [0] * (8 - min(len(fields), 8))
+        elif name.startswith("cpu") and name[3:].isdigit():
+            cpus += 1
+    if total is None or cpus == 0:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = total
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal, cpus
+
+
+class MachineCpu:
+    """The machine's CPU time from ``/proc/stat`` (``read``: its text), for :class:`CpuWindows`."""
+
+    def __init__(self, read: Callable[[], str] | None = None) -> None:
+        self._read = read or _read_proc_stat
+        first = self._parse()
+        self.cpus = first[2] if first is not None else None
+
+    def _parse(self) -> tuple[int, int, int] | None:
+        try:
+            return parse_proc_stat(self._read())
+        except OSError:
+            return None
+
+    def sources(self) -> dict[str, Callable[[], float | None]]:
+        """Busy CPU-seconds summed over the CPUs, and the seconds that passed (per CPU)."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def busy() -> float | None:
+            parsed = self._parse()
+            return parsed[0] / tick if parsed is not None else None
+
+        def elapsed() -> float | None:
+            parsed = self._parse()
+            return parsed[1] / parsed[2] / tick if parsed is not None else None
+
+        return {MACHINE_BUSY: busy, MACHINE_ELAPSED: elapsed}
+
+
+def _read_proc_stat() -> str:
+    with open("/proc/stat") as f:
+        return f.read()
+
 
 class CpuWindows:
-    """The server's CPU seconds during each fio job: ``sample`` (the server's CPU time, or None
-    when it is gone) is read when the guest's fio block begins and when it ends. Fed the
-    guest's ``@@`` lines as they arrive (:meth:`Guest.boot`'s ``on_line``)."""
+    """What several sources counted during each fio job: every source (seconds, or None when it
+    is gone) is read when the guest's fio block begins and when it ends, one after the other.
+    Fed the guest's ``@@`` lines as they arrive (:meth:`Guest.boot`'s ``on_line``).
+    ``seconds[source][depth]``: the difference; ``machine_cpus``: the CPUs the machine has."""
 
-    def __init__(self, sample: Callable[[], float | None]) -> None:
-        self._sample = sample
-        self._started: dict[int, float] = {}
-        self.seconds: dict[int, float] = {}
+    def __init__(
+        self, sources: Mapping[str, Callable[[], float | None]], machine_cpus: int | None = None
+    ) -> None:
+        self._sources = dict(sources)
+        self._started: dict[tuple[str, int], float] = {}
+        self.seconds: dict[str, dict[int, float]] = {name: {} for name in self._sources}
+        self.machine_cpus = machine_cpus
+
+    @classmethod
+    def around_guest(
+        cls, guest: Callable[[], float | None], server: Callable[[], float | None] | None = None
+    ) -> CpuWindows:
+        """The guest's QEMU, the server when there is one, and this machine's ``/proc/stat``."""
+        machine = MachineCpu()
+        sources = {GUEST_QEMU: guest, **machine.sources()}
+        if server is not None:
+            sources[SERVER] = server
+        return cls(sources, machine.cpus)
 
     def on_line(self, line: str) -> None:
         match = _FIO_BLOCK.match(line)
         if match is None:
             return
-        now = self._sample()
         depth = int(match.group(2))
-        if now is None:
-            return
-        if match.group(1) == "begin":
-            self._started[depth] = now
-        elif depth in self._started:
-            self.seconds[depth] = now - self._started.pop(depth)
+        for name, sample in self._sources.items():
+            now = sample()
+            if now is None:
+                continue
+            if match.group(1) == "begin":
+                self._started[name, depth] = now
+            elif (name, depth) in self._started:
+                self.seconds[name][depth] = now - self._started.pop((name, depth))
+
+    def per_io_us(self, source: str, depth: int, ios: int) -> float | None:
+        """``source``'s CPU time during the job at ``depth``, per I/O (microseconds)."""
+        seconds = self.seconds.get(source, {}).get(depth)
+        return seconds * 1e6 / ios if seconds is not None and ios else None
+
+    def busy_cpus(self, depth: int) -> float | None:
+        """The machine's busy CPUs during the job at ``depth`` (busy CPU-seconds per second)."""
+        busy = self.seconds.get(MACHINE_BUSY, {}).get(depth)
+        elapsed = self.seconds.get(MACHINE_ELAPSED, {}).get(depth)
+        return busy / elapsed if busy is not None and elapsed else None
