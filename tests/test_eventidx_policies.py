@@ -205,3 +205,27 @@ def test_a_deadline_that_passes_while_the_memory_is_unmapped_waits_for_it() -> N
     finally:
         Deadline.passed.clear()
         r.close()
+
+
+def test_a_poll_controller_served_asleep_asks_for_doorbells_as_adaptive_does() -> None:
+    """An edge whose poll window is shut serves each doorbell without polling: the POLL policy
+    then publishes what the event-driven default (ADAPTIVE) would, not one doorbell a command."""
+
+    def doorbells(policy: SqEventIdxPolicy) -> int:
+        ticks = iter(range(10**9))
+        r = make_rig(
+            namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
+            config=ControllerConfig(sq_eventidx=policy),
+            trace=(),
+            clock=lambda: next(ticks) * 1e-6,  # a microsecond a look: no wall clock
+        )
+        try:
+            if policy is SqEventIdxPolicy.POLL:
+                assert r.controller.rearm()  # the edge goes to sleep, as a shut window does
+            return run_job(r.driver, JobSpec(rw="randread", iodepth=8, number_ios=2000)).sq_doorbells
+        finally:
+            r.close()
+
+    asleep = doorbells(SqEventIdxPolicy.POLL)
+    assert asleep == doorbells(SqEventIdxPolicy.ADAPTIVE)
+    assert asleep < doorbells(SqEventIdxPolicy.EAGER) // 2

@@ -115,14 +115,6 @@ class EagerSqEventIdx(SqEventIdx):
     name = SqEventIdxPolicy.EAGER
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
-class PollSqEventIdx(SqEventIdx):
-    """The edge polls: EventIdx where the host never crosses it, until it rearms to sleep."""
-
-    name = SqEventIdxPolicy.POLL
-    polls_from_reset = True
-
-
 class _Burst:
     """Policy BATCH's per-SQ state."""
 
@@ -348,6 +340,16 @@ class AdaptiveSqEventIdx(SqEventIdx):
         if not isinstance(state, _Learned):
             return 0, 0, 0  # never followed its shadow slot
         return state.met, state.missed, state.probes
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class PollSqEventIdx(AdaptiveSqEventIdx):
+    """The edge polls: EventIdx where the host never crosses it, until it rearms to sleep.
+    Served without polling between rearms (an edge whose poll window is shut), an SQ asks for
+    doorbells as ADAPTIVE, the event-driven default, does: a shut window is that controller."""
+
+    name = SqEventIdxPolicy.POLL
+    polls_from_reset = True
 
 
 #: What the controller takes as an SQ policy: a policy class, or anything that makes one.
