@@ -351,6 +351,17 @@ class PollSqEventIdx(AdaptiveSqEventIdx):
     name = SqEventIdxPolicy.POLL
     polls_from_reset = True
 
+    def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
+        if not self.polling:
+            return super().ran_dry(sq, processed, attempts, now)
+        # Polled: whatever was predicted asleep is moot (the host placed commands without
+        # ringing); the next prediction starts from here, after the rearm.
+        state: _Learned = sq.policy_state
+        state.predicted = 0
+        state.expired = state.probing = False
+        state.mark = sq.entries
+        return -1
+
 
 #: What the controller takes as an SQ policy: a policy class, or anything that makes one.
 SqPolicyFactory = Callable[[ControllerConfig, RefreshCqHead], SqEventIdx]
