@@ -520,7 +520,8 @@ class VfioUserServer:
         while not self._stop and not self._stop_connection:
             while self._deferred:
                 # Commands that arrived while we waited for a DMA reply, in order.
-                self._message_came(window)
+                if window is not None:
+                    self._message_came(window)
                 self._handle_message(channel, self._undefer())
             if channel.framing_lost is not None:
                 # Met while waiting for a DMA reply: answered after the commands before it.
@@ -581,23 +582,25 @@ class VfioUserServer:
                     self._replied_early = False
                     early = channel.receive_nowait()
                     if early is not None:
-                        self._message_came(window)
+                        if window is not None:
+                            self._message_came(window)
                         self._handle_message(channel, early)
                         idle_passes = 0
                         continue
                 events = self._wait(poller, watched, timeout_ms)
             for fd, _ in events:
                 if fd == sock_fd:
-                    self._message_came(window)
+                    if window is not None:  # a call per message only when polling adaptively
+                        self._message_came(window)
                     self._handle_message(channel, channel.receive())  # _handle_one
                     idle_passes = 0
                 else:
                     self._other_event(fd)
 
     @staticmethod
-    def _message_came(window: PollWindow | None) -> None:
+    def _message_came(window: PollWindow) -> None:
         """A message is work come (a doorbell, most often): it ends an idle period."""
-        if window is not None and window.idle_since is not None:
+        if window.idle_since is not None:
             window.work(time.monotonic())
 
     def _wait(
