@@ -205,3 +205,67 @@ def test_a_deadline_that_passes_while_the_memory_is_unmapped_waits_for_it() -> N
     finally:
         Deadline.passed.clear()
         r.close()
+
+
+def test_a_poll_controller_served_asleep_asks_for_doorbells_as_adaptive_does() -> None:
+    """An edge whose poll window is shut serves each doorbell without polling: the POLL policy
+    then publishes what the event-driven default (ADAPTIVE) would, not one doorbell a command."""
+
+    def doorbells(policy: SqEventIdxPolicy) -> int:
+        ticks = iter(range(10**9))
+        r = make_rig(
+            namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
+            config=ControllerConfig(sq_eventidx=policy),
+            trace=(),
+            clock=lambda: next(ticks) * 1e-6,  # a microsecond a look: no wall clock
+        )
+        try:
+            if policy is SqEventIdxPolicy.POLL:
+                assert r.controller.rearm()  # the edge goes to sleep, as a shut window does
+            return run_job(r.driver, JobSpec(rw="randread", iodepth=8, number_ios=2000)).sq_doorbells
+        finally:
+            r.close()
+
+    asleep = doorbells(SqEventIdxPolicy.POLL)
+    assert asleep == doorbells(SqEventIdxPolicy.ADAPTIVE)
+    assert asleep < doorbells(SqEventIdxPolicy.EAGER) // 2
+
+
+def test_a_poll_controller_asleep_again_does_not_judge_its_prediction_by_what_it_polled() -> None:
+    """Commands taken by polling were placed without a doorbell: a prediction made asleep
+    before must not be judged by them once asleep again (it would then expect that many, and a
+    depth-1 host would wait for a deadline with every command)."""
+    ticks = iter(range(10**9))
+    r = make_rig(
+        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
+        config=ControllerConfig(sq_eventidx=SqEventIdxPolicy.POLL),
+        trace=(),
+        clock=lambda: next(ticks) * 1e-6,
+    )
+    try:
+        ctrl, qp = r.controller, r.driver.queue(1)
+        buf = r.host_memory.alloc(4096)
+
+        def one(polled: bool) -> None:
+            qp.submit(r.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096))
+            qp.ring_sq()
+            if polled:
+                r.transport._handle(ctrl.poll())
+            assert len(qp.reap()) == 1
+
+        assert ctrl.rearm()  # asleep, as a shut poll window serves
+        one(polled=False)  # rung; the SQ's prediction is published
+        ctrl.start_polling()
+        one(polled=True)  # may ring: its EventIdx was published asleep
+        rung = ctrl.statistics().doorbell_sq_io
+        for _ in range(19):
+            one(polled=True)
+        assert ctrl.statistics().doorbell_sq_io == rung  # polled: none rung
+        assert ctrl.rearm()
+        one(polled=False)  # asleep again: the rearm asked for the very next command
+        sq = ctrl.sqs[1]
+        assert sq is not None and qp.eventidx is not None
+        # A depth-1 host: the next command is asked for, not a batch of the 20 polled.
+        assert qp.eventidx.load(qp.sq_slot) == rearm_event_idx(sq.head, 0, sq.size)
+    finally:
+        r.close()

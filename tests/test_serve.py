@@ -283,6 +283,7 @@ def test_serve_refuses_bad_options(tmp_path: Path) -> None:
         ["--namespace", "tape,size=1G"],
         ["--trace", "pci_nvme_nothing_like_this"],
         ["--handshake-timeout", "-1"],
+        ["--poll", "--poll-max", "-1"],
         # Refused before the namespace's file is created.
         ["--namespace", f"file={created},size=1M", "--message-timeout", "nan"],
     ):

@@ -232,14 +232,17 @@ class NvmeFunction:
                     self.masked[index][start + i] = False
                     self._deliver_pending(index, start + i)
 
-    def run(self, now: float) -> bool:
-        """One pass; True when work is pending, or (polling passes) when it made progress."""
+    def run(self, now: float, poll: bool = True) -> bool:
+        """One pass; True when work is pending, or (polling passes) when it made progress.
+        ``poll`` False, for a polling controller not polling yet: the server will sleep after
+        this pass, so it serves what was rung as the event-driven controller does (no polling
+        turned on, no pass after it to look for progress)."""
         ctrl = self.controller
         if not self._bus_master:
             # Bus Master Enable = 0: the function may not touch host memory (nor signal MSI-X,
             # a memory write); doorbells still latch and are served once it is set.
             return False
-        if not self._polls:
+        if not self._polls or not (poll or self._polling_now or self.mappable_doorbells):
             # Event driven: a doorbell or a deadline brings us back, so one pass is enough
             # unless it left work pending (a budget cut, a rearm that lost the race).
             effects = ctrl.process(now)
@@ -270,6 +273,9 @@ class NvmeFunction:
         if not self.controller_polls or self.mappable_doorbells:
             return True
         self._polling_now = False
+        if not self.controller.polling:
+            # Served event driven since the last rearm: every SQ asks for its next doorbell.
+            return not self.controller.has_pending_work
         return self.controller.rearm()
 
     # Section: interrupts

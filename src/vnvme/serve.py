@@ -29,15 +29,27 @@ from vnvme.controller.variants import SERVE_CQ_EVENTIDX, SERVE_SQ_CHOICES, SERVE
 from vnvme.effects import TraceEvent
 from vnvme.function import NvmeFunction
 from vnvme.trace import JsonLinesSink, format_event, matching_events
-from vnvme.vfio_user.server import DMA_MAP_DESCRIPTORS, ServerOptions, VfioUserServer
+from vnvme.vfio_user.server import (
+    DMA_MAP_DESCRIPTORS,
+    PollWindow,
+    ServerOptions,
+    VfioUserServer,
+)
 
 log = logging.getLogger("vnvme.serve")
 
 DEFAULT_SOCKET = "/tmp/vnvme.sock"
 REFERENCE_NAMESPACE = "null,size=1G"
-#: --poll-budget's default: in a Linux guest under TCG on 2 CPUs no budget made polling beat the
-#: event-driven controller (benchmarks/VM-RESULTS.md), so it stays modest: a quarter of a CPU.
+#: --poll-budget's default: a quarter of a CPU at most, and below a whole CPU --poll polls only
+#: for its adaptive window (--poll-max): a host that places its next command within the window
+#: keeps it open, one slower than --poll-max (a Linux guest under TCG takes 200-400 us) closes
+#: it, and the server then rearms and sleeps at once like the event-driven controller, spending
+#: nothing on polling (spinning had cost such a guest IOPS at every depth: benchmarks/vm/).
 DEFAULT_POLL_BUDGET = 0.25
+#: --poll-max's default, QEMU's IOThread poll-max-ns (32 us): about what taking one trapped
+#: doorbell costs this server (a wake-up, a message and its reply, a rearm), so a longer window
+#: would spend more CPU than the doorbell it saves; and far below a TCG guest's pace.
+DEFAULT_POLL_MAX = 32e-6
 
 
 # Defaults read from an instance: a class attribute of a mypyc-compiled class is a descriptor.
@@ -160,13 +172,15 @@ def _polling_arguments(parser: argparse._ArgumentGroup) -> None:
         "--poll",
         action="store_true",
         help="the controller polls the shadow SQ tails (SPDK-style) instead of waiting for doorbells; "
-        "the host then rings next to none; costs a CPU while busy",
+        "with --poll-budget 1 the host then rings next to none and it costs a CPU while busy; below "
+        "1 it polls only for an adaptive window (--poll-max) and the host rings when it sleeps",
     )
     parser.add_argument(
         "--poll-passes",
         type=int,
         default=2000,
-        help="with --poll: idle passes before the controller rearms EventIdx and sleeps (2000)",
+        help="with --poll: idle passes at most before the controller rearms EventIdx and sleeps "
+        "(2000); below a whole CPU of --poll-budget, the adaptive window (--poll-max) ends them sooner",
     )
     parser.add_argument(
         "--poll-budget",
@@ -174,7 +188,18 @@ def _polling_arguments(parser: argparse._ArgumentGroup) -> None:
         default=DEFAULT_POLL_BUDGET,
         help="with --poll or --mappable-doorbells: the share of one CPU the server may spend "
         "polling without finding work (0..1, 1 = no limit); past it the controller rearms and "
-        f"the server sleeps until a doorbell, so a guest on the same CPUs is not starved ({DEFAULT_POLL_BUDGET})",
+        "the server sleeps until a doorbell, so a guest on the same CPUs is not starved. Below 1, "
+        f"--poll polls only for its adaptive window ({DEFAULT_POLL_BUDGET})",
+    )
+    parser.add_argument(
+        "--poll-max",
+        type=float,
+        default=DEFAULT_POLL_MAX,
+        metavar="SECONDS",
+        help="with --poll and --poll-budget below 1: the longest adaptive poll window. An idle "
+        "server polls for the window, then rearms and sleeps; work that comes after the window but "
+        "within this doubles it, work later than this closes it (event driven until work comes "
+        f"sooner again); 0: never poll idle ({DEFAULT_POLL_MAX})",
     )
     parser.add_argument(
         "--mappable-doorbells",
@@ -233,6 +258,7 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "poll": (bool,),
     "poll_passes": (int,),
     "poll_budget": (int, float),
+    "poll_max": (int, float),
     "mappable_doorbells": (bool,),
     "idle_sleep": (int, float),
     "max_io_queues": (int,),
@@ -333,11 +359,26 @@ def format_statistics(server: VfioUserServer, function: NvmeFunction) -> str:
         "polling": {
             "idle_seconds": round(budget.spent, 6) if (budget := server.poll_budget) else 0.0,
             "cut_short": budget.exhausted if budget else 0,
+            "window": _window_statistics(server.poll_window),
         },
     }
     if controller.host_check is not None:
         out["host_check"] = controller.host_check.report()
     return json.dumps(out, sort_keys=True)
+
+
+def _window_statistics(window: PollWindow | None) -> dict[str, float] | None:
+    """The adaptive poll window's state (None: the server polls without one)."""
+    if window is None:
+        return None
+    return {
+        "current_us": round(window.window * 1e6, 3),
+        "max_us": round(window.max_window * 1e6, 3),
+        "grows": window.grows,
+        "shrinks": window.shrinks,
+        "found_polling": window.found,
+        "woken": window.woken,
+    }
 
 
 def check_report_path(path: str) -> None:
@@ -651,9 +692,13 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     control_path: str | None = _option(args, file_options, "control")
     # Checked before a namespace's file is created.
     passes = int(_option(args, file_options, "poll_passes")) if poll or mappable else 0
+    budget = float(_option(args, file_options, "poll_budget"))
     options = ServerOptions(
         poll_passes=passes,
-        poll_budget=float(_option(args, file_options, "poll_budget")),
+        poll_budget=budget,
+        poll_max=float(_option(args, file_options, "poll_max"))
+        if poll and not mappable and budget < 1.0
+        else None,
         handshake_timeout=_timeout(args, file_options, "handshake_timeout"),
         message_timeout=_timeout(args, file_options, "message_timeout"),
     )

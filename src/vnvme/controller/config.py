@@ -15,7 +15,8 @@ class SqEventIdxPolicy(StrEnum):
     EAGER = "eager"
     #: The controller is polling the shadow tails: EventIdx is kept where the host can never
     #: cross it (one slot behind the head), so it never rings. Before the edge stops polling it
-    #: calls :meth:`Controller.rearm`, which switches to EAGER values and re-checks.
+    #: calls :meth:`Controller.rearm`, which switches to EAGER values and re-checks. An edge
+    #: that serves a doorbell without polling (its poll window shut) gets ADAPTIVE's EventIdx.
     POLL = "poll"
     #: Event-driven, and ahead of the host: when an SQ goes idle after consuming a burst of k
     #: commands, EventIdx = head + k - 1, so a host in a closed loop (k completions reaped, k

@@ -294,6 +294,11 @@ class Controller(DoorbellWrites, CommandProcessing):
                 self._rearms_won += 1
         return quiet and not self._pending
 
+    @property
+    def polling(self) -> bool:
+        """Idle shadow SQs ask for no doorbell (from reset, or start_polling, until rearm)."""
+        return self.sq_policy.polling
+
     def start_polling(self) -> None:
         """The edge is about to poll: idle SQs ask for no doorbell until it rearms."""
         self.sq_policy.start_polling()

@@ -115,14 +115,6 @@ class EagerSqEventIdx(SqEventIdx):
     name = SqEventIdxPolicy.EAGER
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
-class PollSqEventIdx(SqEventIdx):
-    """The edge polls: EventIdx where the host never crosses it, until it rearms to sleep."""
-
-    name = SqEventIdxPolicy.POLL
-    polls_from_reset = True
-
-
 class _Burst:
     """Policy BATCH's per-SQ state."""
 
@@ -348,6 +340,27 @@ class AdaptiveSqEventIdx(SqEventIdx):
         if not isinstance(state, _Learned):
             return 0, 0, 0  # never followed its shadow slot
         return state.met, state.missed, state.probes
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class PollSqEventIdx(AdaptiveSqEventIdx):
+    """The edge polls: EventIdx where the host never crosses it, until it rearms to sleep.
+    Served without polling between rearms (an edge whose poll window is shut), an SQ asks for
+    doorbells as ADAPTIVE, the event-driven default, does: a shut window is that controller."""
+
+    name = SqEventIdxPolicy.POLL
+    polls_from_reset = True
+
+    def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
+        if not self.polling:
+            return super().ran_dry(sq, processed, attempts, now)
+        # Polled: whatever was predicted asleep is moot (the host placed commands without
+        # ringing); the next prediction starts from here, after the rearm.
+        state: _Learned = sq.policy_state
+        state.predicted = 0
+        state.expired = state.probing = False
+        state.mark = sq.entries
+        return -1
 
 
 #: What the controller takes as an SQ policy: a policy class, or anything that makes one.

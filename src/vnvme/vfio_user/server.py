@@ -149,8 +149,10 @@ class Device(Protocol):
     def set_irqs(self, index: int, flags: vu.IrqSetFlags, start: int, count: int, data: list[int]) -> None:
         """DEVICE_SET_IRQS: ``data`` holds eventfds (DATA_EVENTFD) or 0/1 (DATA_BOOL, NONE)."""
 
-    def run(self, now: float) -> bool:
-        """Do pending device work; True if more is pending right away (poll again)."""
+    def run(self, now: float, poll: bool = True) -> bool:
+        """Do pending device work; True if more is pending right away (poll again). ``poll``
+        False: the server will sleep after this pass unless work is pending, so a device that
+        can poll serves what was signalled as an event-driven one would."""
         ...
 
     def next_deadline(self) -> float | None:
@@ -179,6 +181,9 @@ class ServerOptions:
     poll_budget: float = 1.0
     #: How long the server may poll in one go on saved budget (seconds).
     poll_burst: float = 0.005
+    #: The longest adaptive poll window (seconds; see :class:`PollWindow`), or None: no
+    #: window, idle passes go on up to poll_passes while the budget allows.
+    poll_max: float | None = None
     #: How long a DMA_READ / DMA_WRITE to the client may take before the access fails.
     dma_timeout: float = 5.0
     #: Seconds a client has from connecting to complete VERSION (None: no limit). After it,
@@ -191,6 +196,8 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.poll_budget <= 1.0:
             raise ValueError(f"poll budget {self.poll_budget}: a share of one CPU, 0..1")
+        if self.poll_max is not None and not 0.0 <= self.poll_max <= MAX_POLL_WINDOW:
+            raise ValueError(f"poll max {self.poll_max}: seconds, 0..{MAX_POLL_WINDOW}")
         for name in ("handshake_timeout", "message_timeout"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -226,6 +233,84 @@ class PollBudget:
         return False
 
 
+#: PollWindow: the first window opened from nothing, and the factor it grows by (QEMU's
+#: IOThread defaults: 4 us, poll-grow 2; its poll-shrink 0, collapse to nothing, is ours too).
+POLL_WINDOW_START = 4e-6
+POLL_WINDOW_GROW = 2.0
+#: The largest poll window accepted (seconds): past a burst of budget it could never be spent.
+MAX_POLL_WINDOW = 1.0
+
+
+class PollWindow:
+    """How long an idle server polls before it rearms and sleeps, learnt from how long work
+    takes to come, after QEMU's IOThread adaptive polling.
+
+    An idle period opens at the first pass that finds nothing and closes when work comes (a
+    pass finds some, or a message arrives). Its length judges the window: within it, the window
+    was right; after it but within ``max_window``, a longer window would have caught the work,
+    so it doubles (from :data:`POLL_WINDOW_START`, up to ``max_window``); later than
+    ``max_window``, no window worth its CPU would have, so it collapses to 0 and the server
+    rearms and sleeps at once, as the event-driven controller does. The budget bounds every
+    window. No clock inside: every moment is ``now``, in seconds.
+    """
+
+    def __init__(self, max_window: float, budget: PollBudget | None = None) -> None:
+        self.max_window = max_window
+        self.budget = budget
+        #: The current window (seconds): how long an idle period is polled.
+        self.window = 0.0
+        self.grows = 0
+        self.shrinks = 0
+        #: Idle periods ended by a polling pass finding work, and by work after the server slept.
+        self.found = 0
+        self.woken = 0
+        #: When the open idle period began (None: none open).
+        self.idle_since: float | None = None
+        self._polling = False
+
+    @property
+    def polls(self) -> bool:
+        """Whether the next idle period is polled at all."""
+        return self.window > 0.0
+
+    def idle(self, now: float) -> bool:
+        """A pass at ``now`` found nothing: True to poll again, False to rearm and sleep."""
+        since = self.idle_since
+        if since is None:
+            self.idle_since = since = now
+            self._polling = True
+        if self._polling and now - since < self.window and (self.budget is None or self.budget.allows(now)):
+            return True
+        self._polling = False
+        return False
+
+    def stop(self) -> None:
+        """The server sleeps for a reason of its own (its pass limit) within the window."""
+        self._polling = False
+
+    def work(self, now: float) -> None:
+        """Work came at ``now``: the open idle period (if any) ends and judges the window."""
+        since = self.idle_since
+        if since is None:
+            return
+        self.idle_since = None
+        if self._polling:
+            self.found += 1
+        else:
+            self.woken += 1
+        waited = now - since
+        if waited <= self.window:
+            return
+        if waited > self.max_window:
+            if self.window:
+                self.window = 0.0
+                self.shrinks += 1
+        elif self.window < self.max_window:
+            grown = self.window * POLL_WINDOW_GROW if self.window else POLL_WINDOW_START
+            self.window = min(grown, self.max_window)
+            self.grows += 1
+
+
 @dataclass
 class DmaMapping:
     address: int
@@ -256,8 +341,11 @@ class VfioUserServer:
         self._received: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
         self.clients_served = 0
-        # The polling budget of the connection being served (or last served).
+        # The polling budget and adaptive window of the connection being served (or last served).
         self.poll_budget: PollBudget | None = None
+        self.poll_window: PollWindow | None = None
+        # What the device's next pass is told: whether the server may poll after it.
+        self._device_polls = True
         self.dma: dict[int, DmaMapping] = {}
         self._remote_mappings = 0  # mappings without a descriptor (DMA_READ / DMA_WRITE messages)
         self._same_cpu = False  # see _act_before_reply
@@ -422,6 +510,9 @@ class VfioUserServer:
         budget = self.poll_budget = PollBudget(
             self.options.poll_budget, self.options.poll_burst, time.monotonic()
         )
+        poll_max = self.options.poll_max
+        window = self.poll_window = None if poll_max is None or not passes else PollWindow(poll_max, budget)
+        self._device_polls = window is None
         spinning_since: float | None = None
         limit = self.options.handshake_timeout
         # Until VERSION is done, every wait ends by this time (None once it is done).
@@ -429,6 +520,8 @@ class VfioUserServer:
         while not self._stop and not self._stop_connection:
             while self._deferred:
                 # Commands that arrived while we waited for a DMA reply, in order.
+                if window is not None:
+                    self._message_came(window)
                 self._handle_message(channel, self._undefer())
             if channel.framing_lost is not None:
                 # Met while waiting for a DMA reply: answered after the commands before it.
@@ -439,12 +532,26 @@ class VfioUserServer:
                 budget.spend(spinning_since, now)
                 spinning_since = None
             if busy is None:
-                busy = device.run(now)
+                busy = device.run(now, self._device_polls)
             else:
                 self._ran_early = None  # the pass the last message's write ran is this one
             if self._deferred or channel.framing_lost is not None:
                 continue  # the pass waited for DMA replies and commands came in meanwhile
-            if busy or (idle_passes < passes and budget.allows(now)):
+            if busy:
+                if window is not None:
+                    window.work(now)
+                poll_on = True
+            elif window is None:
+                poll_on = idle_passes < passes and budget.allows(now)
+            elif window.idle(now):
+                poll_on = idle_passes < passes
+                if not poll_on:
+                    window.stop()
+            else:
+                poll_on = False
+            if window is not None:
+                self._device_polls = window.polls
+            if poll_on:
                 if not busy:
                     spinning_since = now  # an idle polling pass: charged to the budget
                 idle_passes = 0 if busy else idle_passes + 1
@@ -475,16 +582,26 @@ class VfioUserServer:
                     self._replied_early = False
                     early = channel.receive_nowait()
                     if early is not None:
+                        if window is not None:
+                            self._message_came(window)
                         self._handle_message(channel, early)
                         idle_passes = 0
                         continue
                 events = self._wait(poller, watched, timeout_ms)
             for fd, _ in events:
                 if fd == sock_fd:
+                    if window is not None:  # a call per message only when polling adaptively
+                        self._message_came(window)
                     self._handle_message(channel, channel.receive())  # _handle_one
                     idle_passes = 0
                 else:
                     self._other_event(fd)
+
+    @staticmethod
+    def _message_came(window: PollWindow) -> None:
+        """A message is work come (a doorbell, most often): it ends an idle period."""
+        if window.idle_since is not None:
+            window.work(time.monotonic())
 
     def _wait(
         self, poller: select.poll, watched: list[int], timeout_ms: float | None
@@ -557,7 +674,7 @@ class VfioUserServer:
         if result is None or message.flags & vu.FLAG_NO_REPLY:
             return
         if message.command in _DEVICE_WRITES and self._act_before_reply(channel):
-            self._ran_early = self.device.run(time.monotonic())
+            self._ran_early = self.device.run(time.monotonic(), self._device_polls)
             self._replied_early = True
         payload, fds = result
         channel.reply(message, payload, fds)
