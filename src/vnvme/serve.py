@@ -28,6 +28,7 @@ from vnvme.controller.namespace import Namespace, NullBackend, parse_namespace_s
 from vnvme.controller.variants import SERVE_CQ_EVENTIDX, SERVE_SQ_CHOICES, SERVE_SQ_EVENTIDX
 from vnvme.effects import TraceEvent
 from vnvme.function import NvmeFunction
+from vnvme.paths import check_output_file, output_directory
 from vnvme.trace import JsonLinesSink, format_event, matching_events
 from vnvme.vfio_user.server import DMA_MAP_DESCRIPTORS, ServerOptions, VfioUserServer
 
@@ -343,9 +344,7 @@ def format_statistics(server: VfioUserServer, function: NvmeFunction) -> str:
 def check_report_path(path: str) -> None:
     """Refuse, before the server starts, a --check-host-report path it could not replace
     safely: only a regular file there is ever replaced."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"--check-host-report {path}: directory {directory} does not exist")
+    output_directory("--check-host-report", path)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -463,9 +462,7 @@ class Listener:
 def listen(path: str, option: str = "--socket") -> Listener:
     """Listen on ``path``. Only a stale socket there is replaced; anything else is refused
     (``option``: what the user gave the path with, for the message)."""
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        raise ValueError(f"{path}: directory {directory} does not exist")
+    output_directory(option, path)
     try:
         existing: os.stat_result | None = os.lstat(path)
     except FileNotFoundError:
@@ -645,6 +642,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
     if args.trace:
         matching_events(args.trace)  # unknown patterns fail before anything starts
+        if args.trace_file is not None:
+            check_output_file("--trace-file", args.trace_file)
     if args.check_host_report is not None:
         check_report_path(args.check_host_report)
     fault_specs = list(file_options.get("fault", [])) + list(args.fault)

@@ -14,6 +14,7 @@ from typing import Any
 from vnvme.bench.command import machine_description
 from vnvme.bench.runner import BenchError
 from vnvme.controller.variants import VM_COMPARE
+from vnvme.paths import check_output_file, make_folder
 from vnvme.vm.compare import DeviceColumn, compare, explanation, format_columns, vm_variant_problem
 from vnvme.vm.provision import DEFAULT_KERNEL, KERNELS, MIRROR, Image, Provisioner, ProvisionError, cache_dir
 from vnvme.vm.scenarios import VmOptions, git_describe, run_scenarios
@@ -140,7 +141,25 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _prepare_paths(args: argparse.Namespace) -> None:
+    """Folders named are made (``mkdir -p``), files to write checked: before provisioning and
+    booting, not after a run whose results would be lost. ValueError: one line."""
+    for option in ("--cache", "--work-dir"):
+        folder = getattr(args, option[2:].replace("-", "_"), None)
+        if folder is not None:
+            make_folder(option, folder)
+    for option in ("--json", "--markdown"):
+        path = getattr(args, option[2:], None)
+        if path is not None:
+            check_output_file(option, path)
+
+
 def main(args: argparse.Namespace) -> int:
+    try:
+        _prepare_paths(args)
+    except ValueError as exc:
+        print(f"vnvme vm {args.vm_command}: {exc}", file=sys.stderr)
+        return 2
     provisioner = Provisioner(args.cache, mirror=args.mirror, say=_say)
     try:
         image = provisioner.image(args.kernel)
