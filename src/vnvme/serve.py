@@ -635,6 +635,14 @@ def _accept_clients(
                 conn.close()
 
 
+def _close_control(control: ControlServer | None, listener: Listener | None) -> None:
+    """Stop the --control socket's server, then remove its file (only the one it made)."""
+    if control is not None:
+        control.close()
+    if listener is not None:
+        listener.close()
+
+
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     file_options: dict[str, Any] = _load_config(args.config) if args.config else {}
     config = _controller_config(args, file_options)
@@ -688,10 +696,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 listener = listen(args.socket)
             except BaseException:
                 # A start that fails leaves no file it created behind (a namespace's, the sockets).
-                if control is not None:
-                    control.close()
-                if control_listener is not None:
-                    control_listener.close()
+                _close_control(control, control_listener)
                 function.close()
                 discard_namespaces(namespaces)
                 raise
@@ -702,10 +707,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             finally:
                 # No new client from here on; a second SIGTERM meanwhile only repeats "stop".
                 listener.close()  # removes the socket, if the path still names it
-                if control is not None:
-                    control.close()
-                if control_listener is not None:
-                    control_listener.close()
+                _close_control(control, control_listener)
                 function.close()  # flushes every backend
                 host_reports(final=True)  # first: its last look is in the statistics too
                 if not args.quiet:
