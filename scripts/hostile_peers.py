@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from vnvme.bench.scale import sample as server_usage
 from vnvme.driver import NvmeDriver
 from vnvme.driver.vfio_user import VfioUserTransport
 from vnvme.vfio_user import protocol as vu
@@ -77,12 +78,10 @@ class Server:
 
     def sample(self) -> Sample:
         pid = self.proc.pid
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        usage = server_usage(pid)  # descriptors and VmRSS, read as the scale bench reads them
         with open(f"/proc/{pid}/maps") as maps:
             mapped = sum(1 for line in maps if MEMFD_NAME in line)
-        with open(f"/proc/{pid}/status") as status:
-            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        return Sample(fds, mapped, rss)
+        return Sample(usage.fds, mapped, usage.rss_kib)
 
     def stop(self) -> str:
         if self.proc.poll() is None:
