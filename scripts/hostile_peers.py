@@ -245,7 +245,12 @@ def never_speaks(path: str, peak: Peak) -> dict[str, object]:
 def never_reads(path: str, peak: Peak) -> dict[str, object]:
     sock, channel = connect(path)
     version(channel)
-    request = vu.pack_message(2, Command.DEVICE_GET_INFO, vu.TYPE_COMMAND, vu.DEVICE_INFO.pack(16, 0, 0, 0))
+    # Each reply (256 bytes of config space) outweighs its request: the server's replies fill
+    # our receive queue before its requests run out, whatever it had read when ours filled.
+    # Replies no larger than the requests could all fit, if the server had read none until
+    # then: it waits for the next request, not stuck, and is rightly never hung up on.
+    read = vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 256)
+    request = vu.pack_message(2, Command.REGION_READ, vu.TYPE_COMMAND, read)
     sock.setblocking(False)
     sent = 0
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
