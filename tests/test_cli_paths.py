@@ -14,6 +14,7 @@ import pytest
 import vnvme.vm.command
 from vnvme.cli import main
 from vnvme.vm.provision import ProvisionError
+from vnvme.vm.scenarios import Scenario, ScenarioReport
 
 
 class _NoProvisioning:
@@ -107,3 +108,26 @@ def test_serve_trace_file_that_cannot_be_written_names_the_option(tmp_path: Path
         assert proc.returncode == 2
         assert proc.stderr == f"vnvme serve: --trace-file {path}: {message}\n"
     assert list(tmp_path.iterdir()) == []  # neither the namespace's file nor a socket was left
+
+
+def test_vm_report_whose_folder_went_during_the_run_is_one_line_and_status_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "reports"
+    folder.mkdir()
+
+    class Provisioned(_NoProvisioning):
+        def image(self, kernel: str) -> Any:
+            return object()  # only handed on to run_scenarios, replaced below
+
+    def run_scenarios(image: Any, options: Any) -> ScenarioReport:
+        folder.rmdir()  # the user tidies up while the guests run
+        return ScenarioReport("6.12", "QEMU", [Scenario("boots", True, "ok")], [], None)
+
+    monkeypatch.setattr(vnvme.vm.command, "Provisioner", Provisioned)
+    monkeypatch.setattr(vnvme.vm.command, "run_scenarios", run_scenarios)
+    path = folder / "r.json"
+    assert main(["vm", "run", "--cache", str(tmp_path / "cache"), "--json", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "PASS  boots" in out  # the results were shown before the report was lost
+    assert err == f"vnvme vm run: --json {path}: cannot write it: No such file or directory\n"

@@ -40,3 +40,12 @@ def make_folder(option: str, path: str | os.PathLike[str]) -> None:
         raise ValueError(f"{option} {os.fspath(path)}: cannot create it: {exc.strerror or exc}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{option} {os.fspath(path)}: not writable")
+
+
+def write_output(option: str, path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to the file ``option`` names (checked before the run, but its folder may
+    have gone since); ValueError with one line if it cannot be written."""
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ValueError(f"{option} {os.fspath(path)}: cannot write it: {exc.strerror or exc}") from None
