@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from vnvme.bench.scale import sample as server_usage
 from vnvme.driver import NvmeDriver
 from vnvme.driver.vfio_user import VfioUserTransport
 from vnvme.vfio_user import protocol as vu
@@ -77,12 +78,10 @@ class Server:
 
     def sample(self) -> Sample:
         pid = self.proc.pid
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        usage = server_usage(pid)  # descriptors and VmRSS, read as the scale bench reads them
         with open(f"/proc/{pid}/maps") as maps:
             mapped = sum(1 for line in maps if MEMFD_NAME in line)
-        with open(f"/proc/{pid}/status") as status:
-            rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        return Sample(fds, mapped, rss)
+        return Sample(usage.fds, mapped, usage.rss_kib)
 
     def stop(self) -> str:
         if self.proc.poll() is None:
@@ -246,7 +245,12 @@ def never_speaks(path: str, peak: Peak) -> dict[str, object]:
 def never_reads(path: str, peak: Peak) -> dict[str, object]:
     sock, channel = connect(path)
     version(channel)
-    request = vu.pack_message(2, Command.DEVICE_GET_INFO, vu.TYPE_COMMAND, vu.DEVICE_INFO.pack(16, 0, 0, 0))
+    # Each reply (256 bytes of config space) outweighs its request: the server's replies fill
+    # our receive queue before its requests run out, whatever it had read when ours filled.
+    # Replies no larger than the requests could all fit, if the server had read none until
+    # then: it waits for the next request, not stuck, and is rightly never hung up on.
+    read = vu.REGION_ACCESS.pack(0, vu.PciRegion.CONFIG, 256)
+    request = vu.pack_message(2, Command.REGION_READ, vu.TYPE_COMMAND, read)
     sock.setblocking(False)
     sent = 0
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):

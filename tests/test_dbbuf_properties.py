@@ -22,8 +22,10 @@ from vnvme.spec.dbbuf import (
     need_event,
     never_crossed,
     rearm_event_idx,
+    slot_queue,
     sq_slot,
 )
+from vnvme.spec.registers import DOORBELL_BASE, decode_doorbell
 
 u16 = st.integers(0, 0xFFFF)
 
@@ -97,6 +99,14 @@ def test_slots_match_the_doorbell_register_layout(dstrd: int, qid: int) -> None:
     assert cq_slot(qid, dstrd) == (2 * qid + 1) * stride_dwords
     fits = cq_slot(qid, dstrd) < 1024
     assert fits == (qid <= max_qid_in_page(4096, dstrd))
+
+
+@given(st.integers(0, 15), st.integers(0, 3000))
+def test_a_slot_names_its_queue_as_the_doorbell_register_does(dstrd: int, qid: int) -> None:
+    for slot, is_cq in ((sq_slot(qid, dstrd), False), (cq_slot(qid, dstrd), True)):
+        assert slot_queue(slot, dstrd) == (qid, is_cq)
+        # The shadow page mirrors the doorbell registers: dword slot <-> BAR0 1000h + 4 * slot.
+        assert slot_queue(slot, dstrd) == decode_doorbell(DOORBELL_BASE + 4 * slot, dstrd)
 
 
 def test_no_queue_fits_a_stride_as_large_as_the_page() -> None:

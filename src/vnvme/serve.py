@@ -28,6 +28,7 @@ from vnvme.controller.namespace import Namespace, NullBackend, parse_namespace_s
 from vnvme.controller.variants import SERVE_CQ_EVENTIDX, SERVE_SQ_CHOICES, SERVE_SQ_EVENTIDX
 from vnvme.effects import TraceEvent
 from vnvme.function import NvmeFunction
+from vnvme.paths import check_output_file, output_directory
 from vnvme.trace import JsonLinesSink, format_event, matching_events
 from vnvme.vfio_user.server import (
     DMA_MAP_DESCRIPTORS,
@@ -384,9 +385,7 @@ def _window_statistics(window: PollWindow | None) -> dict[str, float] | None:
 def check_report_path(path: str) -> None:
     """Refuse, before the server starts, a --check-host-report path it could not replace
     safely: only a regular file there is ever replaced."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ValueError(f"--check-host-report {path}: directory {directory} does not exist")
+    output_directory("--check-host-report", path)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -504,9 +503,7 @@ class Listener:
 def listen(path: str, option: str = "--socket") -> Listener:
     """Listen on ``path``. Only a stale socket there is replaced; anything else is refused
     (``option``: what the user gave the path with, for the message)."""
-    directory = os.path.dirname(path) or "."
-    if not os.path.isdir(directory):
-        raise ValueError(f"{path}: directory {directory} does not exist")
+    output_directory(option, path)
     try:
         existing: os.stat_result | None = os.lstat(path)
     except FileNotFoundError:
@@ -679,6 +676,14 @@ def _accept_clients(
                 conn.close()
 
 
+def _close_control(control: ControlServer | None, listener: Listener | None) -> None:
+    """Stop the --control socket's server, then remove its file (only the one it made)."""
+    if control is not None:
+        control.close()
+    if listener is not None:
+        listener.close()
+
+
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     file_options: dict[str, Any] = _load_config(args.config) if args.config else {}
     config = _controller_config(args, file_options)
@@ -686,6 +691,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     mappable = bool(file_options.get("mappable_doorbells", False) or args.mappable_doorbells)
     if args.trace:
         matching_events(args.trace)  # unknown patterns fail before anything starts
+        if args.trace_file is not None:
+            check_output_file("--trace-file", args.trace_file)
     if args.check_host_report is not None:
         check_report_path(args.check_host_report)
     fault_specs = list(file_options.get("fault", [])) + list(args.fault)
@@ -734,10 +741,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 listener = listen(args.socket)
             except BaseException:
                 # A start that fails leaves no file it created behind (a namespace's, the sockets).
-                if control is not None:
-                    control.close()
-                if control_listener is not None:
-                    control_listener.close()
+                _close_control(control, control_listener)
                 function.close()
                 discard_namespaces(namespaces)
                 raise
@@ -748,10 +752,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             finally:
                 # No new client from here on; a second SIGTERM meanwhile only repeats "stop".
                 listener.close()  # removes the socket, if the path still names it
-                if control is not None:
-                    control.close()
-                if control_listener is not None:
-                    control_listener.close()
+                _close_control(control, control_listener)
                 function.close()  # flushes every backend
                 host_reports(final=True)  # first: its last look is in the statistics too
                 if not args.quiet:

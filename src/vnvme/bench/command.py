@@ -30,6 +30,7 @@ from vnvme.bench.runner import (
     summary,
 )
 from vnvme.controller.namespace import parse_size
+from vnvme.paths import check_output_file
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run failed: a server did not start, refused, went away; an I/O failed
@@ -217,17 +218,6 @@ def machine_description() -> str:
     return f"{platform.node()}: {cpus} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
 
 
-def _check_writable(option: str, path: str) -> None:
-    """Before the run, not after it: a report that cannot be written would lose the measurements."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path}: is a directory")
-    if not os.path.isdir(directory):
-        raise ValueError(f"{option} {path}: no such directory {directory}")
-    if not os.access(path if os.path.exists(path) else directory, os.W_OK):
-        raise ValueError(f"{option} {path}: not writable")
-
-
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived: unwind (stopping every server on the way), then exit 128 + signal."""
 
@@ -297,7 +287,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
         ("--plot", args.plot),
     ):
         if path is not None:
-            _check_writable(option, path)
+            check_output_file(option, path)  # before the run: its results would be lost
     started = time.time()
     what = f"{options.spec.rw} bs={options.spec.bs} numjobs={options.spec.numjobs}"
     amount = f"{options.spec.runtime} s" if options.spec.runtime else f"{options.spec.number_ios} I/Os"

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from vnvme.controller.admin_features import get_features, set_features
+from vnvme.controller.context import io_queue
 from vnvme.controller.errors import refused
 from vnvme.controller.nvm import IO_EFFECTS
 from vnvme.controller.queues import CompletionQueue, SubmissionQueue
@@ -113,7 +114,7 @@ def create_io_sq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
         ctrl.trace("pci_nvme_create_sq", qid, cqid, size, cdw11 & 0xFFFF)
     if qid == 0 or qid > ctrl.features.nsqa + 1 or ctrl.sqs[qid] is not None:
         raise refused(Status.INVALID_QUEUE_IDENTIFIER, f"invalid sqid {qid}")
-    cq = ctrl.cqs[cqid] if 0 < cqid < len(ctrl.cqs) else None
+    cq = io_queue(ctrl.cqs, cqid)
     if cq is None:
         raise refused(Status.COMPLETION_QUEUE_INVALID, f"cqid {cqid} does not exist")
     if size < 2 or size > ctrl.config.max_queue_entries:
@@ -139,7 +140,7 @@ def delete_io_sq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
     qid = DeleteQueue.QID.get(f[CDW10])
     if ctrl.tracing:
         ctrl.trace("pci_nvme_del_sq", qid)
-    target = ctrl.sqs[qid] if 0 < qid < len(ctrl.sqs) else None
+    target = io_queue(ctrl.sqs, qid)
     if target is None:
         raise refused(Status.INVALID_QUEUE_IDENTIFIER, f"sqid {qid} does not exist")
     # §5.6: the queue's commands not yet completed are aborted, and their completions posted
@@ -154,7 +155,7 @@ def delete_io_cq(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) ->
     qid = DeleteQueue.QID.get(f[CDW10])
     if ctrl.tracing:
         ctrl.trace("pci_nvme_del_cq", qid)
-    target = ctrl.cqs[qid] if 0 < qid < len(ctrl.cqs) else None
+    target = io_queue(ctrl.cqs, qid)
     if target is None:
         raise refused(Status.INVALID_QUEUE_IDENTIFIER, f"cqid {qid} does not exist")
     if target.sqs:
@@ -403,7 +404,7 @@ def abort(ctrl: AdminContext, sq: SubmissionQueue, f: tuple[int, ...]) -> Result
     if target_sqid == 0:
         aborted = ctrl.async_events.abort(target_cid)
     else:
-        target = ctrl.sqs[target_sqid] if target_sqid < len(ctrl.sqs) else None
+        target = io_queue(ctrl.sqs, target_sqid)
         aborted = (
             target is not None and ctrl.delayed.abort(ctrl, target, target_cid, Status.ABORT_REQUESTED) > 0
         )

@@ -11,8 +11,8 @@ that reaches past them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from vnvme.controller.admin_state import AsyncEvents, ErrorLog, FeatureState, SmartCounters
@@ -26,6 +26,14 @@ if TYPE_CHECKING:
 
 #: What a handler returns: (status, CQE dword 0), or None when it completes later.
 Result = tuple[int, int] | None
+
+Q = TypeVar("Q")
+
+
+def io_queue(queues: Sequence[Q | None], qid: int) -> Q | None:
+    """The existing I/O queue ``qid`` of ``queues`` (:attr:`AdminContext.sqs` or ``cqs``); None
+    for qid 0, the admin queue, which no admin command may name, and for ids past the table."""
+    return queues[qid] if 0 < qid < len(queues) else None
 
 
 class IoContext(Protocol):

@@ -36,7 +36,7 @@ from vnvme.controller.doorbells import Doorbells, QueueDoorbell
 from vnvme.controller.queues import CompletionQueue, SubmissionQueue
 from vnvme.spec import registers as regs
 from vnvme.spec.commands import AsyncEventErrorInfo
-from vnvme.spec.dbbuf import need_event
+from vnvme.spec.dbbuf import cq_slot, need_event, slot_queue, sq_slot
 from vnvme.spec.status import Status
 
 if TYPE_CHECKING:
@@ -574,8 +574,8 @@ class HostChecker:
             if value != last:
                 self._idle_slots[slot] = value
                 if value:
-                    qid, is_cq = divmod(slot >> ctrl.dstrd, 2)
-                    self._violation("shadow_slot_invalid_queue", qid, is_cq, value)
+                    qid, is_cq = slot_queue(slot, ctrl.dstrd)
+                    self._violation("shadow_slot_invalid_queue", qid, int(is_cq), value)
 
     def _missing_slots(self) -> list[int]:
         ctrl = self.ctrl
@@ -583,15 +583,15 @@ class HostChecker:
         out = []
         for qid in range(len(ctrl.sqs)):
             if ctrl.sqs[qid] is None:
-                out.append((2 * qid) << ctrl.dstrd)
+                out.append(sq_slot(qid, ctrl.dstrd))
             if ctrl.cqs[qid] is None:
-                out.append((2 * qid + 1) << ctrl.dstrd)
+                out.append(cq_slot(qid, ctrl.dstrd))
         return out
 
     def _queue_at(self, slot: int) -> Queue | None:
         ctrl = self.ctrl
         assert ctrl is not None
-        qid, is_cq = divmod(slot >> ctrl.dstrd, 2)
+        qid, is_cq = slot_queue(slot, ctrl.dstrd)
         queues: list[Any] = ctrl.cqs if is_cq else ctrl.sqs
         return queues[qid] if qid < len(queues) else None
 

@@ -53,6 +53,13 @@ def cq_slot(qid: int, dstrd: int) -> int:
     return (2 * qid + 1) << dstrd
 
 
+def slot_queue(slot: int, dstrd: int) -> tuple[int, bool]:
+    """The queue whose slot ``slot`` is, as (qid, is_cq): the inverse of :func:`sq_slot` and
+    :func:`cq_slot` (``slot`` one of theirs, a multiple of 1 << DSTRD)."""
+    index = slot >> dstrd
+    return index >> 1, bool(index & 1)
+
+
 def max_qid_in_page(page_size: int, dstrd: int) -> int:
     """Largest qid whose two slots both fit in one page of ``page_size`` bytes; -1 if none does
     (a stride as large as the page: even queue 0's CQ slot lies past it)."""

@@ -14,6 +14,7 @@ from typing import Any
 from vnvme.bench.command import machine_description
 from vnvme.bench.runner import BenchError
 from vnvme.controller.variants import VM_COMPARE
+from vnvme.paths import check_output_file, make_folder, write_output
 from vnvme.vm.compare import DeviceColumn, compare, explanation, format_columns, vm_variant_problem
 from vnvme.vm.provision import DEFAULT_KERNEL, KERNELS, MIRROR, Image, Provisioner, ProvisionError, cache_dir
 from vnvme.vm.scenarios import VmOptions, git_describe, run_scenarios
@@ -140,7 +141,25 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _prepare_paths(args: argparse.Namespace) -> None:
+    """Folders named are made (``mkdir -p``), files to write checked: before provisioning and
+    booting, not after a run whose results would be lost. ValueError: one line."""
+    for option in ("--cache", "--work-dir"):
+        folder = getattr(args, option[2:].replace("-", "_"), None)
+        if folder is not None:
+            make_folder(option, folder)
+    for option in ("--json", "--markdown"):
+        path = getattr(args, option[2:], None)
+        if path is not None:
+            check_output_file(option, path)
+
+
 def main(args: argparse.Namespace) -> int:
+    try:
+        _prepare_paths(args)
+    except ValueError as exc:
+        print(f"vnvme vm {args.vm_command}: {exc}", file=sys.stderr)
+        return 2
     provisioner = Provisioner(args.cache, mirror=args.mirror, say=_say)
     try:
         image = provisioner.image(args.kernel)
@@ -184,9 +203,19 @@ def _soak(image: Image, args: argparse.Namespace) -> int:
         return 1
     print()
     print(format_report(report))
-    if args.json:
-        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if args.json and not _written("soak", "--json", args.json, json.dumps(report.to_json(), indent=2) + "\n"):
+        return 1
     return 0 if report.passed else 1
+
+
+def _written(command: str, option: str, path: Path, text: str) -> bool:
+    """Write a report after the run: False (and one line) if it could not be."""
+    try:
+        write_output(option, path, text)
+    except ValueError as exc:
+        print(f"vnvme vm {command}: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _run(image: Image, options: VmOptions, json_path: Path | None) -> int:
@@ -201,8 +230,8 @@ def _run(image: Image, options: VmOptions, json_path: Path | None) -> int:
     print()
     for paragraph in explanation(options.smp)[:2]:  # what the fio line's doorbells/IO count
         print(textwrap.fill(paragraph, 100))
-    if json_path:
-        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if json_path and not _written("run", "--json", json_path, json.dumps(report.to_json(), indent=2) + "\n"):
+        return 1
     return 0 if report.passed else 1
 
 
@@ -220,14 +249,15 @@ def _compare(image: Image, options: VmOptions, args: argparse.Namespace) -> int:
     print()
     for paragraph in explanation(options.smp):
         print(textwrap.fill(paragraph, 100))
+    written = True
     if args.json:
-        args.json.write_text(json.dumps(compare_json(image, options, columns), indent=2) + "\n")
+        text = json.dumps(compare_json(image, options, columns), indent=2) + "\n"
+        written &= _written("compare", "--json", args.json, text)
     if args.markdown:
         argv = " ".join(sys.argv[1:])
-        args.markdown.write_text(
-            _markdown(image.kernel_version, image.qemu_version, options, columns, table, argv)
-        )
-    return 0
+        text = _markdown(image.kernel_version, image.qemu_version, options, columns, table, argv)
+        written &= _written("compare", "--markdown", args.markdown, text)
+    return 0 if written else 1
 
 
 def compare_json(image: Image, options: VmOptions, columns: list[DeviceColumn]) -> dict[str, Any]:
