@@ -56,6 +56,10 @@ _PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 CACHE_SIZE = "1.2 GB"
 
 
+#: Written at the cache's top before the first build: what lies beside it is vnvme's to replace.
+CACHE_MARK = ".vnvme-cache"
+
+
 class ProvisionError(RuntimeError):
     """Provisioning could not finish; the message says which step and why."""
 
@@ -169,6 +173,12 @@ class Provisioner:
         command = rooted(self.root, ["env", "DEBIAN_FRONTEND=noninteractive", *argv])
         return _run(command, timeout=timeout, what=what, capture=capture)
 
+    def _made_here(self, path: Path) -> bool:
+        """Whether ``path`` (the root or its partial build) is this cache's own: the cache holds
+        the mark written before a build, or the root carries the stamps' folder (caches made
+        before the mark existed)."""
+        return (self.cache / CACHE_MARK).exists() or (path / "opt" / "vnvme").is_dir()
+
     def _stamp(self, name: str) -> Path:
         return self.root / "opt" / "vnvme" / f".done-{name}"
 
@@ -205,11 +215,16 @@ class Provisioner:
         ready = (self.root / "usr" / "bin" / "apt-get").exists() and self._stamp("debootstrap").exists()
         if ready:
             return
-        self._host_tools()
         partial = self.cache / "trixie.partial"
+        for leftover in (partial, self.root):
+            # --cache may name a folder of the user's: remove only what this class made.
+            if leftover.exists() and not self._made_here(leftover):
+                raise ProvisionError(f"{leftover} was not made by vnvme; leaving it (choose another --cache)")
+        self._host_tools()
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(self.root, ignore_errors=True)
         partial.parent.mkdir(parents=True, exist_ok=True)
+        (self.cache / CACHE_MARK).write_text("vnvme guest cache\n")
         started = time.monotonic()
         self.say(f"[vm] debootstrap trixie into {self.root} ...")
         _run(
