@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
+from vnvme.spec.dbbuf import cq_slot, slot_queue, sq_slot
+
 
 @dataclass(frozen=True, slots=True)
 class Field:
@@ -146,22 +148,21 @@ def doorbell_stride(dstrd: int) -> int:
 
 def sq_tail_doorbell(qid: int, dstrd: int) -> int:
     """BAR0 offset of SQ ``qid``'s Tail Doorbell: 1000h + (2y * (4 << DSTRD))."""
-    return DOORBELL_BASE + (2 * qid) * (4 << dstrd)
+    return DOORBELL_BASE + 4 * sq_slot(qid, dstrd)
 
 
 def cq_head_doorbell(qid: int, dstrd: int) -> int:
     """BAR0 offset of CQ ``qid``'s Head Doorbell: 1000h + ((2y + 1) * (4 << DSTRD))."""
-    return DOORBELL_BASE + (2 * qid + 1) * (4 << dstrd)
+    return DOORBELL_BASE + 4 * cq_slot(qid, dstrd)
 
 
 def decode_doorbell(offset: int, dstrd: int) -> tuple[int, bool] | None:
     """Map a BAR0 offset at or above 1000h to (qid, is_cq), or None if it is not a doorbell."""
-    stride = 4 << dstrd
+    # Shadow and EventIdx slots are laid out as the doorbells are, 1000h on (§5.7).
     rel = offset - DOORBELL_BASE
-    if rel < 0 or rel % stride:
+    if rel < 0 or rel % doorbell_stride(dstrd):
         return None
-    index = rel // stride
-    return index >> 1, bool(index & 1)
+    return slot_queue(rel >> 2, dstrd)
 
 
 def bar0_size(queue_pairs: int, dstrd: int) -> int:
