@@ -114,6 +114,25 @@ def section(run: dict[str, Any], source: str) -> list[str]:
                     for d in depths
                 ],
             )
+    # Polling (the guest issue): the default budget no worse than event-driven, and a whole CPU
+    # at most 0.05 doorbells per I/O.
+    poll = _column(run, variant="dbbuf-poll")
+    if poll is not None:
+        row(
+            "IOPS ratio, dbbuf polling (default budget) / dbbuf",
+            [_ratio(_median(poll, d, "iops"), _median(ours, d, "iops")) for d in depths],
+        )
+    poll_cpu = _column(run, variant="dbbuf-poll-cpu")
+    if poll_cpu is not None:
+        whole = [_median(poll_cpu, d, "doorbells") for d in depths]
+        row(
+            "doorbells/IO, dbbuf polling with a whole CPU (<= 0.05)",
+            [f"{v:.3f} ({_mark(v <= 0.05)})" if v is not None else "n/a" for v in whole],
+        )
+        row(
+            "IOPS ratio, dbbuf polling with a whole CPU / dbbuf",
+            [_ratio(_median(poll_cpu, d, "iops"), _median(ours, d, "iops"), False) for d in depths],
+        )
     row("server CPU us/IO, dbbuf", [_us(_median(ours, d, "server_cpu_us")) for d in depths])
     qemu = others["QEMU over vfio-user"]
     if qemu is not None:
@@ -126,6 +145,9 @@ def section(run: dict[str, Any], source: str) -> list[str]:
                 f"guest QEMU CPU us/IO, {label}",
                 [_us(_median(column, d, "guest_qemu_cpu_us")) for d in depths],
             )
+    # Everything on the host, not only this run: a busy host makes the IOPS ratios noise.
+    busy = [_median(ours, d, "machine_busy_cpus") for d in depths]
+    row("host CPUs busy during dbbuf's jobs", ["n/a" if b is None else f"{b:.2f}" for b in busy])
     lines.append("")
     return lines
 
