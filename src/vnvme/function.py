@@ -75,8 +75,10 @@ class NvmeFunction:
         device_id: int = DEFAULT_DEVICE_ID,
         mappable_doorbells: bool = False,
         idle_sleep: float = 100e-6,
+        memory: GuestMemory | None = None,
     ) -> None:
-        self.memory = GuestMemory()
+        # ``memory``: a fresh address space unless given one (a harness's that watches it).
+        self.memory = GuestMemory() if memory is None else memory
         self.controller = Controller(self.memory, namespaces, config)
         cfg = self.controller.config
         if trace:
