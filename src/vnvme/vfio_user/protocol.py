@@ -418,9 +418,7 @@ class Channel:
             self._rbase += self._rpos
             self._rpos, self._rend = 0, len(unread)
         start = self._rend
-        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(
-            [self._rview[start:]], self._ancillary, recv_flags
-        )
+        nbytes, ancdata, msg_flags, _ = self._recvmsg_into([self._rview[start:]], self._ancillary, recv_flags)
         self._filled(start, nbytes, ancdata, msg_flags)
 
     def _filled(self, start: int, nbytes: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> None:
