@@ -13,8 +13,10 @@ compiled in place by ``scripts/build_mypyc.sh``).
 client zeroes the server's counters (callgrind_control), runs ``--ios`` I/Os and dumps them.
 Reported: the whole server process per I/O, and the part inside the device (NvmeFunction.run and
 BAR0 writes: the controller core with its PCI glue), attributed by calling those two through
-``functools.partial`` (callgrind's inclusive cost of ``partial_vectorcall``). The rest is the
-message path: select loop, receive, dispatch, reply.
+``functools.partial`` (callgrind's inclusive cost of ``partial_vectorcall``): the server is
+handed a stand-in for the NvmeFunction (``_MeasuredDevice``), since a compiled NvmeFunction takes
+no replacement of its methods (its other methods are the function's own, bound). The rest is the message path: select loop, receive, dispatch,
+reply.
 
 ``client``: the client process runs under callgrind with collection on only during the measured
 run (entered through ``operator.methodcaller``); the transport's doorbell writes and interrupt
@@ -107,20 +109,41 @@ def _totals(path: str) -> tuple[int, int]:
 # Section: roles run under callgrind
 
 
+class _MeasuredDevice:
+    """What the server sees of the NvmeFunction (the Device protocol), its two entry points
+    behind partials: ``run``, and the BAR0 region's ``write``. A compiled NvmeFunction takes no
+    replacement of its methods, so the server is handed this stand-in; the other methods are
+    the function's own, bound. No ``__getattr__``: it would slow every attribute lookup."""
+
+    def __init__(self, function: Any) -> None:
+        from vnvme.function import NvmeFunction
+        from vnvme.vfio_user.protocol import PciRegion
+
+        self.run = functools.partial(NvmeFunction.run, function)
+        self.idle = function.idle
+        self.next_deadline = function.next_deadline
+        self.set_irqs = function.set_irqs
+        self.attach = function.attach
+        self.detach = function.detach
+        self.reset = function.reset
+        self.memory_changed = function.memory_changed
+        self.regions = function.regions
+        self.irqs = function.irqs
+        self.memory = function.memory
+        # Region is the server's plain dataclass: its write can be replaced in either build.
+        self.regions[PciRegion.BAR0].write = functools.partial(NvmeFunction._bar0_write, function)
+
+
 def serve_role(socket_path: str) -> None:
     """``vnvme serve --namespace null,size=1G`` with the device's entry points behind partials."""
     from vnvme import serve
-    from vnvme.function import NvmeFunction
-    from vnvme.vfio_user.protocol import PciRegion
 
-    original = NvmeFunction.__init__
+    server_class = serve.VfioUserServer
 
-    def init(self: NvmeFunction, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self.run = functools.partial(NvmeFunction.run, self)  # type: ignore[method-assign]
-        self.regions[PciRegion.BAR0].write = functools.partial(NvmeFunction._bar0_write, self)
+    def measured(device: Any, *args: Any, **kwargs: Any) -> Any:
+        return server_class(_MeasuredDevice(device), *args, **kwargs)
 
-    NvmeFunction.__init__ = init  # type: ignore[method-assign]
+    serve.VfioUserServer = measured  # type: ignore[assignment,misc]
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     args = parser.parse_args(

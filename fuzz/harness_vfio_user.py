@@ -53,6 +53,7 @@ with instrumented():
         _make_fd,
         check_reply_errno,
     )
+    from vnvme.memory import Buffer, GuestMemory, MemoryRegion, RemoteAccess
     from vnvme.vfio_user import protocol as vu
     from vnvme.vfio_user.protocol import Channel, Command
     from vnvme.vfio_user.server import ServerOptions, VfioUserServer
@@ -279,21 +280,26 @@ def one_input(data: bytes) -> None:
             _, _, _, address, size = vu.DMA_MAP.unpack_from(seen)
             described.add((address, size))
     with _internal_errors() as internal:
-        function = make_function()
         mapped: list[tuple[int, int]] = []
-        memory = function.memory
-        plain_map, remote_map = memory.map, memory.map_remote
 
-        def map_region(gpa: int, buffer: object, **kwargs: object) -> object:
-            mapped.append((gpa, len(memoryview(buffer))))  # type: ignore[arg-type]
-            return plain_map(gpa, buffer, **kwargs)  # type: ignore[arg-type]
+        class RecordingMemory(GuestMemory):
+            """Guest memory that records every region mapped (compiled, GuestMemory's own
+            methods cannot be replaced on an instance)."""
 
-        def map_remote(gpa: int, size: int, *args: object, **kwargs: object) -> object:
-            mapped.append((gpa, size))
-            return remote_map(gpa, size, *args, **kwargs)  # type: ignore[arg-type]
+            def map(
+                self, gpa: int, buffer: Buffer, *, writable: bool = True, owner: object = None
+            ) -> MemoryRegion:
+                mapped.append((gpa, len(memoryview(buffer))))
+                return super().map(gpa, buffer, writable=writable, owner=owner)
 
-        memory.map = map_region  # type: ignore[method-assign,assignment]
-        memory.map_remote = map_remote  # type: ignore[method-assign,assignment]
+            def map_remote(
+                self, gpa: int, size: int, access: RemoteAccess, *, writable: bool = True
+            ) -> MemoryRegion:
+                mapped.append((gpa, size))
+                return super().map_remote(gpa, size, access, writable=writable)
+
+        memory = RecordingMemory()
+        function = make_function(memory=memory)
         server = VfioUserServer(function, ServerOptions(max_data_xfer_size=XFER, dma_timeout=0.2))
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

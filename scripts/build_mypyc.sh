@@ -20,6 +20,8 @@ vnvme/controller/eventidx.py
 vnvme/controller/interrupts.py
 vnvme/controller/queues.py
 vnvme/controller/nvm.py
+vnvme/memory.py
+vnvme/function.py
 "
 # Not fence.py: compiled, doorbells.py would call it directly, past the tests that slow the
 # probe's fence down (through doorbells.full_fence) to race the host against it.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from host import make_rig
 from vnvme.controller.namespace import Namespace, RamBackend
 from vnvme.effects import Effect
@@ -31,6 +33,7 @@ class StubController:
         return False
 
 
+@pytest.mark.pure_python  # a stub in place of the compiled NvmeFunction's typed controller
 def test_the_same_value_stored_again_a_lap_later_is_not_lost() -> None:
     function = NvmeFunction([Namespace(1, RamBackend(1 << 20), 512)], mappable_doorbells=True)
     real = function.controller

@@ -21,6 +21,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from vnvme.controller.config import ControllerConfig
 from vnvme.controller.controller import Controller
@@ -43,6 +44,8 @@ MSIX_ENTRY = 16
 PAGE = 4096
 # Plain ints: an IntEnum member costs a class attribute lookup each time (per interrupt here).
 _MSIX = int(vu.PciIrq.MSIX)
+# Bound once: compiled, ``os.eventfd_write`` is a lookup in the os module per interrupt.
+_eventfd_write: Final = os.eventfd_write
 
 
 def _pow2_at_least(value: int, minimum: int) -> int:
@@ -75,8 +78,10 @@ class NvmeFunction:
         device_id: int = DEFAULT_DEVICE_ID,
         mappable_doorbells: bool = False,
         idle_sleep: float = 100e-6,
+        memory: GuestMemory | None = None,
     ) -> None:
-        self.memory = GuestMemory()
+        # ``memory``: a fresh address space unless given one (a harness's that watches it).
+        self.memory = GuestMemory() if memory is None else memory
         self.controller = Controller(self.memory, namespaces, config)
         cfg = self.controller.config
         if trace:
@@ -311,7 +316,7 @@ class NvmeFunction:
             self.stats.interrupts_deferred += 1
             return
         try:
-            os.eventfd_write(fd, 1)
+            _eventfd_write(fd, 1)
             self.stats.interrupts_signalled += 1
             self.pending[index][vector] = False  # delivered: a stale PBA bit must not fire again
         except OSError:

@@ -14,8 +14,10 @@ import mmap
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
+
+from vnvme._mypyc import mypyc_attr
 
 _U32: Final = struct.Struct("<I")
 
@@ -44,23 +46,38 @@ class RemoteAccess:
     write: RemoteWriter
 
 
-@dataclass(eq=False)
 class MemoryRegion:
     """One contiguous range of guest physical addresses backed by a host buffer, or reachable
-    only through ``remote`` calls (then ``view`` is empty)."""
+    only through ``remote`` calls (then ``view`` is empty). A plain class, not a dataclass:
+    mypyc compiles no dataclass with a ``memoryview`` field (scripts/build_mypyc.sh)."""
 
-    gpa: int
-    size: int
-    view: memoryview
-    writable: bool = True
-    owner: object = field(default=None, repr=False)  # keeps an mmap alive while mapped
-    remote: RemoteAccess | None = None
+    __slots__ = ("gpa", "size", "view", "writable", "owner", "remote")
+
+    def __init__(
+        self,
+        gpa: int,
+        size: int,
+        view: memoryview,
+        writable: bool = True,
+        owner: object = None,  # keeps an mmap alive while mapped
+        remote: RemoteAccess | None = None,
+    ) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.view = view
+        self.writable = writable
+        self.owner = owner
+        self.remote = remote
+
+    def __repr__(self) -> str:
+        return f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x}, writable={self.writable}, remote={self.remote is not None})"
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the vfio-user fuzz harness records every map
 class GuestMemory:
     """The guest-physical address space as the device sees it."""
 

@@ -48,11 +48,18 @@ class FeatureState:
         self.async_event_configuration = 0
 
     @property
-    def arbitration_burst(self) -> int:
-        """Commands the controller takes from one SQ before it moves to the next (§4.11: AB of
-        the Arbitration feature, 2^AB, 111b no limit: at most an SQ's size minus one)."""
-        ab = feat.Arbitration.AB.get(self.arbitration)
-        return _NO_LIMIT if ab == feat.ARBITRATION_BURST_NO_LIMIT else 1 << ab
+    def arbitration(self) -> int:
+        """The Arbitration feature's value (cdw11 of Set Features)."""
+        return self._arbitration
+
+    @arbitration.setter
+    def arbitration(self, value: int) -> None:
+        self._arbitration = value
+        ab = feat.Arbitration.AB.get(value)
+        #: Commands the controller takes from one SQ before it moves to the next (§4.11: AB of
+        #: the Arbitration feature, 2^AB, 111b no limit: at most an SQ's size minus one). Worked
+        #: out here, once per Set Features: every pass reads it.
+        self.arbitration_burst = _NO_LIMIT if ab == feat.ARBITRATION_BURST_NO_LIMIT else 1 << ab
 
     @property
     def write_cache_enabled(self) -> bool:

@@ -224,7 +224,7 @@ class Controller(DoorbellWrites, CommandProcessing):
             log.exception("mmio_write(%#x, %d, %#x) failed", offset, size, value)
             self._internal_errors += 1
             self._set_fatal(f"internal error in register write: {exc!r}")
-        return self._take_effects()
+        return self._take_effects() if self._effects else []  # a doorbell mostly leaves none
 
     def _trace_refused(self, refused: RegisterRefused) -> None:
         for report in refused.reports:

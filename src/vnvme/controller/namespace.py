@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 _ZERO_CHUNK_SIZE: Final = 1 << 20
 _ZEROES: Final = bytes(_ZERO_CHUNK_SIZE)
+# Sliced per read: a memoryview's slice copies nothing (a slice of the bytes would copy it).
+_ZERO_VIEW: Final = memoryview(_ZEROES)
 
 _SIZE_SUFFIXES: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -76,7 +78,7 @@ class Backend:
         pos = 0
         while pos < length:
             take = min(length - pos, _ZERO_CHUNK_SIZE)
-            self.write(offset + pos, memoryview(_ZEROES)[:take], sync=sync)
+            self.write(offset + pos, _ZERO_VIEW[:take], sync=sync)
             pos += take
 
     def deallocate(self, offset: int, length: int) -> None:
@@ -103,11 +105,11 @@ class NullBackend(Backend):
     def read_into(self, offset: int, dest: memoryview) -> None:
         length = len(dest)
         if length <= _ZERO_CHUNK_SIZE:
-            dest[:] = _ZEROES[:length]
+            dest[:] = _ZERO_VIEW[:length]
             return
         for pos in range(0, length, _ZERO_CHUNK_SIZE):
             take = min(length - pos, _ZERO_CHUNK_SIZE)
-            dest[pos : pos + take] = _ZEROES[:take]
+            dest[pos : pos + take] = _ZERO_VIEW[:take]
 
     def write(self, offset: int, src: memoryview, *, sync: bool) -> None:
         pass

@@ -58,6 +58,8 @@ FLAG_ERROR: Final = 1 << 5
 
 # A plain int: socket.MSG_CTRUNC is an IntFlag, whose & costs a Python-level call per message.
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+# Plain ints too: a constant, not a lookup in the socket module per message.
+_MSG_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 
 HEADER: Final = struct.Struct("<HHIII")
 HEADER_SIZE: Final = HEADER.size
@@ -329,6 +331,10 @@ class Channel:
         if message_timeout is not None and not buffered:
             raise ValueError("a message timeout needs a buffered channel")
         self.sock = sock
+        # The socket's C methods, bound once: socket.socket is a Python subclass, so each
+        # method lookup on it walks two classes, once or twice a message.
+        self._recvmsg_into = sock.recvmsg_into
+        self._send = sock.send
         self.max_message = max_message
         self.max_fds = max_fds
         self.message_timeout = message_timeout
@@ -381,8 +387,8 @@ class Channel:
             raise self.framing_lost
         try:
             if self._rpos == self._rend:
-                return self._receive_fresh(socket.MSG_DONTWAIT)
-            self._fill(socket.MSG_DONTWAIT)
+                return self._receive_fresh(_MSG_DONTWAIT)
+            self._fill(_MSG_DONTWAIT)
         except BlockingIOError:
             return None
         return self._receive_buffered()
@@ -392,7 +398,7 @@ class Channel:
         message without descriptors, that is the message."""
         self._rbase += self._rend
         self._rpos = self._rend = 0
-        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(self._rviews, self._ancillary, recv_flags)
+        nbytes, ancdata, msg_flags, _ = self._recvmsg_into(self._rviews, self._ancillary, recv_flags)
         if nbytes >= HEADER_SIZE and not ancdata and not msg_flags & _MSG_CTRUNC:
             msg_id, command, size, flags, error = _HEADER_UNPACK_FROM(self._rbuf)
             if size == nbytes and size <= self.max_message:
@@ -412,9 +418,7 @@ class Channel:
             self._rbase += self._rpos
             self._rpos, self._rend = 0, len(unread)
         start = self._rend
-        nbytes, ancdata, msg_flags, _ = self.sock.recvmsg_into(
-            [self._rview[start:]], self._ancillary, recv_flags
-        )
+        nbytes, ancdata, msg_flags, _ = self._recvmsg_into([self._rview[start:]], self._ancillary, recv_flags)
         self._filled(start, nbytes, ancdata, msg_flags)
 
     def _filled(self, start: int, nbytes: int, ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> None:
@@ -446,7 +450,7 @@ class Channel:
             return None
         while True:
             try:
-                self._fill(socket.MSG_DONTWAIT)
+                self._fill(_MSG_DONTWAIT)
                 return deadline
             except BlockingIOError:
                 deadline = self._wait_more(deadline, self._rend - self._rpos, expected)
@@ -527,7 +531,7 @@ class Channel:
             data[:got] = self._rview[self._rpos : self._rpos + got]
             self._rpos += got
             view = memoryview(data)
-            recv_flags = 0 if self.message_timeout is None else socket.MSG_DONTWAIT
+            recv_flags = 0 if self.message_timeout is None else _MSG_DONTWAIT
             while got < body:
                 try:
                     n = self.sock.recv_into(view[got:], 0, recv_flags)
@@ -619,10 +623,10 @@ class Channel:
         if self.message_timeout is not None:
             try:
                 if fds:
-                    sent = self.sock.sendmsg([data], [_rights(fds)], socket.MSG_DONTWAIT)
+                    sent = self.sock.sendmsg([data], [_rights(fds)], _MSG_DONTWAIT)
                     fds = None
                 else:
-                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    sent = self._send(data, _MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
             if sent < len(data):
@@ -649,10 +653,10 @@ class Channel:
                 raise MessageTimeout(sent, len(data), timeout, sending=True)
             try:
                 if fds:
-                    sent += self.sock.sendmsg([view[sent:]], [_rights(fds)], socket.MSG_DONTWAIT)
+                    sent += self.sock.sendmsg([view[sent:]], [_rights(fds)], _MSG_DONTWAIT)
                     fds = None
                 else:
-                    sent += self.sock.send(view[sent:], socket.MSG_DONTWAIT)
+                    sent += self.sock.send(view[sent:], _MSG_DONTWAIT)
             except BlockingIOError:
                 continue
 

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from vnvme.effects import TraceEvent
 from vnvme.memory import GuestMemory, GuestMemoryError, RemoteAccess
@@ -44,6 +44,8 @@ _AFFINITY_CHECK_INTERVAL = 1024
 _ACCESS_SIZE = vu.REGION_ACCESS.size
 _ACCESS_UNPACK_FROM = vu.REGION_ACCESS.unpack_from
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Bound once: compiled, ``time.monotonic`` is a lookup in the time module per call.
+_monotonic: Final = time.monotonic
 # Client commands kept while a DMA reply is awaited (answered after it): past this many, or
 # payloads of more than this many of the largest message, or more than one message's worth of
 # descriptors, the device's access fails at once rather than the queue growing until dma_timeout.
@@ -674,7 +676,7 @@ class VfioUserServer:
         if result is None or message.flags & vu.FLAG_NO_REPLY:
             return
         if message.command in _DEVICE_WRITES and self._act_before_reply(channel):
-            self._ran_early = self.device.run(time.monotonic(), self._device_polls)
+            self._ran_early = self.device.run(_monotonic(), self._device_polls)
             self._replied_early = True
         payload, fds = result
         channel.reply(message, payload, fds)
