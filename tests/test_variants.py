@@ -33,6 +33,7 @@ def test_the_bench_runs_what_it_ran() -> None:
         "dbbuf-eager": ("--sq-eventidx", "eager"),
         "dbbuf-cq-eager": ("--cq-eventidx", "eager"),
         "dbbuf-poll": ("--poll",),
+        "dbbuf-poll-cpu": ("--poll", "--poll-budget", "1.0"),
         "posted-no-dbbuf": ("--no-shadow-doorbells",),
         "posted-dbbuf": (),
         "mappable": ("--mappable-doorbells",),

@@ -314,9 +314,12 @@ class AdaptiveSqEventIdx(SqEventIdx):
         state.credit += 1
 
     def _missed(self, state: _Learned) -> None:
+        # The credit towards the next offer stays: a host late now and then (a guest's vCPU
+        # preempted) must not keep a window it outgrew, which a count in a row would (once the
+        # patience is high, as after a stretch at depth 1, a miss every few hundred predictions
+        # would stop every later offer).
         state.missed += 1
         self.missed += 1
-        state.credit = 0
 
     def rearmed(self, sq: SubmissionQueue, ahead: int, now: float) -> float | None:
         state: _Learned = sq.policy_state

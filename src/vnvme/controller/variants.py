@@ -105,6 +105,7 @@ BENCH: Final = (
     "dbbuf-eager",
     "dbbuf-cq-eager",
     "dbbuf-poll",
+    "dbbuf-poll-cpu",
     "posted-no-dbbuf",
     "posted-dbbuf",
     "mappable",
