@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from host import make_rig
+from host import Rig, make_rig
 from vnvme.controller.config import ControllerConfig, SqEventIdxPolicy
 from vnvme.controller.namespace import Namespace, NullBackend
-from vnvme.spec.commands import NvmOpcode
+from vnvme.driver.driver import QueuePair
+from vnvme.spec.commands import NvmOpcode, Sqe
 from vnvme.spec.log_pages import (
     VNVME_COUNTERS,
     VNVME_COUNTERS_LID,
@@ -51,6 +52,37 @@ class Run:
         return self.sq_doorbells / self.ios
 
 
+def host_round(rig: Rig, qp: QueuePair, sqe: Sqe, clock: Clock, gaps: list[float]) -> int:
+    """The host places one command after each of ``gaps`` (seconds), with Linux's need_event,
+    then waits until it has reaped at least one completion; returns how many it reaped. The
+    controller runs the moment a doorbell is written, and on its deadline once that passes."""
+    ctrl = rig.controller
+    reaped = 0
+    for gap in gaps:
+        clock.now += gap
+        deadline = ctrl.next_deadline()
+        if deadline is not None and deadline <= clock.now:
+            rig.transport.device_idle()  # it looked while the host was away
+        qp.submit(sqe)
+        qp.ring_sq()  # the shadow tail, and a doorbell only if EventIdx is crossed
+        # One vCPU takes the interrupt at once: its handler reaps (the CQ head moves),
+        # and fio replaces those commands once this submission loop is done.
+        cqes = qp.reap()
+        if cqes:
+            qp.ring_cq()
+            reaped += len(cqes)
+    while not reaped:
+        cqes = qp.reap()
+        if cqes:
+            qp.ring_cq()
+            return len(cqes)
+        deadline = ctrl.next_deadline()
+        assert deadline is not None, "the host waits for a controller that waits for nothing"
+        clock.now = max(clock.now, deadline)
+        rig.transport.device_idle()
+    return reaped
+
+
 def closed_loop(policy: SqEventIdxPolicy, depth: int, ios: int, *, warmup: int = 400) -> Run:
     clock = Clock()
     config = ControllerConfig(sq_eventidx=policy)
@@ -68,27 +100,7 @@ def closed_loop(policy: SqEventIdxPolicy, depth: int, ios: int, *, warmup: int =
             if done >= warmup and not start_time:
                 start_doorbells = ctrl.statistics().io_doorbell_writes
                 start_time = clock.now
-            reaped = 0
-            for _ in range(to_place):
-                clock.now += GAP
-                qp.submit(sqe)
-                qp.ring_sq()  # the shadow tail, and a doorbell only if EventIdx is crossed
-                # One vCPU takes the interrupt at once: its handler reaps (the CQ head moves),
-                # and fio replaces those commands once this submission loop is done.
-                cqes = qp.reap()
-                if cqes:
-                    qp.ring_cq()
-                    reaped += len(cqes)
-            while not reaped:
-                cqes = qp.reap()
-                if cqes:
-                    qp.ring_cq()
-                    reaped = len(cqes)
-                    break
-                deadline = ctrl.next_deadline()
-                assert deadline is not None, "the host waits for a controller that waits for nothing"
-                clock.now = max(clock.now, deadline)
-                rig.transport.device_idle()
+            reaped = host_round(rig, qp, sqe, clock, [GAP] * to_place)
             done += reaped
             to_place = reaped
         stats = ctrl.statistics()
@@ -213,30 +225,11 @@ def test_a_host_late_now_and_then_still_gets_larger_batches_after_a_stretch_at_d
             to_place, done = depth, 0
             start = ctrl.statistics().io_doorbell_writes
             while done < ios:
-                reaped = 0
-                for _ in range(to_place):
-                    placed += 1
-                    # Now and then the host is late by more than the controller waits for it.
-                    clock.now += GAP if placed % late_every else 0.6e-3
-                    rig.transport.device_idle()  # the controller looks on its deadline
-                    qp.submit(sqe)
-                    qp.ring_sq()
-                    cqes = qp.reap()
-                    if cqes:
-                        qp.ring_cq()
-                        reaped += len(cqes)
-                while not reaped:
-                    cqes = qp.reap()
-                    if cqes:
-                        qp.ring_cq()
-                        reaped = len(cqes)
-                        break
-                    deadline = ctrl.next_deadline()
-                    assert deadline is not None
-                    clock.now = max(clock.now, deadline)
-                    rig.transport.device_idle()
-                done += reaped
-                to_place = reaped
+                # Now and then the host is late by more than the controller waits for it.
+                gaps = [GAP if (placed + i + 1) % late_every else 0.6e-3 for i in range(to_place)]
+                placed += to_place
+                to_place = host_round(rig, qp, sqe, clock, gaps)
+                done += to_place
             return (ctrl.statistics().io_doorbell_writes - start) / done
 
         run(1, 3000, 1 << 30)  # every offer unfillable: the patience climbs
