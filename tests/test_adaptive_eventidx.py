@@ -52,6 +52,17 @@ class Run:
         return self.sq_doorbells / self.ios
 
 
+def virtual_rig(clock: Clock, policy: SqEventIdxPolicy, io_queues: int = 1) -> Rig:
+    """A controller with SQ policy ``policy`` on ``clock``, a null namespace, our driver."""
+    return make_rig(
+        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
+        config=ControllerConfig(sq_eventidx=policy),
+        trace=(),
+        clock=clock,
+        io_queues=io_queues,
+    )
+
+
 def host_round(rig: Rig, qp: QueuePair, sqe: Sqe, clock: Clock, gaps: list[float]) -> int:
     """The host places one command after each of ``gaps`` (seconds), with Linux's need_event,
     then waits until it has reaped at least one completion; returns how many it reaped. The
@@ -85,10 +96,7 @@ def host_round(rig: Rig, qp: QueuePair, sqe: Sqe, clock: Clock, gaps: list[float
 
 def closed_loop(policy: SqEventIdxPolicy, depth: int, ios: int, *, warmup: int = 400) -> Run:
     clock = Clock()
-    config = ControllerConfig(sq_eventidx=policy)
-    rig = make_rig(
-        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)], config=config, trace=(), clock=clock
-    )
+    rig = virtual_rig(clock, policy)
     try:
         driver, ctrl = rig.driver, rig.controller
         qp = driver.queue(1)
@@ -147,13 +155,7 @@ def test_adaptive_offers_a_depth_1_host_larger_batches_ever_more_rarely() -> Non
 
 def test_predictions_and_interrupts_are_counted_per_queue_and_in_the_c0h_page() -> None:
     clock = Clock()
-    rig = make_rig(
-        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
-        config=ControllerConfig(sq_eventidx=SqEventIdxPolicy.ADAPTIVE),
-        trace=(),
-        clock=clock,
-        io_queues=2,
-    )
+    rig = virtual_rig(clock, SqEventIdxPolicy.ADAPTIVE, io_queues=2)
     try:
         driver, ctrl = rig.driver, rig.controller
         buf = rig.host_memory.alloc(4096)
@@ -207,12 +209,7 @@ def test_a_host_late_now_and_then_still_gets_larger_batches_after_a_stretch_at_d
     the window stayed near what the host first showed (0.18-0.25 doorbells per I/O at depth 8
     there; 0.500 here, where the host is late every 97 commands)."""
     clock = Clock()
-    rig = make_rig(
-        namespaces=[Namespace(1, NullBackend(1 << 20), 4096)],
-        config=ControllerConfig(sq_eventidx=SqEventIdxPolicy.ADAPTIVE),
-        trace=(),
-        clock=clock,
-    )
+    rig = virtual_rig(clock, SqEventIdxPolicy.ADAPTIVE)
     try:
         driver, ctrl = rig.driver, rig.controller
         qp = driver.queue(1)
