@@ -200,6 +200,19 @@ def test_ctl_says_so_when_nobody_listens(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_ctl_names_a_path_that_is_no_socket(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "control"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_text("mine")
+    result = _ctl(str(path), "fault", "list")
+    assert result.returncode == 2
+    assert result.stderr == f"vnvme ctl: {path}: not a socket (vnvme serve --control PATH makes one)\n"
+    assert kind == "directory" or path.read_text() == "mine"
+
+
 def test_control_server_in_process_rule_ids_and_hooks(tmp_path: Path) -> None:
     """Requests straight to a ControlServer: ids count up across removals, and each namespace
     gets the rules naming it (or none) in the order added."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -242,6 +244,9 @@ def request(path: str, line: str, timeout: float = 10.0) -> str:
         except TimeoutError:
             raise OSError(f"{path}: no reply within {timeout:g} s") from None
         except OSError as exc:
+            if os.path.exists(path) and not stat.S_ISSOCK(os.stat(path).st_mode):
+                # connect() says only "Connection refused" of a directory or a regular file.
+                raise OSError(f"{path}: not a socket (vnvme serve --control PATH makes one)") from None
             raise OSError(f"{path}: {exc.strerror or exc}") from None
     if not reply.endswith(b"\n"):
         raise OSError(f"{path}: the server closed the connection without a reply")
