@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import Server, _driver
-from vnvme.bench.engine import JobSpec, run_job
+from test_serve import Server
+from vnvme.bench.engine import JobResult, JobSpec, run_job
+from vnvme.driver import NvmeDriver
 from vnvme.vfio_user.server import POLL_WINDOW_START, PollBudget, PollWindow
 
 US = 1e-6
@@ -95,20 +96,14 @@ def test_a_polling_server_with_the_default_budget_serves_verified_io_and_reports
     tmp_path: Path,
 ) -> None:
     server = Server(tmp_path, "--namespace", "ram,size=8M", "--poll")
-    try:
-        transport = server.transport()
-        try:
-            driver = _driver(transport)
-            for lba in range(0, 64, 8):
-                data = os.urandom(4096)
-                driver.write(1, lba, data)
-                assert driver.read(1, lba, 8) == data
-            driver.close()
-        finally:
-            transport.close()
-        stats = server.stop_for_statistics()
-    finally:
-        server.kill()
+
+    def job(driver: NvmeDriver) -> None:
+        for lba in range(0, 64, 8):
+            data = os.urandom(4096)
+            driver.write(1, lba, data)
+            assert driver.read(1, lba, 8) == data
+
+    stats = server.serve_one_driver(job)
     window = stats["polling"]["window"]
     assert window["max_us"] == 32.0
     assert 0.0 <= window["current_us"] <= 32.0
@@ -119,17 +114,11 @@ def test_a_polling_server_with_the_default_budget_serves_verified_io_and_reports
 def test_a_shut_window_serves_as_the_event_driven_controller(tmp_path: Path) -> None:
     server = Server(tmp_path, "--namespace", "null,size=1G", "--poll", "--poll-max", "0")
     ios = 300
-    try:
-        transport = server.transport()
-        try:
-            driver = _driver(transport)
-            result = run_job(driver, JobSpec(iodepth=1, number_ios=ios, bs=4096))
-            driver.close()
-        finally:
-            transport.close()
-        stats = server.stop_for_statistics()
-    finally:
-        server.kill()
+    results: list[JobResult] = []
+    stats = server.serve_one_driver(
+        lambda driver: results.append(run_job(driver, JobSpec(iodepth=1, number_ios=ios, bs=4096)))
+    )
+    result = results[0]
     polling = stats["polling"]
     assert polling["idle_seconds"] == 0.0  # never spun
     assert polling["window"]["grows"] == 0 and polling["window"]["found_polling"] == 0

@@ -11,7 +11,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,21 @@ class Server:
             self.proc.send_signal(sig)
         out, err = self.proc.communicate(timeout=20)
         return self.proc.returncode, out, err
+
+    def serve_one_driver(self, job: Callable[[NvmeDriver], None], **transport: object) -> dict[str, Any]:
+        """One client: a probed driver runs ``job`` and closes; then the server is stopped and
+        its statistics returned (killed if anything failed on the way)."""
+        try:
+            connection = self.transport(**transport)
+            try:
+                driver = _driver(connection)
+                job(driver)
+                driver.close()
+            finally:
+                connection.close()
+            return self.stop_for_statistics()
+        finally:
+            self.kill()
 
     def stop_for_statistics(self) -> dict[str, Any]:
         """SIGTERM; the server must exit 0 and print its statistics (JSON) as its last line."""

@@ -15,7 +15,6 @@ import pytest
 from test_serve import Server, _driver
 from vnvme.bench.engine import JobSpec, run_job
 from vnvme.driver import NvmeDriver
-from vnvme.driver.vfio_user import VfioUserTransport
 
 # Replaces the controller's methods per instance, which the mypyc build does not allow.
 pytestmark = pytest.mark.pure_python
@@ -115,19 +114,12 @@ def test_a_clean_host_over_posted_writes_breaks_no_rule_of_the_spec(tmp_path: Pa
     a quiet machine, docs/HOST-CHECK.md): they may appear, nothing else may."""
     args = ("--namespace", "null,size=1G", "--check-host", "--sq-eventidx", "eager", "--cq-eventidx", "eager")
     server = Server(tmp_path, *args)
-    try:
-        transport = VfioUserTransport(server.socket, memory_size=8 << 20, posted_writes=True)
-        try:
-            driver = NvmeDriver(transport, io_queue_depth=64)
-            driver.probe()
-            for depth in (1, 4, 16):
-                run_job(driver, JobSpec(iodepth=depth, number_ios=1500))
-            driver.close()
-        finally:
-            transport.close()
-        stats = server.stop_for_statistics()
-    finally:
-        server.kill()
+
+    def job(driver: NvmeDriver) -> None:
+        for depth in (1, 4, 16):
+            run_job(driver, JobSpec(iodepth=depth, number_ios=1500))
+
+    stats = server.serve_one_driver(job, posted_writes=True)
     report = stats["host_check"]
     counted = {r["name"] for r in report["rules"] if r["count"]}
     assert report["errors"] == 0 and counted <= {"mmio_ahead_of_shadow", "ring_not_needed"}, counted
