@@ -44,7 +44,8 @@ _AFFINITY_CHECK_INTERVAL = 1024
 _ACCESS_SIZE = vu.REGION_ACCESS.size
 _ACCESS_UNPACK_FROM = vu.REGION_ACCESS.unpack_from
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-# Bound once: compiled, ``time.monotonic`` is a lookup in the time module per call.
+# Bound once: compiled, ``time.monotonic`` is a lookup in the time module per call (the
+# loop reads the clock every pass, and per message while polling adaptively).
 _monotonic: Final = time.monotonic
 # Client commands kept while a DMA reply is awaited (answered after it): past this many, or
 # payloads of more than this many of the largest message, or more than one message's worth of
@@ -529,7 +530,7 @@ class VfioUserServer:
                 # Met while waiting for a DMA reply: answered after the commands before it.
                 raise channel.framing_lost
             busy = self._ran_early
-            now = time.monotonic()
+            now = _monotonic()
             if spinning_since is not None:
                 budget.spend(spinning_since, now)
                 spinning_since = None
@@ -560,7 +561,7 @@ class VfioUserServer:
                 timeout_ms: float | None = 0
             elif device.idle():
                 deadline = device.next_deadline()
-                timeout_ms = None if deadline is None else max(0.0, (deadline - time.monotonic()) * 1e3)
+                timeout_ms = None if deadline is None else max(0.0, (deadline - _monotonic()) * 1e3)
             else:
                 idle_passes = 0
                 continue
@@ -603,7 +604,7 @@ class VfioUserServer:
     def _message_came(window: PollWindow) -> None:
         """A message is work come (a doorbell, most often): it ends an idle period."""
         if window.idle_since is not None:
-            window.work(time.monotonic())
+            window.work(_monotonic())
 
     def _wait(
         self, poller: select.poll, watched: list[int], timeout_ms: float | None
