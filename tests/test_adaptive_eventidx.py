@@ -239,3 +239,43 @@ def test_a_host_late_now_and_then_still_gets_larger_batches_after_a_stretch_at_d
         assert run(8, 3000, 97) <= 1 / 8 + 0.03
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_a_host_late_inside_its_batch_keeps_its_batch(depth: int) -> None:
+    """A guest's vCPU is now and then held up between two commands of a batch for longer than
+    the controller waits (measured with a 1-vCPU Linux 6.1 guest: a batch of 2 placed in 330 us
+    as a rule, now and then in more than 800). Taking the part placed then would interrupt the
+    host inside its batch and split its later batches in two (there, 0.536 doorbells per I/O at
+    depth 2 and 0.313 at depth 4); the controller waits for the rest instead, up to
+    max_batch_wait."""
+    clock = Clock()
+    rig = virtual_rig(clock, SqEventIdxPolicy.ADAPTIVE)
+    try:
+        driver, ctrl = rig.driver, rig.controller
+        qp = driver.queue(1)
+        buf = rig.host_memory.alloc(4096)
+        sqe = driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096)
+        late = 0.9e-3 if depth == 2 else 1.4e-3  # past the wait for the batch, within 2 ms
+        to_place, done, rounds = depth, 0, 0
+        while done < 800:  # warm-up: the window grows to the depth
+            to_place = host_round(rig, qp, sqe, clock, [GAP] * to_place)
+            done += to_place
+        sq = ctrl.sqs[1]
+        assert sq is not None
+        _, missed, offers = ctrl.sq_policy.counters(sq)
+        start = ctrl.statistics().io_doorbell_writes
+        done = 0
+        while done < 3000:
+            rounds += 1
+            gaps = [GAP] * to_place
+            if rounds % 10 == 0 and to_place > 1:
+                gaps[-1] = late  # the last command of every 10th batch comes late
+            to_place = host_round(rig, qp, sqe, clock, gaps)
+            done += to_place
+        assert (ctrl.statistics().io_doorbell_writes - start) / done <= 1 / depth + 0.01
+        # The only predictions missed are larger batches offered (past the host's depth).
+        _, missed_now, offers_now = ctrl.sq_policy.counters(sq)
+        assert missed_now - missed == offers_now - offers
+    finally:
+        rig.close()

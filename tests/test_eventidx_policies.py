@@ -3,6 +3,8 @@ what the answers say (see controller/eventidx.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from host import make_rig
 from vnvme.bench.engine import JobSpec, run_job
 from vnvme.controller.config import ControllerConfig, CqEventIdxPolicy, SqEventIdxPolicy
@@ -69,7 +71,10 @@ class Deadline(EagerSqEventIdx):
     """Asks for no doorbell until the 3rd command from the head, and to be woken 1 s later (the
     in-process transport's ``now`` is the monotonic clock)."""
 
-    passed: list[int] = []
+    #: (sqid, commands waiting in the shadow slot) at each deadline passed
+    passed: list[tuple[int, int]] = []
+    #: how many deadlines to put off by another second before looking
+    put_off = 0
 
     def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
         return 2 if sq.sqid == 1 else 0
@@ -77,11 +82,19 @@ class Deadline(EagerSqEventIdx):
     def rearmed(self, sq: SubmissionQueue, ahead: int, now: float) -> float | None:
         return now + 1.0 if ahead else None
 
-    def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
-        self.passed.append(sq.sqid)
+    def deadline_passed(self, sq: SubmissionQueue, waiting: int, now: float) -> float | None:
+        self.passed.append((sq.sqid, waiting))
+        if Deadline.put_off:
+            Deadline.put_off -= 1
+            return now + 1.0
+        return None
 
 
-def test_a_deadline_the_policy_asks_for_wakes_the_controller_to_look() -> None:
+@pytest.mark.parametrize("put_off", [0, 1])
+def test_a_deadline_the_policy_asks_for_wakes_the_controller_to_look(put_off: int) -> None:
+    """At its deadline the policy is told what the host placed without ringing, and looks now
+    or sets a later deadline (then the controller leaves the command where it is until then)."""
+    Deadline.put_off = put_off
     r = _rig(Deadline)
     try:
         ctrl, qp = r.controller, r.driver.queue(1)
@@ -101,10 +114,15 @@ def test_a_deadline_the_policy_asks_for_wakes_the_controller_to_look() -> None:
         r.transport._handle(ctrl.process(now=deadline - 0.5))
         assert qp.reap() == [] and Deadline.passed == []
         r.transport._handle(ctrl.process(now=deadline))
-        assert Deadline.passed == [1]
+        assert Deadline.passed == [(1, 1)]  # one command placed without a doorbell
+        if put_off:
+            assert qp.reap() == [] and ctrl.next_deadline() == deadline + 1.0
+            r.transport._handle(ctrl.process(now=deadline + 1.0))
+            assert Deadline.passed == [(1, 1), (1, 1)]
         assert len(qp.reap()) == 1  # found by looking, not by a doorbell
     finally:
         Deadline.passed.clear()
+        Deadline.put_off = 0
         r.close()
 
 
@@ -200,7 +218,7 @@ def test_a_deadline_that_passes_while_the_memory_is_unmapped_waits_for_it() -> N
         r.transport._handle(ctrl.memory_changed())
         assert ctrl.next_deadline() == deadline
         r.transport._handle(ctrl.process(now=deadline + 1))
-        assert Deadline.passed == [1] and not r.transport.fatal_reasons
+        assert Deadline.passed == [(1, 1)] and not r.transport.fatal_reasons
         assert len(qp.reap()) == 1
     finally:
         Deadline.passed.clear()

@@ -313,8 +313,9 @@ class DoorbellWrites:
             self._sq_posted(cq, self.now)
 
     def _expire_deadlines(self: Controller) -> None:
-        """Deadlines an SQ policy asked for that have passed: look at those shadow tails (e.g.
-        a host that placed fewer commands than predicted, and did not ring)."""
+        """Deadlines an SQ policy asked for that have passed: tell the policy how many commands
+        the host has placed without ringing, and look at those shadow tails (e.g. a host that
+        placed fewer commands than predicted) unless the policy sets a later deadline."""
         now = self.now
         for sqid, sq in list(self._deadlines.items()):
             if sq.deadline is None or self.sqs[sqid] is not sq:
@@ -322,8 +323,22 @@ class DoorbellWrites:
             elif now >= sq.deadline:
                 del self._deadlines[sqid]
                 sq.deadline = None
-                self.sq_policy.deadline_passed(sq, now)
-                self._pending[sqid] = sq
+                later = self.sq_policy.deadline_passed(sq, self._sq_waiting(sq), now)
+                if later is None:
+                    self._pending[sqid] = sq
+                else:
+                    sq.deadline = later
+                    self._deadlines[sqid] = sq
+
+    def _sq_waiting(self: Controller, sq: SubmissionQueue) -> int:
+        """Commands the host has placed in ``sq``'s shadow slot and the controller has not taken;
+        -1 if the slot does not say (not followed, or a value out of range, which the pass that
+        looks reports)."""
+        if not sq.shadow_mode or not self.doorbells.active:
+            return -1
+        tail = self.doorbells.peek(sq.doorbell)
+        n = sq.size
+        return (tail - sq.head) % n if tail < n else -1
 
     def check_shadow_tails(self: Controller) -> bool:
         """An edge polling a mapped doorbell page: look at the shadow tail of every SQ whose

@@ -91,8 +91,11 @@ class SqEventIdx:
         """The probe after publishing ``ahead`` found ``sq`` idle: a deadline, or None."""
         return None
 
-    def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
-        """The deadline :meth:`rearmed` returned has passed; the controller looks next."""
+    def deadline_passed(self, sq: SubmissionQueue, waiting: int, now: float) -> float | None:
+        """The deadline :meth:`rearmed` returned has passed, with ``waiting`` commands in the
+        shadow slot not taken yet (-1: unknown): None to look now, or a later deadline to keep
+        the published EventIdx until then."""
+        return None
 
     def posted(self, cq: CompletionQueue, now: float) -> None:
         """Completions were posted to ``cq`` in this pass (called only if overridden)."""
@@ -173,10 +176,11 @@ class BatchSqEventIdx(SqEventIdx):
         state.predicted = ahead
         return now + self.timeout if ahead else None
 
-    def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
+    def deadline_passed(self, sq: SubmissionQueue, waiting: int, now: float) -> float | None:
         state: _Burst = sq.policy_state
         state.mark = sq.entries  # publish exactly (EventIdx = head), unless this look finds commands
         state.renewing = True
+        return None
 
 
 class _Learned:
@@ -264,14 +268,9 @@ class AdaptiveSqEventIdx(SqEventIdx):
                     return state.predicted - 1  # woken for something else: the prediction stands
                 self._met(state, placed, now)
             elif not placed:
-                # Nothing placed yet: the host has not started on the batch (a wake-up after
-                # an interrupt can take longer than the batch itself). Keep the prediction and
-                # wait twice as long, up to max_batch_wait since it was made; past that the
-                # host is idle: ask for its first command, keep the window.
+                # Nothing placed by max_batch_wait (deadline_passed waited that long): the host
+                # is idle. Ask for its first command, keep the window.
                 state.expired = False
-                if now - state.armed_at + state.wait < self.max_wait:
-                    state.wait *= 2
-                    return state.predicted - 1
                 state.predicted = 0
                 return 0
             else:
@@ -334,9 +333,22 @@ class AdaptiveSqEventIdx(SqEventIdx):
             return None  # the host rings for its first command: nothing to wait for
         return now + state.wait
 
-    def deadline_passed(self, sq: SubmissionQueue, now: float) -> None:
+    def deadline_passed(self, sq: SubmissionQueue, waiting: int, now: float) -> float | None:
         state: _Learned = sq.policy_state
+        if waiting >= state.predicted:
+            return None  # the host crossed EventIdx: its doorbell is on its way (met)
+        # Not all of the batch is placed yet: none of it (the host's wake-up after an interrupt
+        # can take longer than the batch itself), or part (a host slower this time, as a vCPU
+        # preempted). Taking a part now would interrupt the host inside its batch (one vCPU
+        # takes the interrupt at once) and split it in two for the batches after: wait twice as
+        # long, up to max_batch_wait since the prediction was made. An offer the host has
+        # started but not filled is judged now (it costs its wait, as before).
+        limit = state.armed_at + self.max_wait
+        if (waiting == 0 or (waiting > 0 and not state.probing)) and now < limit:
+            state.wait *= 2
+            return min(now + state.wait, limit)
         state.expired = True
+        return None
 
     def counters(self, sq: SubmissionQueue) -> tuple[int, int, int]:
         state = sq.policy_state
