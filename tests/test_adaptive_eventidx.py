@@ -279,3 +279,69 @@ def test_a_host_late_inside_its_batch_keeps_its_batch(depth: int) -> None:
         assert missed_now - missed == offers_now - offers
     finally:
         rig.close()
+
+
+def polled_closed_loop(depth: int, ios: int, *, warmup: int = 200) -> tuple[float, float, float]:
+    """A 1-vCPU host against a controller that polls: the host places its commands GAP apart,
+    the controller polls after each (so it takes each one at once), and the host reaps only
+    when interrupted (its handler runs at once, inside its submission loop), replacing what it
+    reaped once that loop is done. Returns (interrupts, doorbells) per I/O after the warm-up."""
+    clock = Clock()
+    rig = virtual_rig(clock, SqEventIdxPolicy.POLL)
+    try:
+        driver, ctrl = rig.driver, rig.controller
+        qp = driver.queue(1)
+        buf = rig.host_memory.alloc(4096)
+        sqe = driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096)
+        seen = ctrl.interrupts.raised
+
+        def interrupted() -> int:
+            nonlocal seen
+            if ctrl.interrupts.raised == seen:
+                return 0
+            seen = ctrl.interrupts.raised
+            cqes = qp.reap()
+            qp.ring_cq()
+            return len(cqes)
+
+        to_place, done = depth, 0
+        start: tuple[int, int, float] | None = None
+        while start is None or done < ios:
+            if start is None and done >= warmup:
+                start = (ctrl.interrupts.raised, ctrl.statistics().io_doorbell_writes, clock.now)
+                done = 0
+            reaped = 0
+            for _ in range(to_place):
+                clock.now += GAP
+                qp.submit(sqe)
+                qp.ring_sq()
+                rig.transport._handle(ctrl.poll(clock.now))
+                reaped += interrupted()
+            while not reaped:
+                deadline = ctrl.next_deadline()
+                assert deadline is not None, "the host waits for an interrupt that never comes"
+                clock.now = max(clock.now, deadline)
+                rig.transport._handle(ctrl.poll(clock.now))
+                reaped += interrupted()
+            done += reaped
+            to_place = reaped
+        assert start is not None
+        return (
+            (ctrl.interrupts.raised - start[0]) / done,
+            (ctrl.statistics().io_doorbell_writes - start[1]) / done,
+            (clock.now - start[2]) / done,
+        )
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 8])
+def test_a_polled_host_gets_one_interrupt_per_batch(depth: int) -> None:
+    """Polled, each command is taken as soon as it is placed; its interrupt is held until the
+    host has all its commands out again (a 1-vCPU Linux guest measured 0.94 interrupts per I/O
+    at depth 8 without this), and never held for a host that keeps one out (depth 1)."""
+    interrupts, doorbells, seconds = polled_closed_loop(depth, 2000)
+    assert doorbells == 0
+    assert interrupts <= 1 / depth + 0.01
+    # The host never waits for a held interrupt beyond now and then (a larger batch offered).
+    assert seconds <= GAP * 1.05

@@ -40,9 +40,10 @@ class Recording(EagerSqEventIdx):
             self.moments.append(("rearmed", ahead))
         return None
 
-    def posted(self, cq: CompletionQueue, now: float) -> None:
+    def posted(self, cq: CompletionQueue, now: float) -> float | None:
         if cq.cqid == 1:
             self.moments.append(("posted", cq.tail))
+        return None
 
 
 def _rig(policy: type[EagerSqEventIdx]):  # type: ignore[no-untyped-def]

@@ -104,6 +104,9 @@ class Controller(DoorbellWrites, CommandProcessing):
         self._set_policies(sq_policy or SQ_POLICIES[cfg.sq_eventidx], CQ_POLICIES[cfg.cq_eventidx])
         # SQs whose policy asked for a deadline (sq.deadline), by sqid.
         self._deadlines: dict[int, SubmissionQueue] = {}
+        # CQs whose interrupt the SQ policy holds (a polled host still placing its batch), by
+        # cqid, with the deadline it is held to.
+        self._held_irqs: dict[int, tuple[CompletionQueue, float]] = {}
         self.now = 0.0
         self._reset_counters()
         self.features: FeatureState = FeatureState(self)
@@ -238,6 +241,7 @@ class Controller(DoorbellWrites, CommandProcessing):
             self._pending
             or self._touched_cqs
             or self._deadlines
+            or self._held_irqs
             or self.interrupts.coalescing
             or self.delayed.held
             or self.memory.generation != self._memory_generation
@@ -279,6 +283,8 @@ class Controller(DoorbellWrites, CommandProcessing):
         if not self.doorbells.active or not self._ready():
             return not self._pending
         self.sq_policy.stop_polling()
+        for cqid, (cq, _) in self._held_irqs.items():
+            self._held_irqs[cqid] = (cq, self.now)  # due: the next pass raises them
         quiet = True
         for sq in self.sqs:
             if sq is None or not sq.shadow_mode:
@@ -310,7 +316,12 @@ class Controller(DoorbellWrites, CommandProcessing):
     def next_deadline(self) -> float | None:
         """When :meth:`process` must run next at the latest (``now`` units), if ever: coalesced
         interrupts, an SQ EventIdx policy's deadline, a completion a fault hook delays."""
-        if not self._deadlines and not self.features.interrupt_coalescing and not self.delayed.held:
+        if (
+            not self._deadlines
+            and not self._held_irqs
+            and not self.features.interrupt_coalescing
+            and not self.delayed.held
+        ):
             return None  # asked before every wait: the common answer without the work
         if self._memory_missing:
             return self.delayed.earliest()  # nothing else can run before the memory is back
@@ -324,6 +335,9 @@ class Controller(DoorbellWrites, CommandProcessing):
             deadline = min(
                 (sq.deadline for sq in self._deadlines.values() if sq.deadline is not None), default=None
             )
+        if self._held_irqs:
+            held = min(until for _, until in self._held_irqs.values())
+            deadline = held if deadline is None else min(deadline, held)
         coalescing = self.interrupts.next_deadline()
         if coalescing is None:
             return deadline
@@ -560,6 +574,7 @@ class Controller(DoorbellWrites, CommandProcessing):
         features, deadlines and held completions go."""
         self._drop_queues()
         self._deadlines.clear()
+        self._held_irqs.clear()
         self.delayed.clear()
         self.interrupts.reset()
         self.features.reset()
@@ -581,6 +596,7 @@ class Controller(DoorbellWrites, CommandProcessing):
         reset, so held completions go now (their deadlines would be due forever)."""
         self._fatal = True
         self._pending.clear()
+        self._held_irqs.clear()
         self.delayed.clear()
 
     def _ready(self) -> bool:

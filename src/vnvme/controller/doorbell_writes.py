@@ -304,13 +304,15 @@ class DoorbellWrites:
         self._cq_on_completions = cq_policy.on_completions
         self._completions_watched = self._cq_on_completions or self._sq_posted is not None
 
-    def _completions_posted(self: Controller, cq: CompletionQueue) -> None:
-        """Completions were posted to ``cq`` (shadow mode) in this pass: tell the policies."""
+    def _completions_posted(self: Controller, cq: CompletionQueue) -> float | None:
+        """Completions were posted to ``cq`` (shadow mode) in this pass: tell the policies. The
+        SQ policy may hold the interrupt: the deadline it is held to, or None to raise it."""
         if self._cq_on_completions:
             self._refresh_cq_head(cq)
             self._publish_cq_eventidx(cq)
         if self._sq_posted is not None:
-            self._sq_posted(cq, self.now)
+            return self._sq_posted(cq, self.now)
+        return None
 
     def _expire_deadlines(self: Controller) -> None:
         """Deadlines an SQ policy asked for that have passed: tell the policy how many commands

@@ -97,8 +97,11 @@ class SqEventIdx:
         the published EventIdx until then."""
         return None
 
-    def posted(self, cq: CompletionQueue, now: float) -> None:
-        """Completions were posted to ``cq`` in this pass (called only if overridden)."""
+    def posted(self, cq: CompletionQueue, now: float) -> float | None:
+        """Completions were posted to ``cq`` in this pass (called only if overridden): None to
+        raise its interrupt, or a deadline to hold it to (the controller asks again at the
+        next pass that posts to ``cq``, and once the deadline has come)."""
+        return None
 
     def counters(self, sq: SubmissionQueue) -> tuple[int, int, int]:
         """Predictions ``sq``'s host met, missed, and larger batches offered to it."""
@@ -200,6 +203,12 @@ class _Learned:
         "met",
         "missed",
         "probes",
+        "depth",
+        "hold_for",
+        "hold_offer",
+        "held_at",
+        "hold_until",
+        "fill",
     )
 
     def __init__(self, gap: float) -> None:
@@ -216,6 +225,15 @@ class _Learned:
         self.met = 0
         self.missed = 0
         self.probes = 0
+        # Polled (POLL): the completions the host is believed to keep out, how many the held
+        # interrupt waits for (more if offered), when it was first held (-1: none held), until
+        # when, and the seconds per command the host takes to place them (average).
+        self.depth = 1
+        self.hold_for = 1
+        self.hold_offer = False
+        self.held_at = -1.0
+        self.hold_until = 0.0
+        self.fill = gap
 
 
 #: ADAPTIVE: predictions met before another larger batch is offered, at first and at most (the
@@ -365,6 +383,66 @@ class PollSqEventIdx(AdaptiveSqEventIdx):
 
     name = SqEventIdxPolicy.POLL
     polls_from_reset = True
+
+    def posted(self, cq: CompletionQueue, now: float) -> float | None:
+        """Polled, the controller takes each command as the host places it and completes it
+        while the host is still placing the rest: an interrupt then stops the host inside its
+        batch (one vCPU takes it at once), and no batch ever forms (measured with a 1-vCPU
+        Linux guest: 0.94 interrupts per I/O at depth 8, 0.73x the event-driven IOPS). So the
+        interrupt is held until the host has as many completions out as it is believed to keep
+        (then it waits for them), or for about twice its usual time to place them (between
+        batch_timeout and max_batch_wait). What it keeps is learnt as ADAPTIVE learns its
+        batch: from what it had out when an interrupt went, and from larger holds offered once
+        enough went as predicted (a host that keeps one out is offered ever more rarely)."""
+        if not self.polling or len(cq.sqs) != 1:
+            return None
+        sq = next(iter(cq.sqs.values()))
+        state = sq.policy_state
+        if not isinstance(state, _Learned):
+            return None
+        out = self.unreaped(cq)
+        held_at = state.held_at
+        if held_at < 0.0:
+            target = state.depth
+            if state.credit >= state.patience:
+                target *= 2
+                state.hold_offer = True
+                state.probes += 1
+                self.offers += 1
+                state.credit = 0
+            if out >= target:  # as predicted, nothing to hold
+                state.hold_offer = False
+                state.depth = max(state.depth, out)
+                state.credit += 1
+                return None
+            state.held_at = now
+            state.hold_for = target
+            wait = ADAPTIVE_SLACK * state.fill * target
+            state.hold_until = now + min(max(wait, self.min_wait), self.max_wait)
+            return state.hold_until
+        if out < state.hold_for and now < state.hold_until:
+            return state.hold_until
+        elapsed = now - held_at
+        state.held_at = -1.0
+        if out >= state.hold_for:  # the host filled the hold: its pace, and what it keeps
+            state.fill += (elapsed / state.hold_for - state.fill) * ADAPTIVE_WEIGHT
+            state.met += 1
+            self.met += 1
+            state.credit += 1
+            if state.hold_offer:
+                state.patience = max(state.patience // 2, ADAPTIVE_MIN_PATIENCE)
+            state.depth = out
+        else:
+            state.missed += 1
+            self.missed += 1
+            if state.hold_offer:
+                state.patience = min(state.patience * 2, ADAPTIVE_MAX_PATIENCE)
+            else:
+                # Slower than usual this time (a lower bound of its pace), or it keeps fewer.
+                state.fill += (elapsed / state.hold_for - state.fill) * ADAPTIVE_WEIGHT
+                state.depth = max(out, state.depth // 2, 1)
+        state.hold_offer = False
+        return None
 
     def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
         if not self.polling:

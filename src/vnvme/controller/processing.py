@@ -296,15 +296,33 @@ class CommandProcessing:
 
     def _deliver_interrupts(self: Controller) -> None:
         touched = self._touched_cqs
+        held = self._held_irqs
+        if held:
+            self._held_irqs_due(touched)
         if touched:
             if self._completions_watched:
-                for cq in touched.values():
+                for cq in list(touched.values()):
                     if cq.shadow_mode:
-                        self._completions_posted(cq)
-            self.interrupts.deliver(touched, self.now)
-            touched.clear()
+                        until = self._completions_posted(cq)
+                        if until is None:
+                            held.pop(cq.cqid, None)
+                        else:
+                            held[cq.cqid] = (cq, until)
+                            del touched[cq.cqid]
+            if touched:
+                self.interrupts.deliver(touched, self.now)
+                touched.clear()
         elif self.interrupts.coalescing:
             self.interrupts.deliver_coalesced(self.now)
+
+    def _held_irqs_due(self: Controller, touched: dict[int, CompletionQueue]) -> None:
+        """Interrupts the SQ policy holds whose deadline has come: ask it again (as if posted)."""
+        now = self.now
+        for cqid, (cq, until) in list(self._held_irqs.items()):
+            if self.cqs[cqid] is not cq:
+                del self._held_irqs[cqid]
+            elif now >= until:
+                touched[cqid] = cq
 
     def add_cq(self: Controller, cq: CompletionQueue) -> None:
         self.cqs[cq.cqid] = cq
@@ -324,6 +342,7 @@ class CommandProcessing:
     def remove_cq(self: Controller, cq: CompletionQueue) -> None:
         self.cqs[cq.cqid] = None
         self._touched_cqs.pop(cq.cqid, None)
+        self._held_irqs.pop(cq.cqid, None)
         cq.release()
 
     # Section: the guest's memory map
