@@ -345,3 +345,20 @@ def test_a_polled_host_gets_one_interrupt_per_batch(depth: int) -> None:
     assert interrupts <= 1 / depth + 0.01
     # The host never waits for a held interrupt beyond now and then (a larger batch offered).
     assert seconds <= GAP * 1.05
+
+
+def test_a_polled_admin_queue_interrupt_is_never_held() -> None:
+    """Larger holds are offered after a few completions went as predicted; the admin CQ's
+    interrupt goes at once all the same (an admin command waits for nothing of the host's)."""
+    clock = Clock()
+    rig = virtual_rig(clock, SqEventIdxPolicy.POLL)
+    try:
+        driver, ctrl = rig.driver, rig.controller
+        for _ in range(40):
+            clock.now += GAP
+            before = ctrl.interrupts.by_vector.get(0, 0)
+            driver.identify_controller()
+            assert ctrl.interrupts.by_vector.get(0, 0) == before + 1
+            assert ctrl.next_deadline() is None
+    finally:
+        rig.close()

@@ -393,8 +393,9 @@ class PollSqEventIdx(AdaptiveSqEventIdx):
         (then it waits for them), or for about twice its usual time to place them (between
         batch_timeout and max_batch_wait). What it keeps is learnt as ADAPTIVE learns its
         batch: from what it had out when an interrupt went, and from larger holds offered once
-        enough went as predicted (a host that keeps one out is offered ever more rarely)."""
-        if not self.polling or len(cq.sqs) != 1:
+        enough went as predicted (a host that keeps one out is offered ever more rarely).
+        Never the admin CQ (nor a CQ that several SQs share): as coalescing, §5.21.1.8."""
+        if not self.polling or not cq.cqid or len(cq.sqs) != 1:
             return None
         sq = next(iter(cq.sqs.values()))
         state = sq.policy_state
