@@ -206,6 +206,11 @@ class _Learned:
         "depth",
         "hold_for",
         "hold_offer",
+        "hold_credit",
+        "hold_patience",
+        "held_met",
+        "held_missed",
+        "hold_offers",
         "held_at",
         "hold_until",
         "fill",
@@ -227,10 +232,15 @@ class _Learned:
         self.probes = 0
         # Polled (POLL): the completions the host is believed to keep out, how many the held
         # interrupt waits for (more if offered), when it was first held (-1: none held), until
-        # when, and the seconds per command the host takes to place them (average).
+        # when, the seconds per command the host takes to place them (average), and the
+        # offers' own credit and patience and counters (not the asleep prediction's: a server
+        # that sleeps between polls predicts with those).
         self.depth = 1
         self.hold_for = 1
         self.hold_offer = False
+        self.hold_credit = 0
+        self.hold_patience = ADAPTIVE_MIN_PATIENCE
+        self.held_met = self.held_missed = self.hold_offers = 0
         self.held_at = -1.0
         self.hold_until = 0.0
         self.fill = gap
@@ -372,7 +382,12 @@ class AdaptiveSqEventIdx(SqEventIdx):
         state = sq.policy_state
         if not isinstance(state, _Learned):
             return 0, 0, 0  # never followed its shadow slot
-        return state.met, state.missed, state.probes
+        # Polled interrupt holds (POLL) are predictions too: met, missed and offered.
+        return (
+            state.met + state.held_met,
+            state.missed + state.held_missed,
+            state.probes + state.hold_offers,
+        )
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -389,61 +404,79 @@ class PollSqEventIdx(AdaptiveSqEventIdx):
         while the host is still placing the rest: an interrupt then stops the host inside its
         batch (one vCPU takes it at once), and no batch ever forms (measured with a 1-vCPU
         Linux guest: 0.94 interrupts per I/O at depth 8, 0.73x the event-driven IOPS). So the
-        interrupt is held until the host has as many completions out as it is believed to keep
-        (then it waits for them), or for about twice its usual time to place them (between
-        batch_timeout and max_batch_wait). What it keeps is learnt as ADAPTIVE learns its
-        batch: from what it had out when an interrupt went, and from larger holds offered once
-        enough went as predicted (a host that keeps one out is offered ever more rarely).
-        Never the admin CQ (nor a CQ that several SQs share): as coalescing, §5.21.1.8."""
-        if not self.polling or not cq.cqid or len(cq.sqs) != 1:
+        interrupt is held until it carries as many completions as the host is believed to keep
+        out (it reaps them all, then places as many), or for about twice its usual time to
+        place them (between batch_timeout and max_batch_wait). That number is learnt as
+        ADAPTIVE learns a batch: from what interrupts carried, and from larger holds offered
+        once enough went as predicted (a host that keeps one out is offered ever more rarely).
+        The count is the CQ's own (posted since its last interrupt): reading the host's shadow
+        head here cost our own client a fifth of its polled IOPS at depth 1. Never the admin
+        CQ (nor a CQ that several SQs share): as coalescing, §5.21.1.8."""
+        if not self.polling or not cq.cqid or not cq.ien or len(cq.sqs) != 1:
             return None
         sq = next(iter(cq.sqs.values()))
         state = sq.policy_state
         if not isinstance(state, _Learned):
             return None
-        out = self.unreaped(cq)
+        carried = cq.entries - cq.irq_mark  # what an interrupt now would carry
         held_at = state.held_at
         if held_at < 0.0:
             target = state.depth
-            if state.credit >= state.patience:
+            if state.hold_credit >= state.hold_patience:
                 target *= 2
                 state.hold_offer = True
-                state.probes += 1
+                state.hold_offers += 1
                 self.offers += 1
-                state.credit = 0
-            if out >= target:  # as predicted, nothing to hold
+                state.hold_credit = 0
+            if carried >= target:  # as predicted: nothing to hold
                 state.hold_offer = False
-                state.depth = max(state.depth, out)
-                state.credit += 1
+                state.hold_credit += 1
+                return None
+            if self._reaps_unasked(state, cq, carried):
                 return None
             state.held_at = now
             state.hold_for = target
             wait = ADAPTIVE_SLACK * state.fill * target
             state.hold_until = now + min(max(wait, self.min_wait), self.max_wait)
             return state.hold_until
-        if out < state.hold_for and now < state.hold_until:
+        if self._reaps_unasked(state, cq, carried):
+            return None
+        if carried < state.hold_for and now < state.hold_until:
             return state.hold_until
         elapsed = now - held_at
         state.held_at = -1.0
-        if out >= state.hold_for:  # the host filled the hold: its pace, and what it keeps
+        if carried >= state.hold_for:  # the host filled the hold: its pace, and what it keeps
             state.fill += (elapsed / state.hold_for - state.fill) * ADAPTIVE_WEIGHT
-            state.met += 1
+            state.held_met += 1
             self.met += 1
-            state.credit += 1
+            state.hold_credit += 1
             if state.hold_offer:
-                state.patience = max(state.patience // 2, ADAPTIVE_MIN_PATIENCE)
-            state.depth = out
+                state.hold_patience = max(state.hold_patience // 2, ADAPTIVE_MIN_PATIENCE)
+            state.depth = carried
         else:
-            state.missed += 1
+            state.held_missed += 1
             self.missed += 1
             if state.hold_offer:
-                state.patience = min(state.patience * 2, ADAPTIVE_MAX_PATIENCE)
+                state.hold_patience = min(state.hold_patience * 2, ADAPTIVE_MAX_PATIENCE)
             else:
                 # Slower than usual this time (a lower bound of its pace), or it keeps fewer.
                 state.fill += (elapsed / state.hold_for - state.fill) * ADAPTIVE_WEIGHT
-                state.depth = max(out, state.depth // 2, 1)
+                state.depth = max(carried, state.depth // 2, 1)
         state.hold_offer = False
         return None
+
+    def _reaps_unasked(self, state: _Learned, cq: CompletionQueue, carried: int) -> bool:
+        """Whether the host has consumed completions no interrupt told it of (it polls its CQ:
+        an interrupt only wakes it when it sleeps, and a held one would keep it asleep). Then
+        nothing is held for it again until a larger hold is offered (ever more rarely)."""
+        if self.unreaped(cq) >= carried:
+            return False
+        if state.hold_offer:
+            state.hold_patience = min(state.hold_patience * 2, ADAPTIVE_MAX_PATIENCE)
+        state.hold_offer = False
+        state.held_at = -1.0
+        state.depth = 1
+        return True
 
     def ran_dry(self, sq: SubmissionQueue, processed: int, attempts: int, now: float) -> int:
         if not self.polling:

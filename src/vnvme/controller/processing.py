@@ -301,14 +301,19 @@ class CommandProcessing:
             self._held_irqs_due(touched)
         if touched:
             if self._completions_watched:
-                for cq in list(touched.values()):
+                holding: list[tuple[CompletionQueue, float]] | None = None
+                for cq in touched.values():
                     if cq.shadow_mode:
                         until = self._completions_posted(cq)
-                        if until is None:
+                        if until is not None:
+                            holding = holding or []
+                            holding.append((cq, until))
+                        elif held:
                             held.pop(cq.cqid, None)
-                        else:
-                            held[cq.cqid] = (cq, until)
-                            del touched[cq.cqid]
+                if holding:
+                    for cq, until in holding:
+                        held[cq.cqid] = (cq, until)
+                        del touched[cq.cqid]
             if touched:
                 self.interrupts.deliver(touched, self.now)
                 touched.clear()
