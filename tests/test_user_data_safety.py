@@ -135,6 +135,15 @@ def test_serve_refuses_to_start_beside_a_live_server(tmp_path: Path) -> None:
         server.kill()
 
 
+def test_serve_says_why_a_socket_path_is_too_long(tmp_path: Path) -> None:
+    """Unix socket paths hold at most 107 bytes (a deep --work-dir of vnvme vm compare's reaches
+    that); the error once ended in ': None'."""
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    path = deep / "vnvme.sock"
+    _one_line_error(_serve("--socket", str(path)), str(path), "path too long")
+
+
 def test_serve_names_a_socket_path_in_a_missing_directory(tmp_path: Path) -> None:
     path = tmp_path / "missing" / "vnvme.sock"
     _one_line_error(_serve("--socket", str(path)), str(path), "does not exist")

@@ -131,10 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding as Ctrl-C does: every guest and server started is stopped on the way."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the unwinding short
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "vm":
+        # Its guests' QEMUs and servers are our children: SIGTERM's default (die at once) would
+        # leave them running, and the run folder behind. (serve and bench handle it their way.)
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
+    except _Terminated:
+        print(f"vnvme {args.command}: interrupted by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # everything started has been unwound on the way here
         print(f"vnvme {args.command or 'demo'}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -528,7 +528,9 @@ def listen(path: str, option: str = "--socket") -> Listener:
         sock.bind(staging)
     except OSError as exc:
         sock.close()
-        raise ValueError(f"{path}: cannot create the socket ({staging}): {exc.strerror}") from None
+        # A path over AF_UNIX's limit raises with no errno: its message is all there is.
+        reason = exc.strerror or str(exc)
+        raise ValueError(f"{path}: cannot create the socket ({staging}): {reason}") from None
     finally:
         os.umask(old_umask)
     try:
