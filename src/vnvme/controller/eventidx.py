@@ -197,21 +197,15 @@ class _Learned:
         "predicted",
         "expired",
         "wait",
-        "probing",
         "raced",
-        "credit",
-        "patience",
+        "offers",
         "met",
         "missed",
-        "probes",
         "depth",
         "hold_for",
-        "hold_offer",
-        "hold_credit",
-        "hold_patience",
+        "holds",
         "held_met",
         "held_missed",
-        "hold_offers",
         "held_at",
         "hold_until",
         "fill",
@@ -225,24 +219,19 @@ class _Learned:
         self.predicted = 0  # its size (ahead + 1); 0: none outstanding
         self.expired = False  # its deadline passed before the host rang
         self.wait = 0.0  # how long the controller waits this time before it looks
-        self.probing = False  # it offered the host more than it had shown it places
         self.raced = False  # the outstanding prediction is the one command after a lost race
-        self.credit = 0  # predictions met since the last offer of a larger batch
-        self.patience = ADAPTIVE_MIN_PATIENCE  # how many it takes before the next offer
+        self.offers = _Offers()  # of larger batches
         self.met = 0
         self.missed = 0
-        self.probes = 0
         # Polled (POLL): the completions the host is believed to keep out, how many the held
-        # interrupt waits for (more if offered), when it was first held (-1: none held), until
-        # when, the seconds per command the host takes to place them (average), and the
-        # offers' own credit and patience and counters (not the asleep prediction's: a server
-        # that sleeps between polls predicts with those).
+        # interrupt waits for, its own offers of larger holds (not the asleep prediction's: a
+        # server that sleeps between polls predicts with those), when it was first held (-1:
+        # none held), until when, and the seconds per command the host takes to place them
+        # (average).
         self.depth = 1
         self.hold_for = 1
-        self.hold_offer = False
-        self.hold_credit = 0
-        self.hold_patience = ADAPTIVE_MIN_PATIENCE
-        self.held_met = self.held_missed = self.hold_offers = 0
+        self.holds = _Offers()
+        self.held_met = self.held_missed = 0
         self.held_at = -1.0
         self.hold_until = 0.0
         self.fill = gap
@@ -252,6 +241,47 @@ class _Learned:
 #: wait doubles after each offer the host could not fill, halves after one it did).
 ADAPTIVE_MIN_PATIENCE = 4
 ADAPTIVE_MAX_PATIENCE = 1024
+
+
+class _Offers:
+    """When to offer the host more than it has shown it takes (a larger batch; a longer
+    interrupt hold): once ``patience`` predictions were met since the last offer; the patience
+    halves after an offer the host filled and doubles after one it could not, as KVM's halt
+    polling grows and shrinks. ``open``: the outstanding prediction is an offer."""
+
+    __slots__ = ("credit", "patience", "open", "made")
+
+    def __init__(self) -> None:
+        self.credit = 0
+        self.patience = ADAPTIVE_MIN_PATIENCE
+        self.open = False
+        self.made = 0
+
+    def due(self) -> bool:
+        """Whether the next prediction is to be an offer; if so, it is made (open)."""
+        if self.credit < self.patience:
+            return False
+        self.credit = 0
+        self.open = True
+        self.made += 1
+        return True
+
+    def met(self) -> None:
+        """A prediction met (filled, if it was an offer)."""
+        if self.open:
+            self.patience = max(self.patience // 2, ADAPTIVE_MIN_PATIENCE)
+            self.open = False
+        self.credit += 1
+
+    def missed(self) -> bool:
+        """A prediction missed; whether it was an offer (the credit stays: see _missed)."""
+        if not self.open:
+            return False
+        self.patience = min(self.patience * 2, ADAPTIVE_MAX_PATIENCE)
+        self.open = False
+        return True
+
+
 #: ADAPTIVE: weight of a new sample in the host's pace (1/8, as QEMU's default poll-weight).
 ADAPTIVE_WEIGHT = 0.125
 #: ADAPTIVE: how many times the host's usual time to place the predicted batch it waits.
@@ -292,7 +322,7 @@ class AdaptiveSqEventIdx(SqEventIdx):
             # says nothing of the host's batch: the window stays (a 1-vCPU Linux guest at
             # depth 8 lost one race in about fifty, and each one that set the window to the
             # single command it then rang for split its batches in two).
-            state.probing = False
+            state.offers.open = False
             state.raced = True
             return 0
         placed = sq.entries - state.mark
@@ -309,9 +339,7 @@ class AdaptiveSqEventIdx(SqEventIdx):
                 return 0
             else:
                 self._missed(state)
-                if state.probing:
-                    state.patience = min(state.patience * 2, ADAPTIVE_MAX_PATIENCE)
-                else:
+                if not state.offers.missed():
                     # A host that was placing commands, only slower than usual this time: its
                     # pace is at most this (an offer it could not fill says nothing of it).
                     elapsed = min(now - state.armed_at, self.max_wait)
@@ -319,19 +347,15 @@ class AdaptiveSqEventIdx(SqEventIdx):
                 # Halved at most, as KVM's halt polling shrinks: a late host does not undo a
                 # window it built, a host that really places fewer brings it down in a few.
                 state.window = max(placed, state.window // 2, 1)
-        state.expired = False
-        state.probing = state.raced = False
+        state.expired = state.raced = state.offers.open = False
         n = sq.size
         target = state.window
         cq = sq.cq
         if cq.shadow_mode:
             target = max(target, self.unreaped(cq))
-        if state.credit >= state.patience and target < n - 1:
+        if target < n - 1 and state.offers.due():
             target *= 2
-            state.probing = True
-            state.probes += 1
             self.offers += 1
-            state.credit = 0
         return min(target, n - 1) - 1
 
     def _met(self, state: _Learned, batch: int, now: float) -> None:
@@ -345,10 +369,8 @@ class AdaptiveSqEventIdx(SqEventIdx):
         elapsed = now - state.armed_at
         if elapsed < self.max_wait:  # an idle host (between jobs) says nothing of its pace
             state.gap += (elapsed / state.predicted - state.gap) * ADAPTIVE_WEIGHT
-        if state.probing:
-            state.patience = max(state.patience // 2, ADAPTIVE_MIN_PATIENCE)
+        state.offers.met()
         state.window = batch  # at least the prediction: the host crossed it
-        state.credit += 1
 
     def _missed(self, state: _Learned) -> None:
         # The credit towards the next offer stays: a host late now and then (a guest's vCPU
@@ -382,7 +404,7 @@ class AdaptiveSqEventIdx(SqEventIdx):
         # long, up to max_batch_wait since the prediction was made. An offer the host has
         # started but not filled is judged now (it costs its wait, as before).
         limit = state.armed_at + self.max_wait
-        if (waiting == 0 or (waiting > 0 and not state.probing)) and now < limit:
+        if (waiting == 0 or (waiting > 0 and not state.offers.open)) and now < limit:
             state.wait *= 2
             return min(now + state.wait, limit)
         state.expired = True
@@ -396,7 +418,7 @@ class AdaptiveSqEventIdx(SqEventIdx):
         return (
             state.met + state.held_met,
             state.missed + state.held_missed,
-            state.probes + state.hold_offers,
+            state.offers.made + state.holds.made,
         )
 
 
@@ -432,15 +454,13 @@ class PollSqEventIdx(AdaptiveSqEventIdx):
         held_at = state.held_at
         if held_at < 0.0:
             target = state.depth
-            if state.hold_credit >= state.hold_patience:
+            holds = state.holds
+            if holds.due():
                 target *= 2
-                state.hold_offer = True
-                state.hold_offers += 1
                 self.offers += 1
-                state.hold_credit = 0
             if carried >= target:  # as predicted: nothing to hold
-                state.hold_offer = False
-                state.hold_credit += 1
+                holds.open = False
+                holds.credit += 1
                 return None
             if self._reaps_unasked(state, cq, carried):
                 return None
@@ -459,20 +479,15 @@ class PollSqEventIdx(AdaptiveSqEventIdx):
             state.fill += (elapsed / state.hold_for - state.fill) * ADAPTIVE_WEIGHT
             state.held_met += 1
             self.met += 1
-            state.hold_credit += 1
-            if state.hold_offer:
-                state.hold_patience = max(state.hold_patience // 2, ADAPTIVE_MIN_PATIENCE)
+            state.holds.met()
             state.depth = carried
         else:
             state.held_missed += 1
             self.missed += 1
-            if state.hold_offer:
-                state.hold_patience = min(state.hold_patience * 2, ADAPTIVE_MAX_PATIENCE)
-            else:
+            if not state.holds.missed():
                 # Slower than usual this time (a lower bound of its pace), or it keeps fewer.
                 state.fill += (elapsed / state.hold_for - state.fill) * ADAPTIVE_WEIGHT
                 state.depth = max(carried, state.depth // 2, 1)
-        state.hold_offer = False
         return None
 
     def _reaps_unasked(self, state: _Learned, cq: CompletionQueue, carried: int) -> bool:
@@ -481,9 +496,7 @@ class PollSqEventIdx(AdaptiveSqEventIdx):
         nothing is held for it again until a larger hold is offered (ever more rarely)."""
         if self.unreaped(cq) >= carried:
             return False
-        if state.hold_offer:
-            state.hold_patience = min(state.hold_patience * 2, ADAPTIVE_MAX_PATIENCE)
-        state.hold_offer = False
+        state.holds.missed()
         state.held_at = -1.0
         state.depth = 1
         return True
@@ -495,7 +508,7 @@ class PollSqEventIdx(AdaptiveSqEventIdx):
         # ringing); the next prediction starts from here, after the rearm.
         state: _Learned = sq.policy_state
         state.predicted = 0
-        state.expired = state.probing = False
+        state.expired = state.offers.open = False
         state.mark = sq.entries
         return -1
 
