@@ -66,6 +66,13 @@ def virtual_rig(clock: Clock, policy: SqEventIdxPolicy, io_queues: int = 1) -> R
     )
 
 
+def queue_and_read(rig: Rig) -> tuple[QueuePair, Sqe]:
+    """I/O queue 1 and a 4 KiB read of LBA 0 for it: the command every host here places."""
+    qp = rig.driver.queue(1)
+    buf = rig.host_memory.alloc(4096)
+    return qp, rig.driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096)
+
+
 def host_round(rig: Rig, qp: QueuePair, sqe: Sqe, clock: Clock, gaps: list[float]) -> int:
     """The host places one command after each of ``gaps`` (seconds), with Linux's need_event,
     then waits until it has reaped at least one completion; returns how many it reaped. The
@@ -101,10 +108,8 @@ def closed_loop(policy: SqEventIdxPolicy, depth: int, ios: int, *, warmup: int =
     clock = Clock()
     rig = virtual_rig(clock, policy)
     try:
-        driver, ctrl = rig.driver, rig.controller
-        qp = driver.queue(1)
-        buf = rig.host_memory.alloc(4096)
-        sqe = driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096)
+        ctrl = rig.controller
+        qp, sqe = queue_and_read(rig)
         to_place, done = depth, 0
         start_doorbells = start_time = 0.0
         while done < warmup + ios:
@@ -214,10 +219,8 @@ def test_a_host_late_now_and_then_still_gets_larger_batches_after_a_stretch_at_d
     clock = Clock()
     rig = virtual_rig(clock, SqEventIdxPolicy.ADAPTIVE)
     try:
-        driver, ctrl = rig.driver, rig.controller
-        qp = driver.queue(1)
-        buf = rig.host_memory.alloc(4096)
-        sqe = driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096)
+        ctrl = rig.controller
+        qp, sqe = queue_and_read(rig)
         placed = 0
 
         def run(depth: int, ios: int, late_every: int) -> float:
@@ -255,10 +258,8 @@ def test_a_host_late_inside_its_batch_keeps_its_batch(depth: int) -> None:
     clock = Clock()
     rig = virtual_rig(clock, SqEventIdxPolicy.ADAPTIVE)
     try:
-        driver, ctrl = rig.driver, rig.controller
-        qp = driver.queue(1)
-        buf = rig.host_memory.alloc(4096)
-        sqe = driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096)
+        ctrl = rig.controller
+        qp, sqe = queue_and_read(rig)
         late = 0.9e-3 if depth == 2 else 1.4e-3  # past the wait for the batch, within 2 ms
         to_place, done, rounds = depth, 0, 0
         while done < 800:  # warm-up: the window grows to the depth
@@ -300,10 +301,8 @@ def polled_rounds(rig: Rig, clock: Clock, depth: int, ios: int, warmup: int) -> 
     when interrupted (its handler runs at once, inside its submission loop), replacing what it
     reaped once that loop is done. Returns interrupts, doorbells and seconds per I/O after the
     warm-up."""
-    driver, ctrl = rig.driver, rig.controller
-    qp = driver.queue(1)
-    buf = rig.host_memory.alloc(4096)
-    sqe = driver.io_sqe(qp, NvmOpcode.READ, 1, 0, 1, buf, length=4096)
+    ctrl = rig.controller
+    qp, sqe = queue_and_read(rig)
     seen = ctrl.interrupts.raised
 
     def interrupted() -> int:
